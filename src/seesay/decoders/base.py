@@ -1,0 +1,47 @@
+"""The decoder contract (the per-step "core" idea, as a typed protocol).
+
+# b - batch, t - time, v - vocabulary, n - regions
+- `forward(enc, tokens, lengths) -> DecoderOutput` for teacher forcing. `tokens` [B,T] are
+  whole encoded captions `<start> w1 .. wn <end> <pad>..`, `lengths` [B] count `<start>`
+  and `<end>`. `logits[:, t]` predicts `tokens[:, t + 1]`, so logits are [B, T-1, V];
+  positions t >= lengths-1 are padding and must not influence the loss (or each other).
+  `extras["aux_loss"]` (optional scalar) is added to the cross-entropy by the trainer,
+  already weighted (e.g. alpha_c * doubly-stochastic term).
+- `init_state(enc) -> state`; `step(prev_tokens [B], state) -> (logprobs [B,V], state,
+  attention [B,A] | None)`; `reorder_state(state, index)` picks rows (beams, batch
+  expansion). A is N (regions), or N+1 for decoders with `has_sentinel = True`, whose last
+  column is the weight given to the visual sentinel rather than the image.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+from torch import Tensor, nn
+
+from seesay.encoders.base import EncoderOutput
+
+State = Any
+
+
+class DecoderOutput(NamedTuple):
+    logits: Tensor  # (B, T-1, V)
+    attention: Tensor | None  # (B, T-1, A) or None
+    extras: dict[str, Tensor]
+
+
+class Decoder(nn.Module):
+    vocab_size: int
+    has_sentinel: bool = False
+
+    def forward(self, enc: EncoderOutput, tokens: Tensor, lengths: Tensor) -> DecoderOutput:  # pragma: no cover
+        raise NotImplementedError
+
+    def init_state(self, enc: EncoderOutput) -> State:  # pragma: no cover
+        raise NotImplementedError
+
+    def step(self, prev_tokens: Tensor, state: State) -> tuple[Tensor, State, Tensor | None]:  # pragma: no cover
+        raise NotImplementedError
+
+    def reorder_state(self, state: State, index: Tensor) -> State:  # pragma: no cover
+        raise NotImplementedError

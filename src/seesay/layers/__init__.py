@@ -1,0 +1,1 @@
+"""seesay.layers"""
