@@ -1,0 +1,298 @@
+"""Dataset readers: each turns one annotation format into a list of `Record`s.
+
+A `Record` is one image: its file, an id, its split, every raw caption, and `extra` (any
+other per-image fields, kept in the prepared dataset's meta.jsonl).
+
+Formats (see docs/data.md):
+
+- ``karpathy``: `dataset_{coco,flickr8k,flickr30k}.json`; image = ROOT/filepath/filename
+  (`filepath` is absent for Flickr); id = `cocoid` when present, else the file name;
+  `restval` becomes `train` unless `keep_restval` (then it stays a split of its own).
+- ``coco``: COCO_DIR/annotations/captions_{train,val}2014.json, images in COCO_DIR/train2014
+  and COCO_DIR/val2014. With COCO_DIR/dataset_coco.json (or annotations/dataset_coco.json)
+  Karpathy's split is applied (images it does not list go to train). Without it: all of
+  train2014 is train; val2014 sorted by image id gives its first k images to val, the next k
+  to test and the rest to train, k = min(5000, n // 4) (5000/5000/30504 on the full set, the
+  sizes of Karpathy's split).
+- ``pairs``: `[{"image": "a.jpg", "text": "...", "split"?: ...}]`; items with the same image
+  are one image with several captions. Without any "split": the deterministic split below.
+- ``aichallenger``: `[{"image_id": "x.jpg", "caption": [...]}]` (AI Challenger 2017), split as
+  for pairs unless entries carry a "split".
+
+Deterministic split (pairs, aichallenger): images are ordered by the MD5 of their file name;
+the first 5% (at least one image when there are 3 or more) go to val, the next 5% (same rule)
+to test, the rest to train. It does not depend on the order of the file or on the machine.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from seesay.errors import SeesayError
+
+FORMATS = ("karpathy", "coco", "pairs", "aichallenger")
+
+
+@dataclass
+class Record:
+    image_path: str
+    image_id: str
+    split: str
+    sentences: list[str]
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_any(cls, r: Any) -> Record:
+        if isinstance(r, Record):
+            return r
+        if isinstance(r, dict):
+            path = r.get("image_path", r.get("image"))
+            if path is None:
+                raise SeesayError(f"record has no image path: {str(r)[:80]}")
+            sents = r.get("sentences", r.get("captions"))
+            if isinstance(sents, str):
+                sents = [sents]
+            return cls(str(path), str(r.get("image_id", Path(str(path)).name)), str(r.get("split", "train")),
+                       [str(s) for s in (sents or [])], dict(r.get("extra") or {}))
+        raise SeesayError(f"cannot read a record from {type(r).__name__}")
+
+
+def load_json(path: str | os.PathLike) -> Any:
+    """Parse a JSON file; problems become one-line `SeesayError`s naming the file and position."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except FileNotFoundError:
+        raise SeesayError(f"{path}: file not found") from None
+    except IsADirectoryError:
+        raise SeesayError(f"{path}: is a directory, expected a JSON file") from None
+    except UnicodeDecodeError as e:
+        raise SeesayError(f"{path}: not UTF-8 text (byte {e.start})") from None
+    except OSError as e:
+        raise SeesayError(f"{path}: cannot read ({e.strerror or e})") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise SeesayError(f"{path}: malformed JSON at line {e.lineno} column {e.colno} (char {e.pos}): {e.msg}") from None
+
+
+def _bad(path: Path, what: str) -> SeesayError:
+    return SeesayError(f"{path}: {what}")
+
+
+def _clean(sentences: Any, path: Path, where: str) -> list[str]:
+    if isinstance(sentences, str):
+        sentences = [sentences]
+    if not isinstance(sentences, list):
+        raise _bad(path, f"{where}: captions must be a list of strings")
+    out = []
+    for s in sentences:
+        if not isinstance(s, str):
+            raise _bad(path, f"{where}: caption is not a string: {str(s)[:40]!r}")
+        s = " ".join(s.split())
+        if s:
+            out.append(s)
+    return out
+
+
+def deterministic_split(names: list[str], val_fraction: float = 0.05, test_fraction: float = 0.05) -> dict[str, str]:
+    """name -> split by the MD5 rule in the module doc."""
+    order = sorted(set(names), key=lambda n: (hashlib.md5(n.encode("utf-8")).hexdigest(), n))
+    n = len(order)
+
+    def count(frac: float) -> int:
+        return max(1, round(frac * n)) if n >= 3 else 0
+
+    n_val, n_test = count(val_fraction), count(test_fraction)
+    out = {}
+    for i, name in enumerate(order):
+        out[name] = "val" if i < n_val else "test" if i < n_val + n_test else "train"
+    return out
+
+
+# -- karpathy ------------------------------------------------------------------------------------
+_KARPATHY_KNOWN = {"filepath", "filename", "sentences", "sentids", "split"}
+
+
+def read_karpathy(annotations: str | os.PathLike, images: str | os.PathLike, *, keep_restval: bool = False) -> list[Record]:
+    path = Path(annotations)
+    data = load_json(path)
+    if not isinstance(data, dict) or not isinstance(data.get("images"), list):
+        raise _bad(path, 'not a Karpathy split file (expected {"images": [...]})')
+    root = Path(images)
+    records = []
+    for i, img in enumerate(data["images"]):
+        where = f"images[{i}]"
+        if not isinstance(img, dict) or "filename" not in img:
+            raise _bad(path, f"{where}: missing 'filename'")
+        split = img.get("split", "train")
+        if split == "restval" and not keep_restval:
+            split = "train"
+        sents = img.get("sentences", [])
+        if not isinstance(sents, list):
+            raise _bad(path, f"{where}: 'sentences' must be a list")
+        raw = []
+        for s in sents:
+            if isinstance(s, dict):
+                if "raw" in s:
+                    raw.append(s["raw"])
+                elif "tokens" in s:
+                    raw.append(" ".join(s["tokens"]))
+            else:
+                raw.append(s)
+        fp = img.get("filepath") or ""
+        image_path = root / fp / img["filename"]
+        image_id = str(img["cocoid"]) if "cocoid" in img else str(img["filename"])
+        extra = {k: v for k, v in img.items() if k not in _KARPATHY_KNOWN}
+        records.append(Record(str(image_path), image_id, str(split), _clean(raw, path, where), extra))
+    return records
+
+
+# -- coco ----------------------------------------------------------------------------------------
+def _coco_annotations(path: Path) -> tuple[list[dict], dict[int, list[str]]]:
+    data = load_json(path)
+    if not isinstance(data, dict) or not isinstance(data.get("images"), list) or not isinstance(
+            data.get("annotations"), list):
+        raise _bad(path, 'not a COCO captions file (expected "images" and "annotations" lists)')
+    caps: dict[int, list[tuple[int, str]]] = {}
+    for j, a in enumerate(data["annotations"]):
+        try:
+            caps.setdefault(int(a["image_id"]), []).append((int(a.get("id", j)), a["caption"]))
+        except (KeyError, TypeError, ValueError):
+            raise _bad(path, f"annotations[{j}]: needs 'image_id' and 'caption'") from None
+    by_image = {k: [c for _, c in sorted(v, key=lambda t: t[0])] for k, v in caps.items()}
+    for j, im in enumerate(data["images"]):
+        if not isinstance(im, dict) or "id" not in im or "file_name" not in im:
+            raise _bad(path, f"images[{j}]: needs 'id' and 'file_name'")
+    return data["images"], by_image
+
+
+def read_coco(coco_dir: str | os.PathLike, *, keep_restval: bool = False) -> list[Record]:
+    root = Path(coco_dir)
+    if not root.is_dir():
+        raise SeesayError(f"{root}: COCO directory not found")
+    karpathy_split: dict[int, str] | None = None
+    for cand in (root / "dataset_coco.json", root / "annotations" / "dataset_coco.json"):
+        if cand.is_file():
+            kd = load_json(cand)
+            if not isinstance(kd, dict) or not isinstance(kd.get("images"), list):
+                raise _bad(cand, 'not a Karpathy split file (expected {"images": [...]})')
+            karpathy_split = {}
+            for img in kd["images"]:
+                if isinstance(img, dict) and "cocoid" in img:
+                    s = img.get("split", "train")
+                    karpathy_split[int(img["cocoid"])] = "train" if s == "restval" and not keep_restval else s
+            break
+    records: list[Record] = []
+    found = False
+    for sub in ("train2014", "val2014"):
+        ann = root / "annotations" / f"captions_{sub}.json"
+        if not ann.is_file():
+            continue
+        found = True
+        images, caps = _coco_annotations(ann)
+        images = sorted(images, key=lambda im: int(im["id"]))
+        if karpathy_split is None and sub == "val2014":
+            n = len(images)
+            k = min(5000, n // 4)
+            splits = ["val"] * k + ["test"] * k + ["train"] * (n - 2 * k)
+        elif karpathy_split is None:
+            splits = ["train"] * len(images)
+        else:
+            splits = [karpathy_split.get(int(im["id"]), "train") for im in images]
+        for im, split in zip(images, splits):
+            iid = int(im["id"])
+            extra = {"cocoid": iid, "coco_split": sub}
+            records.append(Record(str(root / sub / im["file_name"]), str(iid), split,
+                                  _clean(caps.get(iid, []), ann, f"image {iid}"), extra))
+    if not found:
+        raise SeesayError(f"{root}: no annotations/captions_train2014.json or annotations/captions_val2014.json")
+    return records
+
+
+# -- pairs / aichallenger ------------------------------------------------------------------------
+def _grouped(path: Path, items: list[tuple[str, list[str], str | None, dict]], root: Path) -> list[Record]:
+    order: list[str] = []
+    groups: dict[str, Record] = {}
+    has_split = any(s is not None for _, _, s, _ in items)
+    for name, texts, split, extra in items:
+        rec = groups.get(name)
+        if rec is None:
+            rec = groups[name] = Record(str(root / name), name, split or "train", [], extra)
+            order.append(name)
+        elif split is not None and rec.split != split:
+            raise _bad(path, f"image {name!r} is given two splits ({rec.split!r} and {split!r})")
+        rec.sentences.extend(texts)
+    if not has_split:
+        assign = deterministic_split(order)
+        for name in order:
+            groups[name].split = assign[name]
+    return [groups[n] for n in order]
+
+
+def read_pairs(annotations: str | os.PathLike, images: str | os.PathLike) -> list[Record]:
+    path = Path(annotations)
+    data = load_json(path)
+    if not isinstance(data, list):
+        raise _bad(path, 'expected a JSON list of {"image": ..., "text": ...}')
+    items = []
+    for i, it in enumerate(data):
+        if not isinstance(it, dict) or "image" not in it or "text" not in it:
+            raise _bad(path, f'item {i}: needs "image" and "text"')
+        extra = {k: v for k, v in it.items() if k not in ("image", "text", "split")}
+        split = it.get("split")
+        items.append((str(it["image"]), _clean(it["text"], path, f"item {i}"),
+                      None if split is None else str(split), extra))
+    return _grouped(path, items, Path(images))
+
+
+def read_aichallenger(annotations: str | os.PathLike, images: str | os.PathLike) -> list[Record]:
+    path = Path(annotations)
+    data = load_json(path)
+    if isinstance(data, dict) and isinstance(data.get("annotations"), list):
+        data = data["annotations"]
+    if not isinstance(data, list):
+        raise _bad(path, 'expected a JSON list of {"image_id": "x.jpg", "caption": [...]}')
+    items = []
+    for i, it in enumerate(data):
+        if not isinstance(it, dict) or "image_id" not in it or "caption" not in it:
+            raise _bad(path, f'item {i}: needs "image_id" and "caption"')
+        extra = {k: v for k, v in it.items() if k not in ("image_id", "caption", "split")}
+        split = it.get("split")
+        items.append((str(it["image_id"]), _clean(it["caption"], path, f"item {i}"),
+                      None if split is None else str(split), extra))
+    return _grouped(path, items, Path(images))
+
+
+def read_records(fmt: str, *, annotations: str | os.PathLike | None = None, images: str | os.PathLike | None = None,
+                 coco_dir: str | os.PathLike | None = None, keep_restval: bool = False) -> list[Record]:
+    """Dispatch to the reader for `fmt` after checking its required options."""
+    if fmt == "coco":
+        if coco_dir is None:
+            raise SeesayError("--format coco needs --coco-dir")
+        return read_coco(coco_dir, keep_restval=keep_restval)
+    if fmt not in FORMATS:
+        raise SeesayError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    if annotations is None:
+        raise SeesayError(f"--format {fmt} needs --annotations FILE")
+    if images is None:  # default: the folder that holds the annotation file
+        images = Path(annotations).parent
+    if fmt == "karpathy":
+        return read_karpathy(annotations, images, keep_restval=keep_restval)
+    if fmt == "pairs":
+        return read_pairs(annotations, images)
+    return read_aichallenger(annotations, images)
+
+
+def records_fingerprint(records: list[Record]) -> str:
+    h = hashlib.sha256()
+    for r in records:
+        h.update(json.dumps([r.image_path, r.image_id, r.split, r.sentences, r.extra], sort_keys=True,
+                            ensure_ascii=False, default=str).encode("utf-8"))
+        h.update(b"\n")
+    return h.hexdigest()

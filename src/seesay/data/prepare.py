@@ -1,0 +1,512 @@
+"""`seesay prepare`: read a dataset, check and resize its images, build the vocabulary and
+write the prepared form (layout in `seesay.data.store` and docs/data.md).
+
+How it runs:
+
+- Everything is built in ``DATA_DIR.partial/`` and renamed to ``DATA_DIR`` at the very end,
+  so a ``DATA_DIR`` with a manifest is always complete.
+- Images are processed in fixed chunks of consecutive images of one split by a pool of worker
+  processes (``workers``, default all cores). Each worker writes its rows straight into the
+  split's preallocated ``images.npy`` (at fixed offsets, so the order of work does not matter)
+  and the main process then records the chunk as done in ``chunks/<split>-<k>.json``.
+- Killed and run again with the same inputs and options, a run skips the chunks already
+  done; the result is byte-identical to an uninterrupted run (nothing depends on timing,
+  worker count or order). Chunks that held bad images are processed again, so repaired files
+  are picked up. With other inputs or options the stale ``.partial`` is discarded.
+- Bad images (missing, empty, truncated, not an image, decompression bomb) are skipped and
+  listed in ``skipped.jsonl``; when more than ``max_skip_fraction`` of the images are bad the
+  run stops with an error (the list is left in ``DATA_DIR.partial/skipped.jsonl``). When some
+  images are skipped, each split's array is rewritten once without their rows.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import multiprocessing as mp
+import os
+import random
+import shutil
+import sys
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from seesay.data.formats import FORMATS, Record, read_records, records_fingerprint
+from seesay.data.images import read_image
+from seesay.data.tokenize import TOKENIZERS, Vocab, build_vocab, tokenize
+from seesay.errors import SeesayError
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+SPLIT_ORDER = ("train", "val", "test", "restval")
+CHUNK_SIZE = 64
+STOP_ENV = "SEESAY_PREPARE_STOP_AFTER_CHUNKS"  # testing hook: hard-exit after N chunks
+
+
+class PrepareInterrupted(SeesayError):
+    """Raised by the `_stop_after_chunks` testing hook; the partial build stays resumable."""
+
+
+# -- small helpers -------------------------------------------------------------------------------
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _dumps(obj: Any) -> str:
+    return json.dumps(obj, ensure_ascii=False, sort_keys=True)
+
+
+def _reason_kind(reason: str) -> str:
+    return reason.split(" (")[0]
+
+
+def summary_line(manifest: dict[str, Any], output: str | os.PathLike) -> str:
+    splits = manifest["splits"]
+    parts = " / ".join(f"{s} {v['images']}" for s, v in splits.items())
+    total = sum(v["images"] for v in splits.values())
+    line = f"prepared {total} images ({parts}), skipped {manifest['skipped']}"
+    if manifest["skipped"] or manifest.get("no_caption_images"):
+        line += f": see {Path(output) / 'skipped.jsonl'}"
+    if manifest.get("dropped_captions"):
+        line += f"; dropped {manifest['dropped_captions']} captions longer than {manifest['max_len']} tokens"
+    return line
+
+
+# -- worker side ---------------------------------------------------------------------------------
+def _process_chunk(task: tuple) -> tuple[str, int, list]:
+    split, k, file, offset, row_bytes, start, paths, size = task
+    statuses = []
+    fd = os.open(file, os.O_WRONLY)
+    try:
+        for j, path in enumerate(paths):
+            pos = offset + (start + j) * row_bytes
+            try:
+                arr, wh = read_image(path, size)
+            except SeesayError as e:
+                msg = str(e)
+                prefix = f"{path}: "
+                reason = msg[len(prefix):] if msg.startswith(prefix) else msg
+            except Exception as e:  # noqa: BLE001 - any decoder failure is a bad item, not a crash
+                reason = f"broken image ({type(e).__name__}: {str(e)[:100]})"
+            else:
+                os.pwrite(fd, arr.tobytes(), pos)  # write errors (disk full) are not bad items: they stop the run
+                statuses.append([True, None, list(wh)])
+                continue
+            os.pwrite(fd, bytes(row_bytes), pos)
+            statuses.append([False, reason, None])
+    finally:
+        os.close(fd)
+    return split, k, statuses
+
+
+def _worker_init() -> None:
+    # Ctrl-C goes to the main process only (it stops the pool); on Linux a worker also dies with
+    # its parent, so a killed run leaves no orphans behind.
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if sys.platform == "linux":
+        try:
+            import ctypes
+
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
+
+
+def _tokenize_batch(args: tuple[list[str], str]) -> list[list[str]]:
+    texts, kind = args
+    return [tokenize(t, kind) for t in texts]
+
+
+# -- main ----------------------------------------------------------------------------------------
+def _tokenize_all(records: list[Record], kind: str, pool: Any) -> list[list[list[str]]]:
+    flat = [s for r in records for s in r.sentences]
+    if pool is not None and kind == "jieba" and len(flat) > 20000:
+        step = 5000
+        batches = [(flat[i:i + step], kind) for i in range(0, len(flat), step)]
+        toks = [t for part in pool.imap(_tokenize_batch, batches) for t in part]
+    else:
+        toks = [tokenize(s, kind) for s in flat]
+    out, i = [], 0
+    for r in records:
+        out.append(toks[i:i + len(r.sentences)])
+        i += len(r.sentences)
+    return out
+
+
+def _open_images_file(path: Path, n: int, size: int) -> tuple[int, int, bool]:
+    """Preallocate (or reuse) a split's uint8 [n,size,size,3] .npy.
+
+    Returns (header offset, bytes per row, whether the file was already compacted by an
+    interrupted finalize, in which case no row may be written any more).
+    """
+    row_bytes = size * size * 3
+    if path.exists():
+        try:
+            arr = np.load(path, mmap_mode="r")
+            ok = arr.dtype == np.uint8 and arr.shape[1:] == (size, size, 3) and arr.shape[0] <= n
+            offset, rows = arr.offset, arr.shape[0]
+            del arr
+            if ok:
+                return offset, row_bytes, rows < n
+        except (ValueError, OSError):
+            pass
+        path.unlink()
+    arr = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=(n, size, size, 3))
+    offset = arr.offset
+    arr.flush()
+    del arr
+    return offset, row_bytes, False
+
+
+def _compact(path: Path, good: list[int], size: int) -> None:
+    src = np.load(path, mmap_mode="r")
+    if src.shape[0] == len(good):  # already compacted by an earlier, interrupted finalize
+        return
+    tmp = path.with_name("images.compact.npy")
+    dst = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(good), size, size, 3))
+    idx = np.asarray(good, dtype=np.int64)
+    for i in range(0, len(idx), 256):
+        dst[i:i + 256] = src[idx[i:i + 256]]
+    dst.flush()
+    del dst, src
+    os.replace(tmp, path)
+
+
+def _select_captions(kept: list[list[str]], n: int, seed: int, split: str, image_id: str) -> list[list[str]]:
+    """Exactly n captions: the first n, or all of them plus random repeats (seeded per image)."""
+    if len(kept) >= n:
+        return kept[:n]
+    rng = random.Random(f"{seed}:{split}:{image_id}")
+    return kept + [rng.choice(kept) for _ in range(n - len(kept))]
+
+
+@contextlib.contextmanager
+def _exclusive(out: Path) -> Iterator[None]:
+    """Refuse a second `seesay prepare` writing the same DATA_DIR at the same time (POSIX flock)."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX: no lock
+        yield
+        return
+    lock = out.with_name(out.name + ".lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lock, os.O_CREAT | os.O_RDWR, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise SeesayError(f"{out}: another seesay prepare is writing it (lock {lock})") from None
+        yield
+        with contextlib.suppress(OSError):
+            lock.unlink()
+    finally:
+        os.close(fd)
+
+
+def _check_output(out: Path, fingerprint: str, overwrite: bool) -> dict[str, Any] | None:
+    """The manifest when `out` is already prepared from the same inputs; raises when it would be clobbered."""
+    if (out / "manifest.json").is_file():
+        try:
+            old = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            old = {}
+        if old.get("fingerprint") == fingerprint and not overwrite:
+            return old
+        if not overwrite:
+            raise SeesayError(f"{out} already holds a prepared dataset built from other inputs or options; "
+                              "use --overwrite or another --output")
+    elif out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise SeesayError(f"{out} exists and is not a prepared dataset; use --overwrite or another --output")
+    return None
+
+
+def _start_partial(partial: Path, fingerprint: str, chunk_size: int) -> None:
+    """Resume `partial` when it was started with the same inputs and options, else start afresh."""
+    plan_path = partial / "plan.json"
+    if partial.exists():
+        try:
+            plan = json.loads(plan_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            plan = {}
+        if plan.get("fingerprint") != fingerprint or plan.get("chunk_size") != chunk_size:
+            log.info("discarding %s (built from other inputs or options)", partial)
+            shutil.rmtree(partial)
+        else:
+            log.info("resuming %s", partial)
+    (partial / "chunks").mkdir(parents=True, exist_ok=True)
+    if not plan_path.exists():
+        _write_atomic(plan_path, _dumps({"fingerprint": fingerprint, "chunk_size": chunk_size}))
+
+
+def _process_images(partial: Path, recs: list[Record], members: dict[str, list[int]], *, image_size: int,
+                    chunk_size: int, pool: Any, progress: bool, stop_after: int | None,
+                    hard_stop: bool) -> dict[tuple[str, int], list]:
+    """Process every chunk not done yet; returns the per-image statuses of every chunk."""
+    from tqdm import tqdm
+
+    tasks, statuses = [], {}
+    total = done_images = 0
+    for s, idx in members.items():
+        (partial / s).mkdir(exist_ok=True)
+        img_file = partial / s / "images.npy"
+        offset, row_bytes, compacted = _open_images_file(img_file, len(idx), image_size)
+        for k, start in enumerate(range(0, len(idx), chunk_size)):
+            part = idx[start:start + chunk_size]
+            total += len(part)
+            marker = partial / "chunks" / f"{s}-{k:06d}.json"
+            if marker.is_file():
+                try:
+                    st = json.loads(marker.read_text(encoding="utf-8"))
+                except (OSError, ValueError):
+                    st = None
+                # a chunk with bad images is tried again (they may have been repaired meanwhile)
+                if st is not None and len(st) == len(part) and (compacted or all(x[0] for x in st)):
+                    statuses[(s, k)] = st
+                    done_images += len(part)
+                    continue
+            tasks.append((s, k, str(img_file), offset, row_bytes, start, [recs[i].image_path for i in part],
+                          image_size))
+    bar = tqdm(total=total, initial=done_images, unit="img", desc="prepare", disable=not progress,
+               dynamic_ncols=True)
+    try:
+        results = (pool.imap_unordered(_process_chunk, tasks) if pool is not None and len(tasks) > 1
+                   else map(_process_chunk, tasks))
+        for n_done, (s, k, st) in enumerate(results, 1):
+            _write_atomic(partial / "chunks" / f"{s}-{k:06d}.json", json.dumps(st))
+            statuses[(s, k)] = st
+            bar.update(len(st))
+            if stop_after is not None and stop_after <= n_done < len(tasks):
+                if hard_stop:  # the environment hook: die like a killed process
+                    os._exit(3)
+                raise PrepareInterrupted(f"stopped after {n_done} chunks (testing hook); run again to resume")
+    except OSError as e:
+        raise SeesayError(f"{partial}: cannot write ({e.strerror or e})") from None
+    finally:
+        bar.close()
+    return statuses
+
+
+def _write_split(partial: Path, split: str, recs: list[Record], rows: list[int], kept: list[list[list[str]]],
+                 orig: dict[int, list[int]], vocab: Vocab, *, captions_per_image: int, max_len: int,
+                 seed: int) -> None:
+    """captions.npy, lengths.npy, references.jsonl and meta.jsonl of one split."""
+    caps = np.zeros((len(rows), captions_per_image, max_len + 2), dtype=np.int32)
+    lens = np.zeros((len(rows), captions_per_image), dtype=np.int32)
+    refs, meta = [], []
+    for n, i in enumerate(rows):
+        r = recs[i]
+        for c, toks in enumerate(_select_captions(kept[i], captions_per_image, seed, split, r.image_id)):
+            ids = vocab.encode_tokens(toks, add_special=True)
+            caps[n, c, :len(ids)] = ids
+            lens[n, c] = len(ids)
+        refs.append(_dumps({"image_id": r.image_id, "references": r.sentences}) + "\n")
+        meta.append(_dumps({"index": n, "image_id": r.image_id, "image": r.image_path,
+                            "extra": {**r.extra, "orig_size": orig[i]}}) + "\n")
+    np.save(partial / split / "captions.npy", caps)
+    np.save(partial / split / "lengths.npy", lens)
+    _write_atomic(partial / split / "references.jsonl", "".join(refs))
+    _write_atomic(partial / split / "meta.jsonl", "".join(meta))
+
+
+def _publish(partial: Path, out: Path) -> None:
+    """Rename the finished build to `out` (replacing an old one only once the new one is complete)."""
+    shutil.rmtree(partial / "chunks")
+    (partial / "plan.json").unlink()
+    if out.exists():
+        old = out.with_name(out.name + ".old")
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(out, old)
+        os.replace(partial, out)
+        shutil.rmtree(old)
+    else:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(partial, out)
+
+
+def prepare_dataset(
+    fmt: str | None,
+    output: str | os.PathLike,
+    *,
+    annotations: str | os.PathLike | None = None,
+    images: str | os.PathLike | None = None,
+    coco_dir: str | os.PathLike | None = None,
+    keep_restval: bool = False,
+    min_word_freq: int = 5,
+    max_len: int = 50,
+    captions_per_image: int = 5,
+    image_size: int = 256,
+    tokenizer: str | None = None,
+    workers: int | None = None,
+    max_skip_fraction: float = 0.01,
+    progress: bool = True,
+    seed: int = 0,
+    records: Any = None,
+    overwrite: bool = False,
+    _chunk_size: int = CHUNK_SIZE,
+    _stop_after_chunks: int | None = None,
+) -> dict[str, Any]:
+    """Prepare a dataset into `output` and return its manifest (see the module doc).
+
+    `records` (an iterable of `Record`s or dicts with image/image_path, image_id, split,
+    sentences, extra) replaces reading `fmt` from files. `tokenizer=None` means jieba for
+    aichallenger and word otherwise. `--images` defaults to the annotation file's folder.
+    """
+    # -- options and records ----------------------------------------------------------------------
+    if fmt is not None and fmt not in FORMATS:
+        raise SeesayError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    if tokenizer is None:
+        tokenizer = "jieba" if fmt == "aichallenger" else "word"
+    if tokenizer not in TOKENIZERS:
+        raise SeesayError(f"unknown tokenizer {tokenizer!r}; choose one of {', '.join(TOKENIZERS)}")
+    for name, value, low in (("--max-len", max_len, 1), ("--captions-per-image", captions_per_image, 1),
+                             ("--image-size", image_size, 1), ("--min-word-freq", min_word_freq, 0)):
+        if int(value) < low:
+            raise SeesayError(f"{name} must be at least {low}, got {value}")
+    max_len, captions_per_image, image_size = int(max_len), int(captions_per_image), int(image_size)
+    if not 0.0 <= float(max_skip_fraction) <= 1.0:
+        raise SeesayError(f"--max-skip-fraction must be between 0 and 1, got {max_skip_fraction}")
+    workers = int(workers) if workers else (os.cpu_count() or 1)
+    if workers < 1:
+        raise SeesayError(f"--workers must be at least 1, got {workers}")
+    out = Path(output)
+    partial = out.with_name(out.name + ".partial")
+
+    if records is not None:
+        recs = [Record.from_any(r) for r in records]
+        source: dict[str, Any] = {"format": fmt or "records"}
+    else:
+        if fmt is None:
+            raise SeesayError("give a format or records")
+        annotations, images, coco_dir = (None if v is None else Path(v).absolute()
+                                         for v in (annotations, images, coco_dir))
+        recs = read_records(fmt, annotations=annotations, images=images, coco_dir=coco_dir,
+                            keep_restval=keep_restval)
+        source = {"format": fmt}
+        for k, v in (("annotations", annotations), ("images", images), ("coco_dir", coco_dir)):
+            if v is not None:
+                source[k] = str(v)
+    if not recs:
+        raise SeesayError("the dataset has no images")
+    for r in recs:
+        if not r.split or any(c in r.split for c in "/\\.") or r.split != r.split.strip():
+            raise SeesayError(f"image {r.image_id!r}: bad split name {r.split!r}")
+
+    options = {"format_version": FORMAT_VERSION, "image_size": image_size, "max_len": max_len,
+               "captions_per_image": captions_per_image, "tokenizer": tokenizer,
+               "min_word_freq": int(min_word_freq), "seed": int(seed), "source": source}
+    fingerprint = hashlib.sha256((records_fingerprint(recs) + ":" + _dumps(options)).encode("utf-8")).hexdigest()
+    with _exclusive(out):
+        done = _check_output(out, fingerprint, overwrite)
+        if done is not None:
+            log.info("%s is already prepared with these inputs and options", out)
+            return done
+        _start_partial(partial, fingerprint, _chunk_size)
+        return _build(recs, partial, out, options, fingerprint, workers=workers, tokenizer=tokenizer,
+                      max_len=max_len, captions_per_image=captions_per_image, image_size=image_size,
+                      min_word_freq=int(min_word_freq), max_skip_fraction=float(max_skip_fraction),
+                      seed=int(seed), progress=progress, chunk_size=_chunk_size,
+                      stop_after_chunks=_stop_after_chunks)
+
+
+def _build(recs: list[Record], partial: Path, out: Path, options: dict[str, Any], fingerprint: str, *,
+           workers: int, tokenizer: str, max_len: int, captions_per_image: int, image_size: int,
+           min_word_freq: int, max_skip_fraction: float, seed: int, progress: bool, chunk_size: int,
+           stop_after_chunks: int | None) -> dict[str, Any]:
+    _chunk_size, _stop_after_chunks = chunk_size, stop_after_chunks
+
+    # -- tokens and images (in parallel) ----------------------------------------------------------
+    stop_env = os.environ.get(STOP_ENV)
+    stop_after = _stop_after_chunks if _stop_after_chunks is not None else (int(stop_env) if stop_env else None)
+    pool = None
+    try:
+        workers = min(workers, -(-len(recs) // _chunk_size))
+        if workers > 1:
+            # fork is fast; spawn when torch (and its threads) is already loaded in this process
+            method = "fork" if sys.platform == "linux" and "torch" not in sys.modules else "spawn"
+            pool = mp.get_context(method).Pool(workers, initializer=_worker_init)
+        tokens = _tokenize_all(recs, tokenizer, pool)
+        # captions: drop empty and too long ones; images left with none are skipped
+        kept = [[t for t in toks if 1 <= len(t) <= max_len] for toks in tokens]
+        dropped = sum(len(a) - len(b) for a, b in zip(tokens, kept))
+        no_caption = [i for i, k in enumerate(kept) if not k]
+        split_names = sorted({r.split for r in recs},
+                             key=lambda s: (SPLIT_ORDER.index(s) if s in SPLIT_ORDER else len(SPLIT_ORDER), s))
+        members: dict[str, list[int]] = {s: [] for s in split_names}
+        for i, r in enumerate(recs):
+            if kept[i]:
+                members[r.split].append(i)
+        statuses = _process_images(partial, recs, members, image_size=image_size, chunk_size=_chunk_size,
+                                   pool=pool, progress=progress, stop_after=stop_after,
+                                   hard_stop=_stop_after_chunks is None)
+    finally:
+        if pool is not None:
+            pool.terminate()
+            pool.join()
+
+    # -- bad images ---------------------------------------------------------------------------
+    ok: dict[str, list[bool]] = {}
+    orig: dict[int, list[int]] = {}
+    skipped_lines = []
+    reasons: Counter[str] = Counter()
+    for s, idx in members.items():
+        flags = ok[s] = []
+        for k, start in enumerate(range(0, len(idx), _chunk_size)):
+            for j, (good, reason, wh) in enumerate(statuses[(s, k)]):
+                i = idx[start + j]
+                flags.append(bool(good))
+                if good:
+                    orig[i] = wh
+                else:
+                    reasons[_reason_kind(reason)] += 1
+                    skipped_lines.append({"split": s, "image_id": recs[i].image_id, "image": recs[i].image_path,
+                                          "reason": reason})
+    for i in no_caption:
+        skipped_lines.append({"split": recs[i].split, "image_id": recs[i].image_id, "image": recs[i].image_path,
+                              "reason": f"no caption of 1 to {max_len} tokens"})
+    _write_atomic(partial / "skipped.jsonl", "".join(_dumps(x) + "\n" for x in skipped_lines))
+    n_bad, total = sum(reasons.values()), sum(len(v) for v in members.values())
+    if total and n_bad / total > max_skip_fraction:
+        raise SeesayError(
+            f"{n_bad} of {total} images ({100 * n_bad / total:.1f}%) are bad, more than --max-skip-fraction "
+            f"{max_skip_fraction}; see {partial / 'skipped.jsonl'} ("
+            + ", ".join(f"{k}: {v}" for k, v in sorted(reasons.items())) + ")")
+
+    # -- vocabulary, captions, references; then publish ------------------------------------------------
+    good_rows = {s: [i for i, f in zip(members[s], ok[s]) if f] for s in split_names}
+    if not good_rows.get("train"):
+        raise SeesayError("the dataset has no usable training images (split 'train' is empty)")
+    vocab = build_vocab((t for i in good_rows["train"] for t in kept[i]), tokenizer, min_word_freq)
+    vocab.save(partial / "vocab.json")
+    for s in split_names:
+        if len(good_rows[s]) < len(members[s]):
+            _compact(partial / s / "images.npy", [j for j, f in enumerate(ok[s]) if f], image_size)
+        _write_split(partial, s, recs, good_rows[s], kept, orig, vocab, captions_per_image=captions_per_image,
+                     max_len=max_len, seed=int(seed))
+    manifest = {
+        **options,
+        "splits": {s: {"images": len(good_rows[s]), "captions": len(good_rows[s]) * captions_per_image}
+                   for s in split_names},
+        "caption_length": max_len + 2,
+        "vocab_size": len(vocab),
+        "skipped": n_bad,
+        "skipped_reasons": dict(sorted(reasons.items())),
+        "no_caption_images": len(no_caption),
+        "dropped_captions": dropped,
+        "fingerprint": fingerprint,
+    }
+    _write_atomic(partial / "manifest.json", json.dumps(manifest, ensure_ascii=False, sort_keys=True, indent=1) + "\n")
+    _publish(partial, out)
+    log.debug("%s", summary_line(manifest, out))
+    return manifest
