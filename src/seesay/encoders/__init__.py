@@ -1,5 +1,7 @@
 """Image encoders, one family per file. Importing this package registers every family."""
 
+from seesay.encoders import cnn, efficientnet, resnet, vit  # noqa: F401  (registers the families)
 from seesay.encoders.base import Encoder, EncoderOutput, Preprocess
+from seesay.encoders.vit import VisionTransformerEncoder
 
-__all__ = ["Encoder", "EncoderOutput", "Preprocess"]
+__all__ = ["Encoder", "EncoderOutput", "Preprocess", "VisionTransformerEncoder"]
