@@ -1,0 +1,68 @@
+"""Show and Tell (Vinyals et al. 2015): an LSTM conditioned on the pooled image only.
+
+# b - batch, t - time, d - encoder width, e - embedding width, h - decoder width
+As in the paper, the image is the LSTM's first input: x_{-1} = BatchNorm(Linear(pooled)),
+and the state after that step is the initial state for the words. No attention.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from seesay.decoders.base import Decoder, DecoderOutput
+from seesay.decoders.common import decode_order, reorder_rows, restore_order
+from seesay.encoders.base import EncoderOutput
+from seesay.layers.embedding import WordEmbedding
+from seesay.registry import register_decoder
+
+
+class ShowTellDecoder(Decoder):
+    def __init__(self, *, vocab_size: int, enc_dim: int, embed_dim: int = 512, decoder_dim: int = 512,
+                 dropout: float = 0.5, glove: str | None = None, glove_itos: Sequence[str] | None = None) -> None:
+        super().__init__()
+        self.vocab_size = vocab_size
+        self.embedding = WordEmbedding(vocab_size, embed_dim, glove=glove, glove_itos=glove_itos)
+        self.image_proj = nn.Linear(enc_dim, embed_dim)
+        self.image_norm = nn.BatchNorm1d(embed_dim)
+        self.lstm = nn.LSTMCell(embed_dim, decoder_dim)
+        self.dropout = nn.Dropout(dropout)
+        self.fc = nn.Linear(decoder_dim, vocab_size)
+        nn.init.uniform_(self.fc.weight, -0.1, 0.1)
+        nn.init.zeros_(self.fc.bias)
+
+    def _start(self, pooled: Tensor) -> dict[str, Tensor]:
+        h, c = self.lstm(self.image_norm(self.image_proj(pooled)))  # image fed as step -1, from a zero state
+        return {"h": h, "c": c}
+
+    def forward(self, enc: EncoderOutput, tokens: Tensor, lengths: Tensor) -> DecoderOutput:
+        B, T = tokens.shape
+        order, steps, rows_per_step = decode_order(lengths)
+        s = self._start(enc.pooled.index_select(0, order))
+        emb = self.embedding(tokens.index_select(0, order)[:, :steps])  # (B, t, E)
+        logits = emb.new_zeros(B, T - 1, self.vocab_size)
+        h, c = s["h"], s["c"]
+        for t, rows in enumerate(rows_per_step):
+            h, c = self.lstm(emb[:rows, t], (h[:rows], c[:rows]))
+            logits[:rows, t] = self.fc(self.dropout(h))
+        (logits,) = restore_order(order, logits)
+        return DecoderOutput(logits, None, {})
+
+    def init_state(self, enc: EncoderOutput) -> dict[str, Tensor]:
+        return self._start(enc.pooled)
+
+    def step(self, prev_tokens: Tensor, state: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor], None]:
+        h, c = self.lstm(self.embedding(prev_tokens), (state["h"], state["c"]))
+        return torch.log_softmax(self.fc(self.dropout(h)), dim=-1), {"h": h, "c": c}, None
+
+    def reorder_state(self, state: dict[str, Tensor], index: Tensor) -> dict[str, Tensor]:
+        return reorder_rows(state, index)
+
+
+@register_decoder("show_tell")
+def build(*, vocab_size: int, enc_dim: int, embed_dim: int = 512, decoder_dim: int = 512, dropout: float = 0.5,
+          glove: str | None = None, glove_itos: Sequence[str] | None = None) -> ShowTellDecoder:
+    return ShowTellDecoder(vocab_size=vocab_size, enc_dim=enc_dim, embed_dim=embed_dim, decoder_dim=decoder_dim,
+                           dropout=dropout, glove=glove, glove_itos=glove_itos)

@@ -1,0 +1,191 @@
+"""Caption generation as pure functions over the decoder step contract.
+
+# b - images, k - beams, l - generated length, v - vocabulary, a - attention columns
+Every function is batched over images (and beams): one decoder step per time step for the
+whole batch, never a Python loop per image. Results are `DecodeResult`s: tokens exclude
+<start>, include <end> when it was emitted, and are padded with 0.
+
+Length penalty (beam search): GNMT style, score = sum(logprob) / lp(len) with
+lp(len) = ((5 + len) / 6) ** length_penalty and len counting <end>. 0 disables it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor
+
+from seesay.encoders.base import EncoderOutput
+
+
+class DecodeResult(NamedTuple):
+    tokens: Tensor  # (B, L) long, padded with 0
+    lengths: Tensor  # (B,) long, tokens generated including <end>
+    scores: Tensor  # (B,) sum of log-probabilities (length-normalised for beams with a penalty)
+    attention: Tensor | None  # (B, L, A) or None
+
+
+def filter_logits(logits: Tensor, *, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> Tensor:
+    """Temperature, then top-k, then nucleus (top-p) filtering; removed entries become -inf.
+
+    top_p keeps the smallest set of most likely tokens whose probability reaches top_p
+    (always at least one token).
+    """
+    if temperature <= 0:
+        raise ValueError("temperature must be > 0")
+    logits = logits / temperature
+    if top_k and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, sorted_idx = torch.sort(logits, descending=True, dim=-1)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        mass_before = torch.cumsum(probs, dim=-1) - probs  # mass of strictly more likely tokens
+        remove_sorted = mass_before >= top_p
+        remove_sorted[..., 0] = False
+        remove = torch.zeros_like(remove_sorted).scatter(-1, sorted_idx, remove_sorted)
+        logits = logits.masked_fill(remove, float("-inf"))
+    return logits
+
+
+def _stack(tokens: list[Tensor], attention: list[Tensor | None], scores: Tensor, lengths: Tensor) -> DecodeResult:
+    toks = torch.stack(tokens, dim=1) if tokens else torch.zeros(scores.shape[0], 0, dtype=torch.long, device=scores.device)
+    att = torch.stack(attention, dim=1) if attention and attention[0] is not None else None
+    return DecodeResult(toks, lengths, scores, att)
+
+
+def _autoregressive(decoder: Any, enc: EncoderOutput, pick, *, bos: int, eos: int, max_len: int) -> DecodeResult:
+    B = enc.grid.shape[0]
+    device = enc.grid.device
+    state = decoder.init_state(enc)
+    prev = torch.full((B,), bos, dtype=torch.long, device=device)
+    finished = torch.zeros(B, dtype=torch.bool, device=device)
+    lengths = torch.zeros(B, dtype=torch.long, device=device)
+    scores = torch.zeros(B, device=device)
+    tokens: list[Tensor] = []
+    attention: list[Tensor | None] = []
+    for _ in range(max_len):
+        logprobs, state, att = decoder.step(prev, state)
+        tok = pick(logprobs)
+        alive = ~finished
+        scores = scores + torch.where(alive, logprobs.gather(1, tok[:, None]).squeeze(1).float(), 0.0)
+        lengths = lengths + alive.long()
+        tok = torch.where(alive, tok, torch.zeros_like(tok))
+        tokens.append(tok)
+        attention.append(None if att is None else att * alive[:, None].to(att.dtype))
+        finished = finished | (tok == eos)
+        prev = tok
+        if bool(finished.all()):
+            break
+    return _stack(tokens, attention, scores, lengths)
+
+
+@torch.no_grad()
+def greedy(decoder: Any, enc: EncoderOutput, *, bos: int, eos: int, max_len: int = 50) -> DecodeResult:
+    """Most likely word at each step."""
+    return _autoregressive(decoder, enc, lambda lp: lp.argmax(dim=-1), bos=bos, eos=eos, max_len=max_len)
+
+
+@torch.no_grad()
+def sample(decoder: Any, enc: EncoderOutput, *, bos: int, eos: int, max_len: int = 50, temperature: float = 1.0,
+           top_k: int = 0, top_p: float = 1.0, generator: torch.Generator | None = None) -> DecodeResult:
+    """Ancestral sampling from the filtered distribution; scores are the model's own log-probabilities."""
+
+    def pick(logprobs: Tensor) -> Tensor:
+        probs = torch.softmax(filter_logits(logprobs.float(), temperature=temperature, top_k=top_k, top_p=top_p), dim=-1)
+        return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+
+    return _autoregressive(decoder, enc, pick, bos=bos, eos=eos, max_len=max_len)
+
+
+def _length_penalty(length: Tensor | int, alpha: float) -> Tensor | float:
+    if alpha == 0:
+        return 1.0
+    return ((5.0 + length) / 6.0) ** alpha
+
+
+@torch.no_grad()
+def beam_search(decoder: Any, enc: EncoderOutput, *, bos: int, eos: int, beam_size: int = 5, max_len: int = 50,
+                length_penalty: float = 0.0) -> DecodeResult:
+    """Beam search batched over images and beams.
+
+    Each step ranks the 2K best extensions of the K live beams of every image. An extension
+    ending in <end> that ranks within the top K becomes a finished hypothesis (a per-image pool
+    of the K best); the K best other extensions stay live. An image is done when its pool is
+    full and no live beam can still beat the pool's worst (log-probabilities only fall, so
+    score / lp(max_len) bounds a live beam). If no hypothesis ever finishes, the best live beam
+    at max_len is returned. With beam_size=1 this is exactly greedy decoding.
+    """
+    if beam_size < 1:
+        raise ValueError("beam_size must be >= 1")
+    if length_penalty < 0:
+        raise ValueError("length_penalty must be >= 0 (0: none)")
+    B = enc.grid.shape[0]
+    K = beam_size
+    device = enc.grid.device
+    state = decoder.init_state(enc)
+    state = decoder.reorder_state(state, torch.arange(B, device=device).repeat_interleave(K))
+    rows = torch.arange(B, device=device)[:, None]  # (B, 1)
+    live_scores = torch.full((B, K), float("-inf"), device=device)
+    live_scores[:, 0] = 0.0  # all beams start identical: only the first may expand at step 0
+    live_tokens = torch.zeros(B, K, 0, dtype=torch.long, device=device)
+    live_att: Tensor | None = None
+    pool_scores = torch.full((B, K), float("-inf"), device=device)
+    pool_tokens = torch.zeros(B, K, max_len, dtype=torch.long, device=device)
+    pool_len = torch.zeros(B, K, dtype=torch.long, device=device)
+    pool_att: Tensor | None = None
+    prev = torch.full((B * K,), bos, dtype=torch.long, device=device)
+    bound_lp = _length_penalty(max_len, length_penalty)
+    steps = 0
+    for t in range(max_len):
+        logprobs, state, att = decoder.step(prev, state)
+        V = logprobs.shape[-1]
+        cand = (live_scores[:, :, None] + logprobs.float().view(B, K, V)).view(B, K * V)
+        n_cand = min(2 * K, K * V)
+        top_scores, top_idx = torch.topk(cand, n_cand, dim=1)  # (B, 2K), sorted
+        src = top_idx // V  # source beam
+        tok = top_idx % V
+        cand_tokens = torch.cat([live_tokens.gather(1, src[:, :, None].expand(-1, -1, t)), tok[:, :, None]], dim=2)
+        cand_att = None
+        if att is not None:
+            A = att.shape[-1]
+            step_att = att.float().view(B, K, 1, A).gather(1, src[:, :, None, None].expand(-1, -1, 1, A))
+            prev_att = (live_att if live_att is not None else att.new_zeros(B, K, 0, A).float())
+            cand_att = torch.cat([prev_att.gather(1, src[:, :, None, None].expand(-1, -1, t, A)), step_att], dim=2)
+            if pool_att is None:
+                pool_att = att.new_zeros(B, K, max_len, A).float()
+        is_eos = tok == eos
+        rank = torch.arange(n_cand, device=device)[None, :]
+        # finished hypotheses: <end> extensions ranked within the top K
+        new_fin = torch.where(is_eos & (rank < K), top_scores / _length_penalty(t + 1, length_penalty), float("-inf"))
+        merged = torch.cat([pool_scores, new_fin], dim=1)  # (B, K + 2K)
+        pool_scores, keep = torch.topk(merged, K, dim=1)
+        padded = torch.nn.functional.pad(cand_tokens, (0, max_len - t - 1))
+        pool_tokens = torch.cat([pool_tokens, padded], dim=1)[rows, keep]
+        pool_len = torch.cat([pool_len, torch.full_like(tok, t + 1)], dim=1)[rows, keep]
+        if cand_att is not None:
+            pool_att = torch.cat([pool_att, torch.nn.functional.pad(cand_att, (0, 0, 0, max_len - t - 1))], dim=1)[rows, keep]
+        # live beams: the K best extensions that did not end
+        live_scores, pick = torch.topk(top_scores.masked_fill(is_eos, float("-inf")), K, dim=1)
+        live_tokens = cand_tokens[rows, pick]
+        live_att = cand_att[rows, pick] if cand_att is not None else None
+        state = decoder.reorder_state(state, (rows * K + src.gather(1, pick)).view(-1))
+        prev = tok.gather(1, pick).view(-1)
+        steps = t + 1
+        done = (pool_scores[:, -1] > float("-inf")) & (live_scores[:, 0] / bound_lp <= pool_scores[:, -1])
+        if bool(done.all()):
+            break
+    # the pool competes with the live beams (normalised at their current length)
+    live_norm = live_scores / _length_penalty(steps, length_penalty)
+    live_full = torch.nn.functional.pad(live_tokens, (0, max_len - steps))
+    all_scores = torch.cat([pool_scores, live_norm], dim=1)
+    best = all_scores.argmax(dim=1)  # (B,)
+    all_tokens = torch.cat([pool_tokens, live_full], dim=1)[rows.squeeze(1), best]  # (B, max_len)
+    all_len = torch.cat([pool_len, torch.full_like(pool_len, steps)], dim=1)[rows.squeeze(1), best]
+    L = int(all_len.max()) if B else 0
+    attention = None
+    if pool_att is not None and live_att is not None:
+        live_att_full = torch.nn.functional.pad(live_att, (0, 0, 0, max_len - steps))
+        attention = torch.cat([pool_att, live_att_full], dim=1)[rows.squeeze(1), best][:, :L]
+    return DecodeResult(all_tokens[:, :L], all_len, all_scores[rows.squeeze(1), best], attention)
