@@ -20,6 +20,14 @@ _LAZY = {
     "EncoderOutput": "seesay.encoders.base",
     "Preprocess": "seesay.encoders.base",
     "DecoderOutput": "seesay.decoders.base",
+    "VisionTransformerEncoder": "seesay.encoders.vit",
+    "MultimodalMAC": "seesay.multimodal",
+    "ImageProcessor": "seesay.multimodal",
+    "CaptionModel": "seesay.model",
+    "build_model": "seesay.model",
+    "load_checkpoint": "seesay.checkpoint",
+    "save_checkpoint": "seesay.checkpoint",
+    "compute_scores": "seesay.metrics",
 }
 
 
