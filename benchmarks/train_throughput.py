@@ -1,0 +1,177 @@
+"""Training throughput (captions/s) for each decoder, printed as JSON.
+
+For each decoder and size preset it times full training steps (forward, loss, backward,
+Adam step) in three feeding modes:
+
+- "cached": a frozen encoder's features are looked up from memory (what `seesay train` does
+  without --fine-tune-encoder: the encoder never runs during an epoch);
+- "encoder_grouped": the encoder trains and a batch holds B/5 images with their 5 captions
+  each, so each image is encoded once per step (what `seesay train --fine-tune-encoder` does);
+- "encoder_per_caption": the encoder trains and every caption brings its own image (the
+  tutorial's random caption batches): B images are encoded per step.
+
+Presets: "tutorial" (embed/attention/decoder 512, resnet101-like features 14x14x2048,
+vocabulary 10k; its encoder modes use resnet101 and run only with --tutorial-encoder because
+they are slow on a CPU) and "demo" (small_cnn at 64 px, 8x8 grid, sizes of configs/shapes_demo.yaml).
+
+    python benchmarks/train_throughput.py [--device cpu|cuda] [--steps 5] [--presets demo tutorial]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+
+import torch
+
+from seesay.encoders.base import EncoderOutput
+from seesay.model import build_model
+from seesay.train.caption_task import caption_loss
+
+CPI = 5  # captions per image
+
+PRESETS = {
+    "tutorial": {
+        "encoder": {"name": "resnet101", "weights": "none", "encoded_size": 14, "image_size": 256},
+        "enc_dim": 2048, "grid": 14, "vocab": 10000, "image_size": 256, "batch": 32,
+        "decoders": {
+            "show_tell": {"embed_dim": 512, "decoder_dim": 512},
+            "soft_attention": {"embed_dim": 512, "attention_dim": 512, "decoder_dim": 512},
+            "adaptive_attention": {"embed_dim": 512, "attention_dim": 512, "decoder_dim": 512},
+            "transformer": {"d_model": 512, "heads": 8, "layers": 3, "ff_dim": 2048},
+            "titans_mac": {"dim": 384, "depth": 4},
+        },
+    },
+    "demo": {
+        "encoder": {"name": "small_cnn", "width": 64, "encoded_size": 8, "image_size": 64},
+        "enc_dim": 64, "grid": 8, "vocab": 60, "image_size": 64, "batch": 80,
+        "decoders": {
+            "show_tell": {"embed_dim": 128, "decoder_dim": 256},
+            "soft_attention": {"embed_dim": 128, "attention_dim": 128, "decoder_dim": 256},
+            "adaptive_attention": {"embed_dim": 128, "attention_dim": 128, "decoder_dim": 256},
+            "transformer": {"d_model": 128, "heads": 4, "layers": 2, "ff_dim": 512},
+            "titans_mac": {"dim": 128, "depth": 2, "heads": 4, "dim_head": 32},
+        },
+    },
+}
+
+
+def _captions(n: int, vocab: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    lengths = torch.randint(10, 19, (n,), generator=gen)  # <start> + 8..16 words + <end>, COCO-like
+    tokens = torch.zeros(n, int(lengths.max()), dtype=torch.long)
+    for i, L in enumerate(lengths.tolist()):
+        tokens[i, 0], tokens[i, L - 1] = 1, 2
+        tokens[i, 1: L - 1] = torch.randint(4, vocab, (L - 2,), generator=gen)
+    return tokens, lengths
+
+
+def _time_steps(step, steps: int, warmup: int, device: torch.device) -> float:
+    for _ in range(warmup):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+def bench(preset: str, decoder: str, mode: str, *, device: torch.device, steps: int, warmup: int,
+          amp: bool) -> dict:
+    p = PRESETS[preset]
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(0)
+    spec = {"encoder": dict(p["encoder"]), "decoder": {"name": decoder, **p["decoders"][decoder], "vocab_size": p["vocab"]}}
+    model = build_model(spec).to(device)
+    B = p["batch"]
+    tokens, lengths = _captions(B, p["vocab"], gen)
+    tokens, lengths = tokens.to(device), lengths.to(device)
+    if mode == "cached":
+        model.encoder.set_fine_tune(False)
+        module = model.decoder
+        n = p["grid"] ** 2
+        bank_grid = torch.randn(64, n, p["enc_dim"], dtype=torch.float16, device=device)
+        bank_pooled = bank_grid.float().mean(1).half()
+        idx = torch.randint(0, 64, (B,), generator=gen).to(device)
+
+        def forward():
+            enc = EncoderOutput(bank_grid[idx].float(), bank_pooled[idx].float(), (p["grid"], p["grid"]))
+            return module(enc, tokens, lengths)
+    else:
+        model.encoder.set_fine_tune(True)
+        module = model
+        n_images = B // CPI if mode == "encoder_grouped" else B
+        images = torch.randint(0, 256, (n_images, 3, p["image_size"], p["image_size"]), dtype=torch.uint8,
+                               generator=gen).to(device)
+        rows = torch.arange(n_images, device=device)
+        if mode == "encoder_grouped":
+            rows = rows.repeat_interleave(CPI)
+
+        def forward():
+            return module(images, tokens, lengths, rows)
+
+    module.train()
+    opt = torch.optim.Adam([q for q in module.parameters() if q.requires_grad], lr=1e-4)
+    use_amp = amp and device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+
+    def step():
+        with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=use_amp):
+            out = forward()
+            loss, _, _ = caption_loss(out.logits, tokens, lengths)
+            if out.extras and out.extras.get("aux_loss") is not None:
+                loss = loss + out.extras["aux_loss"]
+        opt.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+
+    seconds = _time_steps(step, steps, warmup, device)
+    return {"preset": preset, "decoder": decoder, "mode": mode, "batch_captions": B,
+            "images_encoded_per_step": 0 if mode == "cached" else (B // CPI if mode == "encoder_grouped" else B),
+            "captions_per_s": round(B * steps / seconds, 1), "step_ms": round(1000 * seconds / steps, 1)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--presets", nargs="+", default=["demo", "tutorial"], choices=list(PRESETS))
+    ap.add_argument("--decoders", nargs="+", default=None, help="default: every registered one in the presets")
+    ap.add_argument("--tutorial-encoder", action="store_true", help="also time resnet101 in the loop (slow on CPU)")
+    ap.add_argument("--amp", action="store_true", help="float16 autocast on CUDA")
+    args = ap.parse_args()
+    from seesay.registry import list_decoders
+
+    device = torch.device(args.device)
+    results = []
+    for preset in args.presets:
+        for decoder in PRESETS[preset]["decoders"]:
+            if decoder not in list_decoders() or (args.decoders and decoder not in args.decoders):
+                continue
+            modes = ["cached"]
+            if preset == "demo" or args.tutorial_encoder:
+                modes += ["encoder_grouped", "encoder_per_caption"]
+            for mode in modes:
+                r = bench(preset, decoder, mode, device=device, steps=args.steps, warmup=args.warmup, amp=args.amp)
+                results.append(r)
+                print(json.dumps(r), file=sys.stderr, flush=True)  # progress; the summary goes to stdout
+    speedups = {}
+    for r in results:
+        if r["mode"] == "encoder_grouped":
+            per = next(x for x in results if x["preset"] == r["preset"] and x["decoder"] == r["decoder"]
+                       and x["mode"] == "encoder_per_caption")
+            speedups[f"{r['preset']}/{r['decoder']}"] = round(r["captions_per_s"] / per["captions_per_s"], 2)
+    print(json.dumps({"device": str(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
+                      "machine": platform.machine(), "steps": args.steps, "amp": args.amp, "results": results,
+                      "grouped_vs_per_caption_speedup": speedups}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,140 @@
+"""`seesay train`: train a captioner on a prepared dataset (see docs/training.md)."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+HELP = "train a captioner on a prepared dataset (single GPU/CPU, or DDP under torchrun)"
+
+# flag dest -> (config section, field)
+_FLAGS: dict[str, tuple[str, str]] = {
+    "data": ("data", "path"),
+    "coco_dir": ("data", "coco_dir"),
+    "workers": ("data", "workers"),
+    "val_max_images": ("data", "val_max_images"),
+    "encoder": ("encoder", "name"),
+    "encoder_weights": ("encoder", "weights"),
+    "fine_tune_encoder": ("encoder", "fine_tune"),
+    "encoder_lr": ("encoder", "lr"),
+    "decoder": ("decoder", "name"),
+    "decoder_lr": ("decoder", "lr"),
+    "alpha_c": ("decoder", "alpha_c"),
+    "output": ("train", "output"),
+    "epochs": ("train", "epochs"),
+    "batch_size": ("train", "batch_size"),
+    "grad_accum": ("train", "grad_accum"),
+    "grad_clip": ("train", "grad_clip"),
+    "patience": ("train", "patience"),
+    "lr_decay_patience": ("train", "lr_decay_patience"),
+    "lr_decay": ("train", "lr_decay"),
+    "select_metric": ("train", "select_metric"),
+    "val_beam_size": ("train", "val_beam_size"),
+    "seed": ("train", "seed"),
+    "amp": ("train", "amp"),
+    "amp_dtype": ("train", "amp_dtype"),
+    "device": ("train", "device"),
+    "wandb": ("train", "wandb"),
+    "resume": ("train", "resume"),
+    "cache_features": ("train", "cache_features"),
+    "feature_cache_dir": ("train", "feature_cache_dir"),
+    "max_steps_per_epoch": ("train", "max_steps_per_epoch"),
+    "progress": ("train", "progress"),
+}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from seesay.config import Config
+
+    d = Config()
+    S = argparse.SUPPRESS  # only flags given on the command line override the recipe
+
+    def default(section: str, key: str) -> str:
+        return f" (default: {getattr(getattr(d, section), key)})"
+
+    g = p.add_argument_group("data")
+    g.add_argument("--data", metavar="DATA_DIR", default=S, help="a prepared dataset (`seesay prepare`)")
+    g.add_argument("--coco-dir", metavar="DIR", default=S,
+                   help="raw COCO directory: prepared into DIR/prepared when needed, then used as --data")
+    g.add_argument("--workers", type=int, default=S, help="DataLoader worker processes" + default("data", "workers"))
+    g.add_argument("--val-max-images", type=int, default=S, help="validate on the first N val images only (default: all)")
+    g = p.add_argument_group("model")
+    g.add_argument("--encoder", default=S, help="encoder name (see docs/encoders.md)" + default("encoder", "name"))
+    g.add_argument("--encoder-weights", default=S, help="imagenet | pretrained | none | PATH (encoder's default if unset)")
+    g.add_argument("--fine-tune-encoder", action="store_true", default=S,
+                   help="train the encoder too (its later blocks for pretrained CNNs); otherwise its features are "
+                        "computed once per image and cached")
+    g.add_argument("--encoder-lr", type=float, default=S, help="encoder learning rate" + default("encoder", "lr"))
+    g.add_argument("--decoder", default=S, help="decoder name (see docs/models.md)" + default("decoder", "name"))
+    g.add_argument("--decoder-lr", "--lr", dest="decoder_lr", type=float, default=S,
+                   help="decoder learning rate" + default("decoder", "lr"))
+    g.add_argument("--alpha-c", type=float, default=S,
+                   help="doubly-stochastic attention regularisation weight" + default("decoder", "alpha_c"))
+    g = p.add_argument_group("training")
+    g.add_argument("--output", "--output-dir", dest="output", metavar="RUN_DIR", default=S,
+                   help="run directory: best/, last/, metrics.jsonl, tb/" + default("train", "output"))
+    g.add_argument("--epochs", type=int, default=S, help="maximum epochs" + default("train", "epochs"))
+    g.add_argument("--batch-size", type=int, default=S,
+                   help="captions per step and process (with --fine-tune-encoder a batch holds "
+                        "batch_size // captions_per_image images with all their captions)" + default("train", "batch_size"))
+    g.add_argument("--grad-accum", type=int, default=S, help="micro-batches per optimizer step" + default("train", "grad_accum"))
+    g.add_argument("--grad-clip", type=float, default=S, help="clip the gradient norm (0: off)" + default("train", "grad_clip"))
+    g.add_argument("--patience", type=int, default=S,
+                   help="stop after this many epochs without improvement" + default("train", "patience"))
+    g.add_argument("--lr-decay-patience", type=int, default=S,
+                   help="decay learning rates after this many epochs without improvement" + default("train", "lr_decay_patience"))
+    g.add_argument("--lr-decay", type=float, default=S, help="learning-rate decay factor" + default("train", "lr_decay"))
+    g.add_argument("--select-metric", default=S,
+                   help="validation metric for best checkpoint, decay and early stop (Bleu_4, CIDEr, ROUGE_L, ...)"
+                        + default("train", "select_metric"))
+    g.add_argument("--val-beam-size", type=int, default=S,
+                   help="beam size of validation decoding (1: greedy)" + default("train", "val_beam_size"))
+    g.add_argument("--seed", type=int, default=S, help="random seed" + default("train", "seed"))
+    g.add_argument("--device", default=S, help="auto | cpu | cuda" + default("train", "device"))
+    g.add_argument("--amp", action="store_true", default=S, help="mixed precision on CUDA (float16 + GradScaler)")
+    g.add_argument("--amp-dtype", choices=["float16", "bfloat16"], default=S,
+                   help="autocast dtype with --amp" + default("train", "amp_dtype"))
+    g.add_argument("--wandb", action="store_true", default=S, help="also log to Weights & Biases (pip install wandb)")
+    g.add_argument("--resume", action="store_true", default=S, help="continue from RUN_DIR/last (exactly, at an epoch boundary)")
+    g.add_argument("--no-cache-features", dest="cache_features", action="store_false", default=S,
+                   help="frozen encoder: run it in the loop instead of caching its features")
+    g.add_argument("--feature-cache-dir", default=S, help="where cached features go (default: RUN_DIR/features)")
+    g.add_argument("--max-steps-per-epoch", type=int, default=S, help="cut epochs short (smoke tests)")
+    g.add_argument("--no-progress", dest="progress", action="store_false", default=S, help="no progress bars")
+    g = p.add_argument_group("configuration")
+    g.add_argument("--config", metavar="RECIPE", default=None,
+                   help="YAML recipe (see configs/), or a Titans-style pairs config.json "
+                        "(image_dir, annotations_file) that is prepared into RUN_DIR/data")
+    g.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a recipe value, e.g. --set train.epochs=3 --set decoder.embed_dim=256 (repeatable)")
+
+
+def build_config(args: argparse.Namespace) -> Any:
+    from seesay.config import Config, apply_overrides, is_pairs_config, load_yaml, merge_into
+
+    cfg = Config()
+    if args.config:
+        recipe = load_yaml(args.config)
+        if is_pairs_config(recipe):
+            cfg.data.pairs_config = args.config
+            for key, (section, field) in {"epochs": ("train", "epochs"), "batch_size": ("train", "batch_size"),
+                                          "learning_rate": ("decoder", "lr"), "lr": ("decoder", "lr"),
+                                          "seed": ("train", "seed")}.items():
+                if key in recipe:
+                    merge_into(cfg, {section: {field: recipe[key]}}, source=args.config)
+        else:
+            merge_into(cfg, recipe, source=args.config)
+    apply_overrides(cfg, args.overrides)
+    for dest, (section, field) in _FLAGS.items():
+        if hasattr(args, dest):
+            merge_into(cfg, {section: {field: getattr(args, dest)}}, source=f"--{dest.replace('_', '-')}")
+    if cfg.train.grad_clip is not None and cfg.train.grad_clip <= 0:
+        cfg.train.grad_clip = None
+    return cfg
+
+
+def run(args: argparse.Namespace) -> int:
+    from seesay.train.caption_task import train_captioner
+
+    train_captioner(build_config(args))
+    return 0

@@ -1,0 +1,295 @@
+"""Training: every encoder x decoder learns, the train command end to end, exact resume,
+frozen-encoder features computed once per image, config precedence."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from seesay.config import Config, apply_overrides, load_config
+from seesay.errors import SeesayError
+from seesay.registry import list_decoders, list_encoders
+
+TINY_ENCODERS = {
+    "small_cnn": {"width": 8, "encoded_size": 4, "image_size": 32},
+    "resnet18": {"weights": "none", "encoded_size": 2, "image_size": 32},
+    "resnet50": {"weights": "none", "encoded_size": 2, "image_size": 32},
+    "resnet101": {"weights": "none", "encoded_size": 2, "image_size": 32},
+    "efficientnet_lite0": {"weights": "none", "encoded_size": 2, "image_size": 32},
+    "vit": {"image_size": 32, "patch_size": 8, "dim": 16, "depth": 1, "heads": 2, "mlp_dim": 32, "dropout": 0.0},
+}
+TINY_DECODERS = {
+    "show_tell": {"embed_dim": 16, "decoder_dim": 16, "dropout": 0.0},
+    "soft_attention": {"embed_dim": 16, "attention_dim": 16, "decoder_dim": 16, "dropout": 0.0},
+    "adaptive_attention": {"embed_dim": 16, "attention_dim": 16, "decoder_dim": 16, "dropout": 0.0},
+    "transformer": {"d_model": 16, "heads": 2, "layers": 1, "ff_dim": 32, "dropout": 0.0},
+    "titans_mac": {"dim": 16, "depth": 1, "heads": 2, "dim_head": 8, "num_image_tokens": 2,
+                   "num_persist_mem_tokens": 1, "num_longterm_mem_tokens": 1, "max_len": 12},
+}
+DEC_SMALL = ["--set", "decoder.embed_dim=16", "--set", "decoder.attention_dim=16", "--set", "decoder.decoder_dim=16",
+             "--set", "decoder.dropout=0.0", "--set", "encoder.width=8", "--set", "encoder.encoded_size=4",
+             "--set", "encoder.image_size=32"]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    from seesay.data.prepare import prepare_dataset
+    from seesay.data.synth import make_shapes
+
+    root = tmp_path_factory.mktemp("shapes")
+    ann = make_shapes(root / "raw", num_images=24, seed=0, image_size=32, val_fraction=0.25, test_fraction=0.0)
+    prepare_dataset("karpathy", root / "data", annotations=ann, images=root / "raw", image_size=32,
+                    min_word_freq=1, workers=1, progress=False)
+    return root / "data"
+
+
+def _cfg(data_dir, out, **train) -> Config:
+    cfg = Config()
+    cfg.data.path, cfg.data.workers = str(data_dir), 0
+    cfg.encoder.name, cfg.encoder.options = "small_cnn", dict(TINY_ENCODERS["small_cnn"])
+    cfg.decoder.name, cfg.decoder.options = "soft_attention", dict(TINY_DECODERS["soft_attention"])
+    cfg.train.output, cfg.train.batch_size, cfg.train.epochs = str(out), 20, 2
+    cfg.train.progress, cfg.train.tensorboard, cfg.train.device = False, False, "cpu"
+    cfg.train.val_max_len = 12
+    for k, v in train.items():
+        setattr(cfg.train, k, v)
+    return cfg
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("decoder", sorted(set(list_decoders())))
+@pytest.mark.parametrize("encoder", sorted(set(list_encoders())))
+def test_every_encoder_decoder_learns(encoder, decoder):
+    from seesay.model import build_model
+    from seesay.train.caption_task import caption_loss
+
+    if encoder not in TINY_ENCODERS or decoder not in TINY_DECODERS:
+        pytest.skip(f"no tiny settings for {encoder}/{decoder}")
+    torch.manual_seed(0)
+    spec = {"encoder": {"name": encoder, **TINY_ENCODERS[encoder]},
+            "decoder": {"name": decoder, **TINY_DECODERS[decoder], "vocab_size": 11}}
+    model = build_model(spec)
+    model.encoder.set_fine_tune(True)
+    model.train()
+    images = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    tokens = torch.tensor([[1, 4, 5, 6, 2, 0], [1, 7, 8, 2, 0, 0], [1, 4, 9, 10, 6, 2], [1, 7, 2, 0, 0, 0]])
+    lengths = torch.tensor([5, 4, 6, 3])
+    image_rows = torch.tensor([0, 0, 1, 1])
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    for _ in range(6):
+        out = model(images, tokens, lengths, image_rows)
+        loss, _, _ = caption_loss(out.logits, tokens, lengths)
+        if out.extras and out.extras.get("aux_loss") is not None:
+            loss = loss + out.extras["aux_loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.05, losses
+
+
+def test_caption_loss_ignores_padding():
+    from seesay.train.caption_task import caption_loss
+
+    logits = torch.randn(2, 4, 7)
+    tokens = torch.tensor([[1, 3, 4, 2, 0], [1, 5, 2, 0, 0]])
+    lengths = torch.tensor([4, 3])
+    loss, n, _ = caption_loss(logits, tokens, lengths)
+    assert int(n) == 5
+    logits2 = logits.clone()
+    logits2[0, 3] += 100.0  # predicts after <end>: padding
+    logits2[1, 2:] -= 100.0
+    assert torch.allclose(loss, caption_loss(logits2, tokens, lengths)[0])
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def test_train_command_end_to_end(data_dir, tmp_path):
+    from seesay.checkpoint import load_checkpoint
+    from seesay.cli import main
+
+    out = tmp_path / "run"
+    rc = main(["train", "--data", str(data_dir), "--encoder", "small_cnn", "--decoder", "soft_attention",
+               "--output", str(out), "--epochs", "2", "--batch-size", "20", "--workers", "2", "--device", "cpu",
+               "--no-progress", "--fine-tune-encoder", *DEC_SMALL, "--set", "train.val_max_len=12"])
+    assert rc == 0
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in lines] == [1, 2]
+    for r in lines:
+        assert {"epoch", "step", "train_loss", "train_top5", "lr", "val", "time_s"} <= set(r)
+        assert {"Bleu_1", "Bleu_4", "ROUGE_L", "CIDEr"} <= set(r["val"])
+    assert (out / "best" / "model.safetensors").is_file() and (out / "last" / "train_state").is_dir()
+    assert not (out / "best" / "train_state").exists()
+    assert any((out / "tb").iterdir())
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["encoder"]["fine_tune"] is True and cfg["decoder"]["options"]["embed_dim"] == 16
+    ck = load_checkpoint(out / "best")
+    assert ck.preprocess["image_size"] == 32
+    res = ck.model.generate(torch.zeros(1, 3, 32, 32, dtype=torch.uint8), bos=1, eos=2, max_len=6)
+    assert res.tokens.shape[0] == 1
+
+
+def test_frozen_encoder_without_cache(data_dir, tmp_path):
+    from seesay.train.caption_task import train_captioner
+
+    cfg = _cfg(data_dir, tmp_path / "run", epochs=1, cache_features=False, max_steps_per_epoch=2)
+    state = train_captioner(cfg)
+    assert state.step == 2 and not (tmp_path / "run" / "features").exists()
+
+
+def test_train_command_errors(tmp_path, capsys):
+    from seesay.cli import main
+
+    assert main(["train", "--data", str(tmp_path), "--output", str(tmp_path / "r"), "--device", "cpu"]) == 2
+    assert "not a prepared dataset" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("fine_tune", [False, True], ids=["cached", "fine_tune"])
+def test_resume_is_exact(data_dir, tmp_path, fine_tune):
+    """2 epochs in one go == 1 epoch, stop, resume for the 2nd (CPU, fixed seed, workers=0)."""
+    from seesay.train.caption_task import train_captioner
+
+    def cfg(out, epochs, resume):
+        c = _cfg(data_dir, out, epochs=epochs, resume=resume, seed=3)
+        c.decoder.options["dropout"] = 0.3  # dropout draws random numbers: RNG state must resume too
+        c.encoder.fine_tune = fine_tune
+        return c
+
+    train_captioner(cfg(tmp_path / "full", 2, False))
+    train_captioner(cfg(tmp_path / "split", 1, False))
+    state = train_captioner(cfg(tmp_path / "split", 2, True))
+    assert state.epoch == 2
+    a = load_file(str(tmp_path / "full" / "last" / "model.safetensors"))
+    b = load_file(str(tmp_path / "split" / "last" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    full = [json.loads(x) for x in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
+    split = [json.loads(x) for x in (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["train_loss"] for r in full] == [r["train_loss"] for r in split]
+
+
+def test_frozen_encoder_runs_once_per_image(data_dir, tmp_path, monkeypatch):
+    """With a frozen encoder an epoch never runs it: every image is encoded exactly once, total."""
+    from seesay.encoders.cnn import SmallCNNEncoder
+    from seesay.train.caption_task import train_captioner
+
+    seen = {"images": 0, "calls": 0}
+    original = SmallCNNEncoder.forward
+
+    def counting(self, x):
+        seen["images"] += x.shape[0]
+        seen["calls"] += 1
+        return original(self, x)
+
+    monkeypatch.setattr(SmallCNNEncoder, "forward", counting)
+    cfg = _cfg(data_dir, tmp_path / "run", epochs=3)
+    cfg.train.val_max_len = 3
+    manifest = json.loads((data_dir / "manifest.json").read_text())
+    n_train, n_val = manifest["splits"]["train"]["images"], manifest["splits"]["val"]["images"]
+    assert manifest["captions_per_image"] == 5
+    train_captioner(cfg)
+    assert seen["images"] == n_train + n_val  # not 3 epochs x 5 captions x images
+    # a second run with the same encoder reuses the cache: no encoder call at all
+    seen["images"] = 0
+    cfg2 = _cfg(data_dir, tmp_path / "run2", epochs=1, feature_cache_dir=str(tmp_path / "run" / "features"))
+    train_captioner(cfg2)
+    assert seen["images"] == 0
+
+
+def test_image_grouped_batches_encode_each_image_once(data_dir):
+    """With --fine-tune-encoder a batch holds whole images with all their captions."""
+    from seesay.train.caption_task import ImageGroups, SplitData, collate_images
+
+    data = SplitData(data_dir, "train")
+    ds = ImageGroups(data)
+    batch = collate_images([ds[0], ds[1], ds[2]])
+    assert batch["images"].shape == (3, 3, 32, 32) and batch["images"].dtype == torch.uint8
+    assert batch["tokens"].shape[0] == 15
+    assert batch["image_rows"].tolist() == [0] * 5 + [1] * 5 + [2] * 5
+    assert int(batch["lengths"].max()) == batch["tokens"].shape[1]
+
+
+def test_early_stop_and_lr_decay(data_dir, tmp_path, monkeypatch):
+    from seesay.train import caption_task
+    from seesay.train.caption_task import train_captioner
+
+    monkeypatch.setattr(caption_task.CaptionTask, "validate", lambda self: {"CIDEr": 0.5, "Bleu_4": 0.1})
+    cfg = _cfg(data_dir, tmp_path / "run", epochs=10, patience=3, lr_decay_patience=2, lr_decay=0.5,
+               max_steps_per_epoch=1)
+    state = train_captioner(cfg)
+    assert state.stopped_early and state.epoch == 4 and state.best_epoch == 1
+    lrs = [json.loads(x)["lr"] for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert lrs == pytest.approx([4e-4, 4e-4, 2e-4, 2e-4])
+
+
+def test_select_metric_must_exist(data_dir, tmp_path):
+    from seesay.train.caption_task import train_captioner
+
+    cfg = _cfg(data_dir, tmp_path / "run", epochs=1, select_metric="NOPE", max_steps_per_epoch=1)
+    with pytest.raises(SeesayError, match="select-metric"):
+        train_captioner(cfg)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def test_config_precedence(tmp_path):
+    from seesay.cli import build_parser
+    from seesay.commands.train import build_config
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("train:\n  epochs: 7\n  batch_size: 8\ndecoder:\n  name: show_tell\n  embed_dim: 64\n")
+    args = build_parser().parse_args(["train", "--config", str(recipe), "--set", "train.epochs=9",
+                                      "--set", "decoder.decoder_dim=32", "--batch-size", "4", "--lr", "0.01"])
+    cfg = build_config(args)
+    assert cfg.train.epochs == 9 and cfg.train.batch_size == 4 and cfg.decoder.lr == 0.01
+    assert cfg.decoder.name == "show_tell" and cfg.decoder.options == {"embed_dim": 64, "decoder_dim": 32}
+    assert cfg.train.patience == 20 and cfg.train.grad_clip == 5.0  # defaults kept
+    with pytest.raises(SeesayError, match="unknown key"):
+        apply_overrides(Config(), ["train.nope=1"])
+    with pytest.raises(SeesayError, match="section.key"):
+        apply_overrides(Config(), ["epochs=1"])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [1,\n")
+    with pytest.raises(SeesayError, match="malformed"):
+        load_config(bad)
+
+
+def test_shipped_recipes_load():
+    from pathlib import Path
+
+    for path in sorted((Path(__file__).parent.parent / "configs").glob("*.yaml")):
+        cfg = load_config(path)
+        assert cfg.encoder.name in list_encoders() and cfg.decoder.name in list_decoders(), path
+
+
+def test_pairs_config_is_prepared_and_trained(tmp_path):
+    """The Titans extension's config.json (image_dir, annotations_file) trains directly."""
+    import numpy as np
+    from PIL import Image
+
+    from seesay.cli import main
+
+    (tmp_path / "imgs").mkdir()
+    rng = np.random.default_rng(0)
+    pairs = []
+    for i in range(12):
+        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(tmp_path / "imgs" / f"{i}.png")
+        pairs += [{"image": f"{i}.png", "text": f"a picture number {i % 3}"},
+                  {"image": f"{i}.png", "text": f"an image of kind {i % 3}"}]
+    (tmp_path / "ann.json").write_text(json.dumps(pairs))
+    (tmp_path / "config.json").write_text(json.dumps({"image_dir": "imgs", "annotations_file": "ann.json",
+                                                      "epochs": 1}))
+    out = tmp_path / "run"
+    rc = main(["train", "--config", str(tmp_path / "config.json"), "--output", str(out), "--device", "cpu",
+               "--workers", "0", "--no-progress", "--batch-size", "8", *DEC_SMALL, "--set", "train.val_max_len=6"])
+    assert rc == 0
+    assert (out / "data" / "manifest.json").is_file() and (out / "best" / "model.safetensors").is_file()

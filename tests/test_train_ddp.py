@@ -1,0 +1,69 @@
+"""DDP: 2 CPU processes (gloo, launched by torchrun) with half the batch each end with the
+same weights as 1 process with the whole batch."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+from safetensors.torch import load_file
+
+# Adam turns float-rounding differences of near-zero gradients into full-size steps, so the
+# comparison runs one short epoch at a small learning rate (differences grow with lr x steps).
+ARGS = ["--encoder", "small_cnn", "--decoder", "soft_attention", "--epochs", "1", "--workers", "0", "--lr", "1e-4",
+        "--device", "cpu", "--no-progress", "--seed", "5",
+        "--set", "encoder.width=8", "--set", "encoder.encoded_size=4", "--set", "encoder.image_size=32",
+        # no dropout: the two runs draw different random numbers; the frozen CNN's BatchNorm stays in eval mode
+        "--set", "decoder.embed_dim=16", "--set", "decoder.attention_dim=16", "--set", "decoder.decoder_dim=16",
+        "--set", "decoder.dropout=0.0", "--set", "train.val_max_len=8", "--set", "train.tensorboard=false"]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    from seesay.data.prepare import prepare_dataset
+    from seesay.data.synth import make_shapes
+
+    root = tmp_path_factory.mktemp("shapes_ddp")
+    ann = make_shapes(root / "raw", num_images=24, seed=1, image_size=32, val_fraction=0.25, test_fraction=0.0)
+    prepare_dataset("karpathy", root / "data", annotations=ann, images=root / "raw", image_size=32,
+                    min_word_freq=1, workers=1, progress=False)
+    return root / "data"
+
+
+def _env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                             "MASTER_PORT")}
+    env["OMP_NUM_THREADS"] = "1"
+    env["CUDA_VISIBLE_DEVICES"] = ""
+    return env
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_match_one(data_dir, tmp_path):
+    import json
+
+    manifest = json.loads((data_dir / "manifest.json").read_text())
+    n_captions = manifest["splits"]["train"]["captions"]
+    batch = 10
+    assert n_captions % (2 * batch // 2) == 0  # no sampler padding: both runs see the same captions
+    one = subprocess.run([sys.executable, "-m", "seesay", "train", "--data", str(data_dir), "--output",
+                          str(tmp_path / "one"), "--batch-size", str(batch), *ARGS],
+                         env=_env(), capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          "-m", "seesay", "train", "--data", str(data_dir), "--output", str(tmp_path / "two"),
+                          "--batch-size", str(batch // 2), *ARGS],
+                         env=_env(), capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    a = load_file(str(tmp_path / "one" / "last" / "model.safetensors"))
+    b = load_file(str(tmp_path / "two" / "last" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    worst = max((a[k] - b[k]).abs().max().item() for k in a)
+    print("max |one - two| =", worst)
+    assert worst < 1e-5
+    m1 = [json.loads(x) for x in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
+    m2 = [json.loads(x) for x in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in m1] == [r["step"] for r in m2]
+    assert m1[-1]["train_loss"] == pytest.approx(m2[-1]["train_loss"], rel=1e-4)
