@@ -62,9 +62,9 @@ def test_contract_shapes_and_registry():
     tok = captions(3, 7)
     out = dec(enc_of(3), tok, torch.tensor([7, 5, 3]))
     assert out.logits.shape == (3, 6, V)
-    assert out.attention is None
+    assert out.attention.shape == (3, 6, 9)  # attention over the 3x3 encoder grid
     lp, state, att = dec.step(tok[:, 0], dec.init_state(enc_of(3)))
-    assert lp.shape == (3, V) and att is None
+    assert lp.shape == (3, V) and att.shape == (3, 9)
     assert torch.allclose(lp.exp().sum(-1), torch.ones(3), atol=1e-5)
 
 

@@ -7,6 +7,13 @@ whole batch, never a Python loop per image. Results are `DecodeResult`s: tokens 
 
 Length penalty (beam search): GNMT style, score = sum(logprob) / lp(len) with
 lp(len) = ((5 + len) / 6) ** length_penalty and len counting <end>. 0 disables it.
+
+Prompts: every function takes `prefix` (Long [P] or [B, P], no <start>/<end>/<pad>): the
+first P tokens are forced, exactly as if the decoder had picked them (<start> then the prefix
+go through `step()` to build the state), then decoding continues from there. The result is
+that forced decoding: tokens start with the prefix, lengths and scores count it (the model's
+log-probabilities of the forced tokens are part of the score), attention has a row per prefix
+token. `max_len` limits the tokens generated after the prefix.
 """
 
 from __future__ import annotations
@@ -55,9 +62,51 @@ def _stack(tokens: list[Tensor], attention: list[Tensor | None], scores: Tensor,
     return DecodeResult(toks, lengths, scores, att)
 
 
-def _autoregressive(decoder: Any, enc: EncoderOutput, pick, *, bos: int, eos: int, max_len: int) -> DecodeResult:
+def _check_prefix(prefix: Tensor | None, batch: int, eos: int, device: torch.device) -> Tensor | None:
+    """`prefix` as Long [B, P] on `device` (None or P == 0: no prefix)."""
+    if prefix is None:
+        return None
+    prefix = torch.as_tensor(prefix, dtype=torch.long, device=device)
+    if prefix.dim() == 1:
+        prefix = prefix.unsqueeze(0).expand(batch, -1)
+    if prefix.dim() != 2 or prefix.shape[0] != batch:
+        raise ValueError(f"prefix must be [P] or [B={batch}, P], got {tuple(prefix.shape)}")
+    if prefix.shape[1] == 0:
+        return None
+    if bool((prefix == eos).any()) or bool((prefix == 0).any()):
+        raise ValueError("prefix must not contain <end> or <pad>")
+    return prefix
+
+
+def force_prefix(decoder: Any, state: Any, prefix: Tensor, *, bos: int
+                 ) -> tuple[Any, Tensor, Tensor, list[Tensor], list[Tensor | None]]:
+    """Feed <start> and the prefix [B, P] through `decoder.step`, forcing each prefix token.
+
+    Returns (state, prev [B], scores [B], tokens, attention): the state after the step that
+    chose the last prefix token, that token (`prev`, fed by the next step, as after a normal
+    pick), the summed log-probabilities of the forced tokens, the forced tokens (one [B] tensor
+    per step) and each step's attention ([B, A] or None).
+    """
+    B = prefix.shape[0]
+    prev = torch.full((B,), bos, dtype=torch.long, device=prefix.device)
+    scores = torch.zeros(B, device=prefix.device)
+    tokens: list[Tensor] = []
+    attention: list[Tensor | None] = []
+    for j in range(prefix.shape[1]):
+        logprobs, state, att = decoder.step(prev, state)
+        tok = prefix[:, j]
+        scores = scores + logprobs.gather(1, tok[:, None]).squeeze(1).float()
+        tokens.append(tok)
+        attention.append(att)
+        prev = tok
+    return state, prev, scores, tokens, attention
+
+
+def _autoregressive(decoder: Any, enc: EncoderOutput, pick, *, bos: int, eos: int, max_len: int,
+                    prefix: Tensor | None = None) -> DecodeResult:
     B = enc.grid.shape[0]
     device = enc.grid.device
+    prefix = _check_prefix(prefix, B, eos, device)
     state = decoder.init_state(enc)
     prev = torch.full((B,), bos, dtype=torch.long, device=device)
     finished = torch.zeros(B, dtype=torch.bool, device=device)
@@ -65,6 +114,9 @@ def _autoregressive(decoder: Any, enc: EncoderOutput, pick, *, bos: int, eos: in
     scores = torch.zeros(B, device=device)
     tokens: list[Tensor] = []
     attention: list[Tensor | None] = []
+    if prefix is not None:
+        state, prev, scores, tokens, attention = force_prefix(decoder, state, prefix, bos=bos)
+        lengths = lengths + prefix.shape[1]
     for _ in range(max_len):
         logprobs, state, att = decoder.step(prev, state)
         tok = pick(logprobs)
@@ -82,21 +134,24 @@ def _autoregressive(decoder: Any, enc: EncoderOutput, pick, *, bos: int, eos: in
 
 
 @torch.no_grad()
-def greedy(decoder: Any, enc: EncoderOutput, *, bos: int, eos: int, max_len: int = 50) -> DecodeResult:
-    """Most likely word at each step."""
-    return _autoregressive(decoder, enc, lambda lp: lp.argmax(dim=-1), bos=bos, eos=eos, max_len=max_len)
+def greedy(decoder: Any, enc: EncoderOutput, *, bos: int, eos: int, max_len: int = 50,
+           prefix: Tensor | None = None) -> DecodeResult:
+    """Most likely word at each step (after the forced `prefix`, if any)."""
+    return _autoregressive(decoder, enc, lambda lp: lp.argmax(dim=-1), bos=bos, eos=eos, max_len=max_len,
+                           prefix=prefix)
 
 
 @torch.no_grad()
 def sample(decoder: Any, enc: EncoderOutput, *, bos: int, eos: int, max_len: int = 50, temperature: float = 1.0,
-           top_k: int = 0, top_p: float = 1.0, generator: torch.Generator | None = None) -> DecodeResult:
+           top_k: int = 0, top_p: float = 1.0, generator: torch.Generator | None = None,
+           prefix: Tensor | None = None) -> DecodeResult:
     """Ancestral sampling from the filtered distribution; scores are the model's own log-probabilities."""
 
     def pick(logprobs: Tensor) -> Tensor:
         probs = torch.softmax(filter_logits(logprobs.float(), temperature=temperature, top_k=top_k, top_p=top_p), dim=-1)
         return torch.multinomial(probs, 1, generator=generator).squeeze(1)
 
-    return _autoregressive(decoder, enc, pick, bos=bos, eos=eos, max_len=max_len)
+    return _autoregressive(decoder, enc, pick, bos=bos, eos=eos, max_len=max_len, prefix=prefix)
 
 
 def _length_penalty(length: Tensor | int, alpha: float) -> Tensor | float:
@@ -107,7 +162,7 @@ def _length_penalty(length: Tensor | int, alpha: float) -> Tensor | float:
 
 @torch.no_grad()
 def beam_search(decoder: Any, enc: EncoderOutput, *, bos: int, eos: int, beam_size: int = 5, max_len: int = 50,
-                length_penalty: float = 0.0) -> DecodeResult:
+                length_penalty: float = 0.0, prefix: Tensor | None = None) -> DecodeResult:
     """Beam search batched over images and beams.
 
     Each step ranks the 2K best extensions of the K live beams of every image. An extension
@@ -116,6 +171,10 @@ def beam_search(decoder: Any, enc: EncoderOutput, *, bos: int, eos: int, beam_si
     full and no live beam can still beat the pool's worst (log-probabilities only fall, so
     score / lp(max_len) bounds a live beam). If no hypothesis ever finishes, the best live beam
     at max_len is returned. With beam_size=1 this is exactly greedy decoding.
+
+    With a `prefix` [B, P], <start> and the prefix are fed once per image (B rows, not B*K),
+    then every image's first beam starts from that state with the prefix's log-probability as
+    its score; lengths (and the length penalty) count the prefix.
     """
     if beam_size < 1:
         raise ValueError("beam_size must be >= 1")
@@ -124,21 +183,31 @@ def beam_search(decoder: Any, enc: EncoderOutput, *, bos: int, eos: int, beam_si
     B = enc.grid.shape[0]
     K = beam_size
     device = enc.grid.device
+    prefix = _check_prefix(prefix, B, eos, device)
+    P = 0 if prefix is None else prefix.shape[1]
+    total = P + max_len  # longest result, prefix included
     state = decoder.init_state(enc)
-    state = decoder.reorder_state(state, torch.arange(B, device=device).repeat_interleave(K))
     rows = torch.arange(B, device=device)[:, None]  # (B, 1)
     live_scores = torch.full((B, K), float("-inf"), device=device)
     live_scores[:, 0] = 0.0  # all beams start identical: only the first may expand at step 0
     live_tokens = torch.zeros(B, K, 0, dtype=torch.long, device=device)
     live_att: Tensor | None = None
+    prev = torch.full((B * K,), bos, dtype=torch.long, device=device)
+    if prefix is not None:
+        state, prev_b, prefix_scores, _, prefix_att = force_prefix(decoder, state, prefix, bos=bos)
+        live_scores[:, 0] = prefix_scores
+        live_tokens = prefix[:, None, :].expand(B, K, P).contiguous()
+        if prefix_att[0] is not None:
+            live_att = torch.stack(prefix_att, dim=1).float()[:, None].expand(-1, K, -1, -1).contiguous()  # (B,K,P,A)
+        prev = prev_b.repeat_interleave(K)
+    state = decoder.reorder_state(state, torch.arange(B, device=device).repeat_interleave(K))
     pool_scores = torch.full((B, K), float("-inf"), device=device)
-    pool_tokens = torch.zeros(B, K, max_len, dtype=torch.long, device=device)
+    pool_tokens = torch.zeros(B, K, total, dtype=torch.long, device=device)
     pool_len = torch.zeros(B, K, dtype=torch.long, device=device)
     pool_att: Tensor | None = None
-    prev = torch.full((B * K,), bos, dtype=torch.long, device=device)
-    bound_lp = _length_penalty(max_len, length_penalty)
-    steps = 0
-    for t in range(max_len):
+    bound_lp = _length_penalty(total, length_penalty)
+    steps = P
+    for t in range(P, total):
         logprobs, state, att = decoder.step(prev, state)
         V = logprobs.shape[-1]
         cand = (live_scores[:, :, None] + logprobs.float().view(B, K, V)).view(B, K * V)
@@ -154,18 +223,18 @@ def beam_search(decoder: Any, enc: EncoderOutput, *, bos: int, eos: int, beam_si
             prev_att = (live_att if live_att is not None else att.new_zeros(B, K, 0, A).float())
             cand_att = torch.cat([prev_att.gather(1, src[:, :, None, None].expand(-1, -1, t, A)), step_att], dim=2)
             if pool_att is None:
-                pool_att = att.new_zeros(B, K, max_len, A).float()
+                pool_att = att.new_zeros(B, K, total, A).float()
         is_eos = tok == eos
         rank = torch.arange(n_cand, device=device)[None, :]
         # finished hypotheses: <end> extensions ranked within the top K
         new_fin = torch.where(is_eos & (rank < K), top_scores / _length_penalty(t + 1, length_penalty), float("-inf"))
         merged = torch.cat([pool_scores, new_fin], dim=1)  # (B, K + 2K)
         pool_scores, keep = torch.topk(merged, K, dim=1)
-        padded = torch.nn.functional.pad(cand_tokens, (0, max_len - t - 1))
+        padded = torch.nn.functional.pad(cand_tokens, (0, total - t - 1))
         pool_tokens = torch.cat([pool_tokens, padded], dim=1)[rows, keep]
         pool_len = torch.cat([pool_len, torch.full_like(tok, t + 1)], dim=1)[rows, keep]
         if cand_att is not None:
-            pool_att = torch.cat([pool_att, torch.nn.functional.pad(cand_att, (0, 0, 0, max_len - t - 1))], dim=1)[rows, keep]
+            pool_att = torch.cat([pool_att, torch.nn.functional.pad(cand_att, (0, 0, 0, total - t - 1))], dim=1)[rows, keep]
         # live beams: the K best extensions that did not end
         live_scores, pick = torch.topk(top_scores.masked_fill(is_eos, float("-inf")), K, dim=1)
         live_tokens = cand_tokens[rows, pick]
@@ -178,14 +247,14 @@ def beam_search(decoder: Any, enc: EncoderOutput, *, bos: int, eos: int, beam_si
             break
     # the pool competes with the live beams (normalised at their current length)
     live_norm = live_scores / _length_penalty(steps, length_penalty)
-    live_full = torch.nn.functional.pad(live_tokens, (0, max_len - steps))
+    live_full = torch.nn.functional.pad(live_tokens, (0, total - steps))
     all_scores = torch.cat([pool_scores, live_norm], dim=1)
     best = all_scores.argmax(dim=1)  # (B,)
-    all_tokens = torch.cat([pool_tokens, live_full], dim=1)[rows.squeeze(1), best]  # (B, max_len)
+    all_tokens = torch.cat([pool_tokens, live_full], dim=1)[rows.squeeze(1), best]  # (B, total)
     all_len = torch.cat([pool_len, torch.full_like(pool_len, steps)], dim=1)[rows.squeeze(1), best]
     L = int(all_len.max()) if B else 0
     attention = None
     if pool_att is not None and live_att is not None:
-        live_att_full = torch.nn.functional.pad(live_att, (0, 0, 0, max_len - steps))
+        live_att_full = torch.nn.functional.pad(live_att, (0, 0, 0, total - steps))
         attention = torch.cat([pool_att, live_att_full], dim=1)[rows.squeeze(1), best][:, :L]
     return DecodeResult(all_tokens[:, :L], all_len, all_scores[rows.squeeze(1), best], attention)

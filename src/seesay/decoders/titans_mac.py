@@ -21,6 +21,12 @@ seesay's step contract, so `seesay.decoding.greedy / beam_search / sample` work 
 <end>. `reorder_state` indexes every tensor of that cache, neural-memory weights, momentum and
 pending store segment included (those are laid out (batch * heads) first).
 
+Attention maps: `step()` / `forward()` return layer `attention_layer`'s (default: the last)
+attention from each caption position to the K image tokens, averaged over heads, renormalised
+over the image tokens and spread back over the encoder grid through the compressor's
+`image_map` (exact pooling weights; the resampler's last cross-attention, an approximation).
+The probabilities come from a forward hook on the library's `Attend` (`AttentionProbe`).
+
 Library problems handled here (see docs/titans.md):
 - titans-pytorch issue #64: the per-head memory parameters are stride-0 views sharing storage
   with `memory_model`'s weights, so optimizer steps / `load_state_dict` fail with
@@ -134,6 +140,22 @@ class PoolCompressor(nn.Module):
             x = F.adaptive_avg_pool1d(x.transpose(1, 2), k).transpose(1, 2)
         return self.norm(x + self.slot)
 
+    def image_map(self, grid: Tensor, grid_hw: tuple[int, int] | None) -> Tensor:
+        """M [B, K, N]: image token k is sum_n M[k, n] * proj(grid[n]) (before slot + norm).
+
+        The pooling weights themselves (each row sums to 1), found by pooling the identity, so
+        attention to token k spreads over exactly the cells it averages.
+        """
+        b, n = grid.shape[:2]
+        k = self.num_tokens
+        eye = torch.eye(n, device=grid.device, dtype=torch.float32)  # (N cells, N channels)
+        side = math.isqrt(k)
+        if grid_hw is not None and grid_hw[0] * grid_hw[1] == n and side * side == k:
+            m = F.adaptive_avg_pool2d(eye.reshape(n, *grid_hw), (side, side)).flatten(1)  # (N, K)
+        else:
+            m = F.adaptive_avg_pool1d(eye.unsqueeze(0), k).squeeze(0)  # (N, K)
+        return m.t().unsqueeze(0).expand(b, -1, -1)  # (B, K, N)
+
 
 class ResamplerCompressor(nn.Module):
     """K learned queries cross-attending to the projected grid (a small Perceiver resampler):
@@ -159,14 +181,25 @@ class ResamplerCompressor(nn.Module):
         )
         self.norm = nn.LayerNorm(dim)
 
-    def forward(self, grid: Tensor, grid_hw: tuple[int, int] | None) -> Tensor:
+    def forward(self, grid: Tensor, grid_hw: tuple[int, int] | None, *, return_map: bool = False
+                ) -> Tensor | tuple[Tensor, Tensor]:
         kv = self.proj(grid)
         q = self.queries.unsqueeze(0).expand(grid.shape[0], -1, -1)
-        for blk in self.blocks:
+        weights = None
+        for i, blk in enumerate(self.blocks):
             ctx = blk["norm_kv"](kv)
-            q = q + blk["attn"](blk["norm_q"](q), ctx, ctx, need_weights=False)[0]
+            want = return_map and i == len(self.blocks) - 1
+            y, w = blk["attn"](blk["norm_q"](q), ctx, ctx, need_weights=want, average_attn_weights=True)
+            weights = w if want else weights
+            q = q + y
             q = q + blk["ff"](q)
-        return self.norm(q)
+        return (self.norm(q), weights) if return_map else self.norm(q)
+
+    def image_map(self, grid: Tensor, grid_hw: tuple[int, int] | None) -> Tensor:
+        """[B, K, N]: the last block's cross-attention of each query over the grid, averaged over
+        heads (rows sum to 1). An approximation of where token k's content comes from: earlier
+        blocks and the residual path also shape it."""
+        return self.forward(grid, grid_hw, return_map=True)[1]
 
 
 def build_compressor(kind: str, enc_dim: int, dim: int, num_tokens: int, heads: int = 4, depth: int = 1) -> nn.Module:
@@ -350,6 +383,60 @@ def mac_extend(mac: nn.Module, ids: Tensor, cache: tuple) -> tuple[Tensor, tuple
     raise RuntimeError("titans_mac: the library cache did not reach the new token")  # pragma: no cover
 
 
+# ---- attention to the image ---------------------------------------------------------------------
+
+
+class AttentionProbe:
+    """Reads the last attention layer's weights through a forward hook on its `Attend` module.
+
+    The library discards the attention probabilities (`out, _ = self.attend(...)`); `Attend`
+    itself returns them (x-transformers' `Intermediates.post_softmax_attn`, [(B*windows), heads,
+    queries, persist + keys]). The hook keeps them while `capture()` is active and does nothing
+    otherwise. If a configuration returns none (flash attention), they are recomputed from the
+    hook's q, k (softmax(q k^T / sqrt(d)) with the call's mask and end-aligned causal mask).
+    """
+
+    def __init__(self, attn: nn.Module) -> None:
+        self.persist = int(attn.persistent_memory.shape[2])  # persistent-memory keys come first
+        self.sliding = bool(getattr(attn, "sliding", False))
+        self.active = False
+        self.last: Tensor | None = None
+        attn.attend.register_forward_hook(self._hook, with_kwargs=True)
+
+    def _hook(self, module: nn.Module, args: tuple, kwargs: dict, out: Any) -> None:
+        if not self.active:
+            return
+        inter = out[1] if isinstance(out, tuple) and len(out) > 1 else None
+        post = getattr(inter, "post_softmax_attn", None)
+        if post is None:
+            q, k = args[0], args[1]
+            sim = (q @ k.transpose(-1, -2)).float() * (getattr(module, "scale", None) or q.shape[-1] ** -0.5)
+            mask = kwargs.get("mask")
+            if mask is not None:
+                sim = sim.masked_fill(~mask, float("-inf"))
+            i, j = sim.shape[-2:]
+            if i > 1:
+                sim = sim.masked_fill(torch.ones(i, j, dtype=torch.bool, device=sim.device).triu(j - i + 1), float("-inf"))
+            post = sim.softmax(-1)
+        self.last = post.detach()
+
+    @contextmanager
+    def capture(self):
+        self.active, self.last = True, None
+        try:
+            yield self
+        finally:
+            self.active = False
+
+
+def find_attention_layers(mac: nn.Module) -> list[nn.Module]:
+    """The MAC transformer's `SegmentedAttention` modules, first layer first."""
+    layers = [m for m in mac.modules() if hasattr(m, "attend") and hasattr(m, "persistent_memory")]
+    if not layers:  # pragma: no cover - depends on the library version
+        raise RuntimeError("titans_mac: no SegmentedAttention layer found in the MAC transformer")
+    return layers
+
+
 # ---- the decoder -------------------------------------------------------------------------------
 
 
@@ -358,6 +445,7 @@ class TitansState:
     ids: Tensor  # (B, t) ids fed so far: K placeholders, <start>, words
     image: Tensor  # (B, K, D) image tokens for the placeholders
     cache: tuple | None  # titans-pytorch cache; None = recompute (uncached)
+    image_map: Tensor | None = None  # (B, K, N) how each image token draws on the grid cells
 
 
 class TitansMACDecoder(Decoder):
@@ -416,6 +504,16 @@ class TitansMACDecoder(Decoder):
             **mac_kwargs,
         )
         self._warned_long = False
+        # one (inactive) probe per layer; `attention_layer` picks whose attention is returned
+        self._probes = [AttentionProbe(a) for a in find_attention_layers(self.mac)]
+        self.attention_layer = -1
+
+    @property
+    def _probe(self) -> AttentionProbe:
+        n = len(self._probes)
+        if not -n <= self.attention_layer < n:
+            raise SeesayError(f"titans_mac: attention_layer {self.attention_layer} outside -{n}..{n - 1}")
+        return self._probes[self.attention_layer]
 
     @property
     def token_emb(self) -> PrefixEmbedding:
@@ -443,8 +541,16 @@ class TitansMACDecoder(Decoder):
         image = self.image_tokens(enc)
         prefix = tokens.new_full((b, k), self.placeholder_id)
         ids = torch.cat([prefix, tokens[:, :-1]], dim=1)
-        logits = self._run(ids, image)[:, k:]
-        return DecoderOutput(logits, None, {})
+        with self._probe.capture() as probe:
+            logits = self._run(ids, image)[:, k:]
+        attention = None
+        if probe.last is not None and t > 1:  # (B, T-1, N): as step() returns, one row per prediction
+            to_image = self.image_attention(probe.last, torch.arange(k, ids.shape[1], device=ids.device), b, cached=False)
+            image_map = self.compress.image_map(enc.grid, enc.grid_hw).to(to_image.dtype)
+            attention = torch.einsum("btk,bkn->btn", to_image, image_map)
+            steps = (lengths.to(ids.device) - 1).clamp(min=0)  # padding positions are exact zeros
+            attention = attention * (torch.arange(t - 1, device=ids.device)[None] < steps[:, None]).unsqueeze(-1)
+        return DecoderOutput(logits, attention, {})
 
     # ---- step contract ----
     def init_state(self, enc: EncoderOutput, *, use_cache: bool | None = None) -> TitansState:
@@ -456,18 +562,72 @@ class TitansMACDecoder(Decoder):
             set_accelerated_scan(self.mac, image.device)
             with self.token_emb.images(image):
                 _, cache = mac_prefill(self.mac, ids)
-        return TitansState(ids, image, cache)
+        image_map = self.compress.image_map(enc.grid, enc.grid_hw).to(image.dtype)  # (B, K, N)
+        return TitansState(ids, image, cache, image_map)
 
     def step(self, prev_tokens: Tensor, state: TitansState) -> tuple[Tensor, TitansState, Tensor | None]:
+        """One token; the attention returned is layer `attention_layer`'s (default: the last),
+        from the new token to the image (see `image_attention`), spread over the encoder grid:
+        [B, N]."""
         ids = torch.cat([state.ids, prev_tokens.long().view(-1, 1)], dim=1)
         set_accelerated_scan(self.mac, ids.device)
-        with self.token_emb.images(state.image):
+        with self.token_emb.images(state.image), self._probe.capture() as probe:
             if state.cache is None:
                 logits = self.mac(ids, disable_flex_attn=True)[:, -1]
                 cache = None
             else:
                 logits, cache = mac_extend(self.mac, ids, state.cache)
-        return F.log_softmax(logits.float(), dim=-1), TitansState(ids, state.image, cache), None
+        attention = None
+        if state.image_map is not None and probe.last is not None:
+            to_image = self.image_attention(probe.last, ids.shape[1] - 1, ids.shape[0], cached=state.cache is not None)
+            attention = torch.einsum("bk,bkn->bn", to_image.to(state.image_map.dtype), state.image_map)  # (B, N)
+        return F.log_softmax(logits.float(), dim=-1), TitansState(ids, state.image, cache, state.image_map), attention
+
+    def image_attention(self, post: Tensor, pos: int | Tensor, batch: int, *, cached: bool) -> Tensor:
+        """Attention of the tokens at input positions `pos` (an int, or [T] for a full forward)
+        to the K image tokens: [B, K] (int) or [B, T, K]. Read from the attention layer's
+        probabilities `post`, averaged over heads and renormalised over the image tokens (the
+        share spent on text, persistent-memory and long-term-memory keys is dropped, so rows sum
+        to 1). Rows are 0 where no image token is in the token's attention window (captions
+        longer than a window: the image then reaches it only through the neural memory).
+
+        Positions: the library puts `num_longterm_mem_tokens` memory tokens after every
+        `segment_len` inputs, so input u sits at u + (u // segment_len) * L in its sequence. A
+        full forward folds the sequence into windows of segment_len + L queries whose keys are
+        the persistent memories then the window (the previous window too with sliding
+        attention); a cached step has one query whose keys are the persistent memories then the
+        cached keys, ending at the new token.
+        """
+        single = not torch.is_tensor(pos)
+        dev = post.device
+        pos_t = torch.as_tensor([pos] if single else pos, device=dev).long().view(-1)  # (T,)
+        seg, lm = int(self.mac.segment_len), int(getattr(self.mac, "num_longterm_mem_tokens", 0))
+        window = seg + lm
+        img = torch.arange(self.num_image_tokens, device=dev)
+        img = img + (img // seg) * lm  # (K,) image tokens' sequence positions
+        s = pos_t + (pos_t // seg) * lm  # (T,) the queries' sequence positions
+        pm = self._probe.persist
+        if cached:
+            if pos_t.numel() != 1:
+                raise ValueError("a cached step has one query")
+            row = post[:, :, -1:, :].transpose(1, 2)  # (B, 1, h, j)
+            j = row.shape[-1]
+            idx = pm + img[None] - s[:, None] + (j - pm) - 1  # (1, K)
+            valid = idx >= pm
+        else:
+            nw = post.shape[0] // batch
+            w = s // window
+            row = post.reshape(batch, nw, *post.shape[1:]).transpose(2, 3)[:, w, s % window]  # (B, T, h, j)
+            j = row.shape[-1]
+            first = (w - 1) * window if self._probe.sliding else w * window  # (T,) first key's position
+            idx = pm + img[None] - first[:, None]  # (T, K)
+            valid = img[None] >= first[:, None]
+        valid = valid & (idx < j) & (img[None] <= s[:, None])
+        a = row.float().mean(dim=2)  # (B, T, j) averaged over heads
+        out = a.gather(2, idx.clamp(0, j - 1).unsqueeze(0).expand(a.shape[0], -1, -1)) * valid.to(a.dtype)  # (B, T, K)
+        total = out.sum(dim=-1, keepdim=True)
+        out = torch.where(total > 0, out / total.clamp_min(1e-12), torch.zeros_like(out))
+        return out[:, 0] if single else out
 
     def reorder_state(self, state: TitansState, index: Tensor) -> TitansState:
         return replace(
@@ -475,6 +635,7 @@ class TitansMACDecoder(Decoder):
             ids=state.ids.index_select(0, index),
             image=state.image.index_select(0, index),
             cache=reorder_mac_cache(state.cache, index, self.neural_mem_heads),
+            image_map=None if state.image_map is None else state.image_map.index_select(0, index),
         )
 
 
