@@ -1,0 +1,192 @@
+"""`seesay visualize` and `seesay caption --attention-map`: caption an image and draw where the
+model looked for each word.
+
+The model sees the image as the checkpoint's prepared size (squashed to a square, as
+`seesay prepare` stored the training images); the figure shows the original picture (scaled
+down to at most 448 px on its longer side, aspect kept) with each word's attention grid
+stretched over it, which is the same correspondence since the squash is a per-axis scale.
+Greedy decoding by default; with `beam_size > 1` the attention is the chosen beam's.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from seesay.errors import SeesayError
+from seesay.viz.attention import display_image, save_attention_map
+
+
+@dataclass
+class Visualized:
+    image: str
+    caption: str
+    words: list[str]
+    output: Path
+    score: float
+
+
+def infer_grid_hw(num_columns: int, has_sentinel: bool | None = None) -> tuple[int, int]:
+    """(h, w) of a square encoder grid from the attention width (h*w, or h*w+1 with a sentinel).
+
+    Every seesay encoder sees a square input, so its grid is square. With `has_sentinel=None`
+    it is inferred: for A > 1, A and A-1 are never both perfect squares.
+    """
+    a = int(num_columns)
+    options = [has_sentinel] if has_sentinel is not None else [False, True]
+    for sent in options:
+        n = a - (1 if sent else 0)
+        side = math.isqrt(max(n, 0))
+        if n > 0 and side * side == n:
+            return side, side
+    raise SeesayError(f"cannot infer a square attention grid from {num_columns} attention columns")
+
+
+def token_words(vocab: Any, tokens: Sequence[int], length: int | None = None) -> list[str]:
+    """The generated tokens as words, `<end>` included when it was emitted (it has attention too)."""
+    itos = vocab.itos if hasattr(vocab, "itos") else vocab["itos"]
+    ids = [int(t) for t in list(tokens)[: (len(tokens) if length is None else int(length))]]
+    return [itos[i] if 0 <= i < len(itos) else "<unk>" for i in ids]
+
+
+def save_caption_attention(
+    output: str | Path,
+    image: np.ndarray | str | Path,
+    words: Sequence[str],
+    attention: Any,
+    *,
+    grid_hw: tuple[int, int] | None = None,
+    has_sentinel: bool | None = None,
+    title: str | None = None,
+    cols: int = 5,
+) -> Path:
+    """Attention map for one decoded caption (what `seesay caption --attention-map` calls).
+
+    `image` is a uint8 [H, W, 3] array or a path (read at its own size); `attention` is the
+    caption's [L, A] attention (tensor or array, L >= len(words)); `grid_hw` defaults to the
+    square grid implied by A (minus a sentinel column, inferred when `has_sentinel` is None).
+    """
+    if attention is None:
+        raise SeesayError("this decoder returns no attention (e.g. show_tell); there is no map to draw")
+    att = attention.detach().float().cpu().numpy() if hasattr(attention, "detach") else np.asarray(attention, dtype=np.float64)
+    if grid_hw is None:
+        grid_hw = infer_grid_hw(att.shape[-1], has_sentinel)
+    if not isinstance(image, np.ndarray):
+        from seesay.data.images import load_image_rgb
+
+        image = load_image_rgb(image, None)
+    words = list(words)[: att.shape[0]]
+    if title is None:
+        title = " ".join(w for w in words if w not in ("<end>", "<start>", "<pad>"))
+    return save_attention_map(output, display_image(image), words, att[: len(words)], grid_hw, cols=cols, title=title)
+
+
+def set_attention_layer(decoder: Any, layer: int | None) -> None:
+    """Ask a multi-layer decoder for another layer's cross-attention (None: leave its default)."""
+    if layer is None:
+        return
+    if not hasattr(decoder, "attention_layer"):
+        raise SeesayError(f"decoder {type(decoder).__name__} has no choice of attention layer")
+    n = len(getattr(decoder, "layers", [])) or None
+    if n is not None and not -n <= layer < n:
+        raise SeesayError(f"--layer {layer}: the decoder has {n} layers")
+    decoder.attention_layer = int(layer)
+
+
+def save_attention_maps(output: str | Path, results: Sequence[Any], vocab: Any) -> list[Path]:
+    """`seesay caption --attention-map OUT.png`: one figure per captioned image.
+
+    `results` are `seesay.caption.CaptionResult`-like objects (image, caption, tokens,
+    attention [L, A] or None, error); `vocab` a Vocab or a checkpoint directory. Files are
+    named by `attention_map_paths` over all the given images (OUT.png for one image, else
+    OUT-<stem>.png), so a failed image does not shift the others' names. Images that failed
+    to caption are skipped.
+    """
+    from seesay.viz.attention import attention_map_paths
+
+    if isinstance(vocab, (str, Path)):
+        from seesay.data.tokenize import Vocab
+
+        vocab = Vocab.load(Path(vocab) / "vocab.json")
+    paths = attention_map_paths(output, [r.image for r in results])
+    written = []
+    for r, path in zip(results, paths):
+        if getattr(r, "error", None) is not None:
+            continue
+        att = getattr(r, "attention", None)
+        if att is None:
+            raise SeesayError("this decoder returns no attention (e.g. show_tell); no attention maps written")
+        words = token_words(vocab, r.tokens)
+        written.append(save_caption_attention(path, r.image, words, att, title=r.caption))
+    return written
+
+
+def resolve_device(device: str | None) -> Any:
+    import torch
+
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(device)
+    except RuntimeError as e:
+        raise SeesayError(f"unknown device {device!r} ({e})") from None
+
+
+def visualize_image(
+    checkpoint: Any,
+    image_path: str | Path,
+    output: str | Path,
+    *,
+    beam_size: int = 1,
+    max_len: int = 50,
+    length_penalty: float = 0.0,
+    cols: int = 5,
+    device: str | None = None,
+    layer: int | None = None,
+) -> Visualized:
+    """Caption `image_path` with a checkpoint (path or loaded `Checkpoint`) and save its attention map.
+
+    `layer` picks which cross-attention layer a multi-layer decoder (transformer, titans_mac)
+    returns (0-based, negative from the end; default: its last layer), for decoders that
+    expose an `attention_layer` attribute.
+    """
+    import torch
+
+    from seesay.checkpoint import load_checkpoint
+    from seesay.data.images import load_image_rgb
+
+    dev = resolve_device(device)
+    ckpt = load_checkpoint(checkpoint, map_location=dev) if isinstance(checkpoint, (str, Path)) else checkpoint
+    model, vocab = ckpt.model, ckpt.vocab
+    model.to(dev).eval()
+    set_attention_layer(model.decoder, layer)
+    size = int(ckpt.preprocess.get("image_size") or model.preprocess.size)
+    original = load_image_rgb(image_path, None)
+    seen = load_image_rgb(image_path, size)
+    x = torch.from_numpy(np.array(seen, dtype=np.uint8, copy=True)).permute(2, 0, 1)[None].to(dev)
+    with torch.no_grad():
+        enc = model.encode(x)
+        res = model.generate(enc, bos=vocab.start_id, eos=vocab.end_id, max_len=max_len, beam_size=beam_size,
+                             length_penalty=length_penalty)
+    if res.attention is None:
+        name = (getattr(model, "spec", {}) or {}).get("decoder", {}).get("name", type(model.decoder).__name__)
+        raise SeesayError(f"decoder {name} returns no attention; nothing to visualise")
+    n = int(res.lengths[0])
+    words = token_words(vocab, res.tokens[0].tolist(), n)
+    caption = vocab.decode(res.tokens[0].tolist()[:n])
+    out = save_caption_attention(
+        output,
+        original,
+        words,
+        res.attention[0, :n],
+        grid_hw=tuple(enc.grid_hw),
+        has_sentinel=bool(getattr(model.decoder, "has_sentinel", False)),
+        title=caption,
+        cols=cols,
+    )
+    return Visualized(str(image_path), caption, words, out, float(res.scores[0]))
