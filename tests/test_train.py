@@ -205,16 +205,15 @@ def test_frozen_encoder_runs_once_per_image(data_dir, tmp_path, monkeypatch):
 
 
 def test_image_grouped_batches_encode_each_image_once(data_dir):
-    """With --fine-tune-encoder a batch holds whole images with all their captions."""
-    from seesay.train.caption_task import ImageGroups, SplitData, collate_images
+    """With --fine-tune-encoder a batch holds whole images with all their captions (data layer)."""
+    from seesay.data.loader import ImageCaptionDataset, collate_images
 
-    data = SplitData(data_dir, "train")
-    ds = ImageGroups(data)
+    ds = ImageCaptionDataset(data_dir, "train")
     batch = collate_images([ds[0], ds[1], ds[2]])
     assert batch["images"].shape == (3, 3, 32, 32) and batch["images"].dtype == torch.uint8
-    assert batch["tokens"].shape[0] == 15
+    assert batch["captions"].shape[0] == 15
     assert batch["image_rows"].tolist() == [0] * 5 + [1] * 5 + [2] * 5
-    assert int(batch["lengths"].max()) == batch["tokens"].shape[1]
+    assert int(batch["lengths"].max()) == batch["captions"].shape[1]
 
 
 def test_early_stop_and_lr_decay(data_dir, tmp_path, monkeypatch):

@@ -31,6 +31,10 @@ class DataConfig:
     train_split: str = "train"
     val_split: str = "val"
     val_max_images: int | None = None  # validate on the first N images only (None: all)
+    # extra text-only captions (one per line, or a JSON list of strings / {"text": ...}) trained as
+    # language-model rows with an all-zero "no image" encoding; see docs/training.md
+    text_data_path: str | None = None
+    text_ratio: float = 0.25  # text-only rows per epoch, as a fraction of the train split's caption count
 
 
 @dataclass
@@ -77,6 +81,9 @@ class TrainConfig:
     max_steps_per_epoch: int | None = None  # for smoke tests
     progress: bool = True
     log_every: int = 20
+    # DDP find_unused_parameters: None = auto (on for decoders that leave parameters without a
+    # gradient in some steps, e.g. titans_mac, and for text-only rows with the encoder in the loop)
+    ddp_find_unused_parameters: bool | None = None
 
 
 @dataclass

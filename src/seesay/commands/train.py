@@ -119,7 +119,7 @@ def build_config(args: argparse.Namespace) -> Any:
             cfg.data.pairs_config = args.config
             for key, (section, field) in {"epochs": ("train", "epochs"), "batch_size": ("train", "batch_size"),
                                           "learning_rate": ("decoder", "lr"), "lr": ("decoder", "lr"),
-                                          "seed": ("train", "seed")}.items():
+                                          "seed": ("train", "seed"), "text_ratio": ("data", "text_ratio")}.items():
                 if key in recipe:
                     merge_into(cfg, {section: {field: recipe[key]}}, source=args.config)
         else:

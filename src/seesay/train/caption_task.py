@@ -11,6 +11,11 @@ Two ways to feed the model, chosen by whether the encoder trains:
   images), each image goes through the encoder once per step and its output is repeated
   for its captions (`image_rows`), instead of once per caption.
 
+Data comes from the data layer (`seesay.data.store.PreparedData`/`SplitStore`, and
+`seesay.data.loader.CaptionDataset` / `ImageCaptionDataset` with their numpy collates).
+Optional text-only captions (`data.text_data_path`) are mixed in as extra batches whose input
+is an all-zero "no image" encoding (`MixedBatches`, `CaptionTask.blank_encoding`).
+
 Loss: cross-entropy over the real (non-padding) positions, averaged over every token of the
 global batch (so 2 processes with half the batch each give the same gradient as one process
 with all of it), plus the decoder's own regulariser (`extras["aux_loss"]`). Validation
@@ -22,6 +27,8 @@ from __future__ import annotations
 
 import json
 import logging
+import math
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +40,9 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from seesay.checkpoint import save_checkpoint
 from seesay.config import Config
+from seesay.data.loader import CaptionDataset, ImageCaptionDataset, collate_captions, collate_images
+from seesay.data.store import PreparedData, SplitStore
+from seesay.encoders.base import EncoderOutput
 from seesay.errors import SeesayError
 from seesay.model import CaptionModel, build_model
 from seesay.train.distributed import DistInfo, all_reduce_sum, barrier
@@ -42,112 +52,107 @@ log = logging.getLogger(__name__)
 
 
 # ---------------------------------------------------------------------------------------------
-# Data: one split of a prepared DATA_DIR, as arrays (see seesay.data.store).
+# Text-only captions (the Titans extension's `text_data_path`): language-model rows with no image.
 
 
-class SplitData:
-    """One split of DATA_DIR: images uint8 [n,S,S,3] (memory-mapped, opened lazily so it pickles
-    cheaply into DataLoader workers), captions int [n,C,L], lengths [n,C], image ids, references.
+def read_text_data(path: str | Path, vocab: Any, max_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """Captions of a text file (one per line) or a JSON list of strings / {"text": ...} objects,
+    encoded with the dataset's vocabulary (unknown words -> <unk>) as int64 [M, max_len + 2]
+    (<start> tokens <end>, 0-padded) and lengths [M]; longer captions are cut to `max_len` tokens."""
+    path = Path(path)
+    try:
+        raw = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise SeesayError(f"{path}: cannot read text data ({e.strerror})") from None
+    except UnicodeDecodeError:
+        raise SeesayError(f"{path}: text data is not UTF-8") from None
+    if path.suffix.lower() == ".json":
+        try:
+            items = json.loads(raw)
+        except ValueError as e:
+            raise SeesayError(f"{path}: malformed JSON ({e})") from None
+        if not isinstance(items, list):
+            raise SeesayError(f"{path}: expected a JSON list of strings or {{\"text\": ...}} objects")
+        texts = []
+        for k, it in enumerate(items):
+            if isinstance(it, dict) and isinstance(it.get("text"), str):
+                texts.append(it["text"])
+            elif isinstance(it, str):
+                texts.append(it)
+            else:
+                raise SeesayError(f"{path}: item {k} is neither a string nor an object with a \"text\" string")
+    else:
+        texts = raw.splitlines()
+    encoded = [ids[:max_len] for ids in (vocab.encode(t) for t in texts) if ids]
+    if not encoded:
+        raise SeesayError(f"{path}: no non-empty captions in the text data")
+    tokens = np.zeros((len(encoded), max_len + 2), dtype=np.int64)
+    lengths = np.zeros(len(encoded), dtype=np.int64)
+    for r, ids in enumerate(encoded):
+        row = [vocab.start_id, *ids, vocab.end_id]
+        tokens[r, : len(row)] = row
+        lengths[r] = len(row)
+    return tokens, lengths
 
-    Reads the layout `seesay prepare` writes: DATA_DIR/<split>/{images,captions,lengths}.npy
-    and references.jsonl ({"image_id", "references"} per line).
+
+class MixedBatches:
+    """An epoch of image-caption batches (`loader`) with text-only batches spread evenly among them.
+
+    The text rows of an epoch are drawn without replacement (cycling when more are asked for than
+    exist) from a generator seeded by (seed, epoch), so every process and a resumed run draw the
+    same rows and the global RNG is not touched; each process takes every world_size-th row (padded
+    like DistributedSampler), so all processes have the same number of text batches at the same
+    positions (DDP needs that).
     """
 
-    def __init__(self, data_dir: str | Path, split: str) -> None:
-        self.data_dir, self.split = str(data_dir), split
-        root = Path(data_dir) / split
-        if not (root / "captions.npy").is_file():
-            raise SeesayError(f"{data_dir}: no {split!r} split (missing {root / 'captions.npy'})")
-        self.captions = np.load(root / "captions.npy")
-        self.lengths = np.load(root / "lengths.npy")
-        self._images = None
-        self._refs: list[list[str]] | None = None
-        self._ids: list[str] | None = None
-
-    def _read_refs(self) -> None:
-        ids, refs = [], []
-        with open(Path(self.data_dir) / self.split / "references.jsonl", encoding="utf-8") as f:
-            for line in f:
-                if line.strip():
-                    d = json.loads(line)
-                    ids.append(str(d["image_id"]))
-                    refs.append([str(r) for r in d["references"]])
-        self._ids, self._refs = ids, refs
-
-    @property
-    def images(self) -> np.ndarray:
-        if self._images is None:
-            self._images = np.load(Path(self.data_dir) / self.split / "images.npy", mmap_mode="r")
-        return self._images
-
-    @property
-    def image_ids(self) -> list[str]:
-        if self._ids is None:
-            self._read_refs()
-        return self._ids  # type: ignore[return-value]
-
-    @property
-    def references(self) -> list[list[str]]:
-        if self._refs is None:
-            self._read_refs()
-        return self._refs  # type: ignore[return-value]
+    def __init__(self, loader: DataLoader, tokens: np.ndarray, lengths: np.ndarray, *, rows_per_epoch: int,
+                 batch_size: int, seed: int, epoch: int, rank: int, world_size: int) -> None:
+        self.loader = loader
+        per_rank = math.ceil(rows_per_epoch / world_size) if rows_per_epoch > 0 else 0
+        total = per_rank * world_size
+        g = torch.Generator().manual_seed(int(seed) * 1_000_003 + int(epoch))
+        m = len(tokens)
+        draws = [torch.randperm(m, generator=g) for _ in range(math.ceil(total / m))] if total else []
+        index = torch.cat(draws)[:total].numpy() if draws else np.zeros(0, dtype=np.int64)
+        mine = index[rank::world_size]
+        self.text_batches = [mine[i: i + batch_size] for i in range(0, len(mine), batch_size)]
+        self.tokens, self.lengths = tokens, lengths
 
     def __len__(self) -> int:
-        return len(self.captions)
+        return len(self.loader) + len(self.text_batches)
 
-    @property
-    def captions_per_image(self) -> int:
-        return int(self.captions.shape[1])
+    def _text_batch(self, rows: np.ndarray) -> dict[str, Any]:
+        lengths = self.lengths[rows]
+        tokens = self.tokens[rows][:, : int(lengths.max())]
+        return {"captions": torch.from_numpy(np.ascontiguousarray(tokens)), "lengths": torch.from_numpy(lengths),
+                "text_only": True}
 
-    def __getstate__(self) -> dict[str, Any]:  # DataLoader workers reopen the memory map
-        return {"data_dir": self.data_dir, "split": self.split}
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__(state["data_dir"], state["split"])
-
-
-class CaptionRows(Dataset):
-    """One item per caption: (image index, tokens, length); features are looked up later."""
-
-    def __init__(self, data: SplitData) -> None:
-        self.captions, self.lengths = data.captions, data.lengths
-        self.cpi = data.captions_per_image
-
-    def __len__(self) -> int:
-        return len(self.captions) * self.cpi
-
-    def __getitem__(self, k: int) -> tuple[int, np.ndarray, int]:
-        i, c = divmod(int(k), self.cpi)
-        return i, self.captions[i, c], int(self.lengths[i, c])
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        n_text = len(self.text_batches)
+        total = len(self)
+        images = iter(self.loader)
+        j = 0
+        for k in range(total):
+            if n_text and (k + 1) * n_text // total > k * n_text // total:  # n_text evenly spread slots
+                yield self._text_batch(self.text_batches[j])
+                j += 1
+            else:
+                yield next(images)
 
 
-def collate_rows(items: list[tuple[int, np.ndarray, int]]) -> dict[str, torch.Tensor]:
-    lengths = torch.tensor([it[2] for it in items], dtype=torch.long)
-    tokens = torch.from_numpy(np.stack([it[1] for it in items]).astype(np.int64))[:, : int(lengths.max())]
-    return {"image_index": torch.tensor([it[0] for it in items], dtype=torch.long), "tokens": tokens,
-            "lengths": lengths}
+class _ImagesOrFeatures(torch.nn.Module):
+    """Wraps the whole model when the encoder runs in the loop and text-only rows are mixed in, so
+    DDP sees one module that takes either images (encoded) or a ready EncoderOutput (the blank one)."""
 
+    def __init__(self, model: CaptionModel) -> None:
+        super().__init__()
+        self.model = model
 
-class ImageGroups(Dataset):
-    """One item per image: (image uint8 [S,S,3], all its captions [C,L], lengths [C])."""
-
-    def __init__(self, data: SplitData) -> None:
-        self.data = data
-
-    def __len__(self) -> int:
-        return len(self.data)
-
-    def __getitem__(self, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        return np.array(self.data.images[i]), self.data.captions[i], self.data.lengths[i]
-
-
-def collate_images(items: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> dict[str, torch.Tensor]:
-    images = torch.from_numpy(np.stack([it[0] for it in items])).permute(0, 3, 1, 2).contiguous()  # (B,3,S,S)
-    lengths = torch.from_numpy(np.concatenate([it[2] for it in items]).astype(np.int64))  # (R,)
-    tokens = torch.from_numpy(np.concatenate([it[1] for it in items]).astype(np.int64))[:, : int(lengths.max())]
-    cpi = [len(it[2]) for it in items]
-    image_rows = torch.repeat_interleave(torch.arange(len(items)), torch.tensor(cpi))  # (R,)
-    return {"images": images, "tokens": tokens, "lengths": lengths, "image_rows": image_rows}
+    def forward(self, src: Any, tokens: torch.Tensor, lengths: torch.Tensor,
+                image_rows: torch.Tensor | None = None) -> Any:
+        if isinstance(src, EncoderOutput):
+            return self.model.forward_features(src, tokens, lengths, image_rows)
+        return self.model(src, tokens, lengths, image_rows)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -189,19 +194,16 @@ class CaptionTask:
 
     def __init__(self, cfg: Config, dist: DistInfo, run_dir: str | Path, config_dict: dict[str, Any] | None = None,
                  model: CaptionModel | None = None) -> None:
-        from seesay.data.tokenize import Vocab
-
         self.cfg, self.dist, self.run_dir = cfg, dist, Path(run_dir)
         self.config_dict = config_dict if config_dict is not None else cfg.to_dict()
         self.device = dist.device
         data_dir = Path(cfg.data.path or "")
-        if not (data_dir / "manifest.json").is_file():
-            raise SeesayError(f"{data_dir}: not a prepared dataset (no manifest.json); run `seesay prepare` first")
         self.data_dir = data_dir
-        self.manifest = json.loads((data_dir / "manifest.json").read_text(encoding="utf-8"))
-        self.vocab = Vocab.load(data_dir / "vocab.json")
-        self.train_data = SplitData(data_dir, cfg.data.train_split)
-        self.val_data = SplitData(data_dir, cfg.data.val_split)
+        self.prepared = PreparedData(data_dir)
+        self.manifest = self.prepared.manifest
+        self.vocab = self.prepared.vocab
+        self.train_data: SplitStore = self.prepared.split(cfg.data.train_split)
+        self.val_data: SplitStore = self.prepared.split(cfg.data.val_split)
         if len(self.train_data) == 0 or len(self.val_data) == 0:
             raise SeesayError(f"{data_dir}: the {cfg.data.train_split!r} and {cfg.data.val_split!r} splits need images")
 
@@ -213,15 +215,15 @@ class CaptionTask:
         if cfg.train.resume and last.is_file():  # before features: a frozen encoder's cache key uses its weights
             self.load_weights(last.parent)
         self.cached = not self.model.encoder.is_trainable and cfg.train.cache_features
-        self.module = self.model.decoder if self.cached else self.model
+        self.module: torch.nn.Module = self.model.decoder if self.cached else self.model
 
         if self.cached:
             self.train_feats = self._features(self.train_data)
             self.val_feats = self._features(self.val_data)
-            self.train_set: Dataset = CaptionRows(self.train_data)
-            batch_size, collate = cfg.train.batch_size, collate_rows
+            self.train_set: Dataset = CaptionDataset(self.prepared, cfg.data.train_split, load_images=False)
+            batch_size, collate = cfg.train.batch_size, collate_captions
         else:
-            self.train_set = ImageGroups(self.train_data)
+            self.train_set = ImageCaptionDataset(self.prepared, cfg.data.train_split)
             batch_size = max(1, cfg.train.batch_size // self.train_data.captions_per_image)
             collate = collate_images
         self.sampler = DistributedSampler(self.train_set, num_replicas=dist.world_size, rank=dist.rank,
@@ -231,8 +233,56 @@ class CaptionTask:
                                  num_workers=workers, pin_memory=self.device.type == "cuda",
                                  persistent_workers=workers > 0, drop_last=False)
 
+        # -- text-only captions: language-model rows given an all-zero ("no image") encoding
+        self.text_tokens: np.ndarray | None = None
+        self.text_rows_per_epoch = 0
+        self.text_rows_seen = 0  # by this process, for logs and tests
+        if cfg.data.text_data_path:
+            if cfg.data.text_ratio < 0:
+                raise SeesayError(f"data.text_ratio must be >= 0, not {cfg.data.text_ratio}")
+            max_len = int(self.manifest.get("max_len", self.train_data.captions.shape[-1] - 2))
+            self.text_tokens, self.text_lengths = read_text_data(cfg.data.text_data_path, self.vocab, max_len)
+            n_captions = len(self.train_data) * self.train_data.captions_per_image
+            self.text_rows_per_epoch = int(round(cfg.data.text_ratio * n_captions))
+            self._blank = self._blank_shape()
+            if not self.cached:
+                self.module = _ImagesOrFeatures(self.model)
+            if dist.is_main:
+                log.info("text-only data %s: %d captions; %d mixed into each epoch (data.text_ratio %g x %d "
+                         "train captions)", cfg.data.text_data_path, len(self.text_tokens),
+                         self.text_rows_per_epoch, cfg.data.text_ratio, n_captions)
+        # DDP must search for parameters without a gradient when some go unused in a step: decoders
+        # that say so (titans_mac: the neural memory's parameters do not all get a gradient), and the
+        # encoder during text-only steps when it trains in the loop.
+        dec = self.model.decoder
+        self.ddp_find_unused_parameters = bool(
+            getattr(dec, "ddp_find_unused_parameters", cfg.decoder.name == "titans_mac")
+            or (self.text_rows_per_epoch > 0 and not self.cached))
+
+    def _blank_shape(self) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, int]]:
+        """(grid [N, D], pooled [D], grid_hw) of one image's encoding, for the all-zero "no image" input."""
+        if self.cached:
+            return tuple(self.train_feats.grid.shape[1:]), tuple(self.train_feats.pooled.shape[1:]), \
+                tuple(self.train_feats.grid_hw)
+        enc = self.model.encoder
+        was_training = enc.training
+        enc.eval()  # no dropout RNG draws, no BatchNorm statistics updates
+        try:
+            with torch.no_grad():
+                image = torch.from_numpy(np.array(self.train_data.images[:1])).permute(0, 3, 1, 2).to(self.device)
+                out = self.model.encode(image)
+        finally:
+            enc.train(was_training)
+        return tuple(out.grid.shape[1:]), tuple(out.pooled.shape[1:]), tuple(out.grid_hw)
+
+    def blank_encoding(self, rows: int) -> EncoderOutput:
+        """All-zero EncoderOutput for `rows` caption rows: the "no image" input of text-only rows."""
+        grid, pooled, hw = self._blank
+        return EncoderOutput(torch.zeros((rows, *grid), device=self.device),
+                             torch.zeros((rows, *pooled), device=self.device), hw)
+
     # -- features -------------------------------------------------------------------------------
-    def _features(self, data: SplitData) -> FeatureStore:
+    def _features(self, data: SplitStore) -> FeatureStore:
         enc = self.model.encoder
         key = cache_key(data=str(Path(self.data_dir).resolve()), split=data.split, n=len(data),
                         spec=self.model.spec.get("encoder"), preprocess=enc.preprocess.to_dict(),
@@ -257,15 +307,22 @@ class CaptionTask:
                 groups.append({"params": enc_params, "lr": self.cfg.encoder.lr, "name": "encoder"})
         return groups
 
-    def train_batches(self, epoch: int) -> DataLoader:
+    def train_batches(self, epoch: int) -> DataLoader | MixedBatches:
         self.sampler.set_epoch(epoch)
-        return self.loader
+        if self.text_tokens is None or self.text_rows_per_epoch == 0:
+            return self.loader
+        return MixedBatches(self.loader, self.text_tokens, self.text_lengths, rows_per_epoch=self.text_rows_per_epoch,
+                            batch_size=self.cfg.train.batch_size, seed=self.cfg.train.seed, epoch=epoch,
+                            rank=self.dist.rank, world_size=self.dist.world_size)
 
     def training_step(self, batch: dict[str, torch.Tensor], model: torch.nn.Module) -> dict[str, Any]:
         dev = self.device
-        tokens = batch["tokens"].to(dev, non_blocking=True)
+        tokens = batch["captions"].to(dev, non_blocking=True)
         lengths = batch["lengths"].to(dev, non_blocking=True)
-        if self.cached:
+        if batch.get("text_only"):
+            self.text_rows_seen += int(tokens.size(0))
+            out = model(self.blank_encoding(int(tokens.size(0))), tokens, lengths)
+        elif self.cached:
             enc = self.train_feats.get(batch["image_index"])
             out = model(enc, tokens, lengths)
         else:
@@ -279,7 +336,7 @@ class CaptionTask:
         return {"loss": loss, "top5": hits.double() / n_tok.clamp(min=1), "n": int(tokens.size(0))}
 
     @torch.no_grad()
-    def decode_split(self, data: SplitData, feats: FeatureStore | None, *, beam_size: int, max_len: int,
+    def decode_split(self, data: SplitStore, feats: FeatureStore | None, *, beam_size: int, max_len: int,
                      max_images: int | None = None, batch_size: int = 64) -> dict[str, str]:
         """Real decoding (no teacher forcing): {image_id: caption}."""
         was_training = self.model.training
@@ -345,9 +402,6 @@ def _prepare_if_needed(cfg: Config) -> None:
         pairs = load_yaml(cfg.data.pairs_config)
         base = Path(cfg.data.pairs_config).parent
         target = Path(cfg.train.output) / "data"
-        if pairs.get("text_data_path"):
-            log.warning("%s: text_data_path (text-only captions) is not used for training yet; ignored",
-                        cfg.data.pairs_config)
         if not (target / "manifest.json").is_file():
             log.info("preparing image/text pairs from %s into %s", cfg.data.pairs_config, target)
             prepare_dataset("pairs", target, annotations=base / pairs["annotations_file"],
@@ -355,6 +409,18 @@ def _prepare_if_needed(cfg: Config) -> None:
         cfg.data.path = str(target)
     if cfg.data.path is None:
         raise SeesayError("no training data: pass --data DATA_DIR (a prepared dataset) or --coco-dir DIR")
+
+
+def _resolve_pairs_text(cfg: Config) -> None:
+    """A pairs config's optional `text_data_path` (relative to the config file) becomes
+    `data.text_data_path` unless that is set already; runs on every process (cheap)."""
+    if cfg.data.pairs_config is None or cfg.data.text_data_path:
+        return
+    from seesay.config import load_yaml
+
+    pairs = load_yaml(cfg.data.pairs_config)
+    if pairs.get("text_data_path"):
+        cfg.data.text_data_path = str(Path(cfg.data.pairs_config).parent / str(pairs["text_data_path"]))
 
 
 def train_captioner(cfg: Config) -> Any:
@@ -365,6 +431,7 @@ def train_captioner(cfg: Config) -> Any:
 
     dist = setup_distributed(cfg.train.device)
     try:
+        _resolve_pairs_text(cfg)
         if dist.is_main:
             _prepare_if_needed(cfg)
         cfg.data.path = _broadcast_path(cfg.data.path)

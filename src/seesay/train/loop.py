@@ -8,6 +8,8 @@ It knows nothing about captions. A *task* object supplies the model and the data
     task.training_step(batch, model)  -> {"loss": scalar tensor, "top5": float, "n": int}
     task.validate()                   -> {metric: float}; called on rank 0 only
     task.save(path, train_state)      writes a checkpoint directory
+    task.ddp_find_unused_parameters   optional bool: DDP must look for parameters without a gradient
+                                      (used when `train.ddp_find_unused_parameters` is auto/None)
     task.load_weights(path)           loads the weights of a checkpoint directory
 
 The loop does the rest: DDP from the torchrun environment, gradient accumulation (with
@@ -138,7 +140,15 @@ def fit(task: Any, cfg: TrainConfig, dist: DistInfo, run_dir: str | Path, config
             log.info("--resume: no %s yet, starting from scratch", last_dir)
 
     model = task.module
-    ddp_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if dist.enabled else model
+    ddp_model = model
+    if dist.enabled:
+        find_unused = cfg.ddp_find_unused_parameters
+        if find_unused is None or find_unused == "auto":  # the task knows whether some parameters can go unused
+            find_unused = bool(getattr(task, "ddp_find_unused_parameters", False))
+        if main and find_unused:
+            log.info("DDP with find_unused_parameters=True (some parameters get no gradient in some steps)")
+        ddp_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
+                        find_unused_parameters=bool(find_unused))
     optimizer = torch.optim.Adam(task.param_groups(), weight_decay=cfg.weight_decay)
     use_scaler = cfg.amp and device.type == "cuda" and cfg.amp_dtype not in ("bf16", "bfloat16")
     scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
