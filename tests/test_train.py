@@ -229,6 +229,27 @@ def test_early_stop_and_lr_decay(data_dir, tmp_path, monkeypatch):
     assert lrs == pytest.approx([4e-4, 4e-4, 2e-4, 2e-4])
 
 
+def test_time_budget_stops_at_an_epoch_boundary(data_dir, tmp_path, monkeypatch):
+    from seesay.train import caption_task, loop
+    from seesay.train.caption_task import train_captioner
+
+    scores = iter([0.1, 0.2, 0.3, 0.4, 0.5, 0.6])  # always improving: only the budget can stop it
+    monkeypatch.setattr(caption_task.CaptionTask, "validate", lambda self: {"CIDEr": next(scores)})
+    clock = iter(range(0, 10_000, 20))  # every perf_counter() call advances 20 s
+    monkeypatch.setattr(loop.time, "perf_counter", lambda: float(next(clock)))
+    cfg = _cfg(data_dir, tmp_path / "run", epochs=6, max_steps_per_epoch=1, max_minutes=5.0)
+    state = train_captioner(cfg)
+    done = state.epoch
+    assert 1 <= done < 6 and not state.stopped_early
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == done  # every finished epoch was validated and logged
+    assert (tmp_path / "run" / "last" / "model.safetensors").is_file()
+
+    cfg = _cfg(data_dir, tmp_path / "free", epochs=3, max_steps_per_epoch=1)  # no budget: all epochs
+    monkeypatch.setattr(caption_task.CaptionTask, "validate", lambda self: {"CIDEr": 0.5})
+    assert train_captioner(cfg).epoch == 3
+
+
 def test_select_metric_must_exist(data_dir, tmp_path):
     from seesay.train.caption_task import train_captioner
 

@@ -79,6 +79,7 @@ class TrainConfig:
     cache_features: bool = True  # frozen encoder: compute features once and cache them
     feature_cache_dir: str | None = None  # default RUN_DIR/features
     max_steps_per_epoch: int | None = None  # for smoke tests
+    max_minutes: float | None = None  # wall-clock budget: no new epoch that would end past it
     progress: bool = True
     log_every: int = 20
     # DDP find_unused_parameters: None = auto (on for decoders that leave parameters without a

@@ -39,6 +39,7 @@ _FLAGS: dict[str, tuple[str, str]] = {
     "cache_features": ("train", "cache_features"),
     "feature_cache_dir": ("train", "feature_cache_dir"),
     "max_steps_per_epoch": ("train", "max_steps_per_epoch"),
+    "max_minutes": ("train", "max_minutes"),
     "progress": ("train", "progress"),
 }
 
@@ -100,6 +101,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="frozen encoder: run it in the loop instead of caching its features")
     g.add_argument("--feature-cache-dir", default=S, help="where cached features go (default: RUN_DIR/features)")
     g.add_argument("--max-steps-per-epoch", type=int, default=S, help="cut epochs short (smoke tests)")
+    g.add_argument("--max-minutes", type=float, default=S,
+                   help="wall-clock budget: start no epoch that would end past it (default: none)")
     g.add_argument("--no-progress", dest="progress", action="store_false", default=S, help="no progress bars")
     g = p.add_argument_group("configuration")
     g.add_argument("--config", metavar="RECIPE", default=None,

@@ -160,6 +160,7 @@ def fit(task: Any, cfg: TrainConfig, dist: DistInfo, run_dir: str | Path, config
 
     loggers = _Loggers(run_dir, cfg, config_dict, enabled=main)
     params = [p for g in optimizer.param_groups for p in g["params"]]
+    t_fit, epochs_run = time.perf_counter(), 0
     try:
         for epoch in range(state.epoch, cfg.epochs):
             if state.stopped_early:
@@ -264,6 +265,17 @@ def fit(task: Any, cfg: TrainConfig, dist: DistInfo, run_dir: str | Path, config
             barrier()
             if state.stopped_early and main:
                 log.info("early stop: %s did not improve for %d epochs", cfg.select_metric, state.bad_epochs)
+            # -- time budget: stop at an epoch boundary (so resume stays exact) when the next epoch,
+            # as long as the average one so far, would end past it; rank 0 decides for everyone.
+            epochs_run += 1
+            if cfg.max_minutes is not None and not state.stopped_early and epoch + 1 < cfg.epochs:
+                elapsed = time.perf_counter() - t_fit
+                out_of_time = broadcast_object(elapsed * (epochs_run + 1) / epochs_run > cfg.max_minutes * 60)
+                if out_of_time:
+                    if main:
+                        log.info("time budget of %g min reached after %d epochs (%.1f min)", cfg.max_minutes,
+                                 state.epoch, elapsed / 60)
+                    break
     finally:
         loggers.close()
     return state
