@@ -20,11 +20,8 @@ Steps and what they leave in OUTPUT (default `demo_out/`):
 5. `attention/<image id>.png`: attention maps for a few test images.
 6. `demo_summary.json`: everything `run_demo` returns (scores, baseline, samples, paths).
 
-Training budget: when the training loop has a `train.max_minutes` setting it is used
-directly. Otherwise the demo trains one epoch at a time, resuming exactly from `run/last`
-(optimizer, RNG and early-stopping state included), and starts another epoch only if the
-slowest epoch so far would still fit in the budget, so it overruns the budget by at most
-one noisy epoch and never stops mid-epoch.
+Training budget: `train.max_minutes` (the loop starts no epoch that would end past it, so
+the run stops at an epoch boundary and `--resume` stays exact).
 """
 
 from __future__ import annotations
@@ -151,35 +148,11 @@ def make_data(output: Path, *, num_images: int, seed: int, progress: bool) -> tu
     return data_dir, manifest
 
 
-class _DropResumeNotes(logging.Filter):
-    """Epoch-at-a-time training resumes every epoch: hide the loop's 'resuming from' lines."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith(("resuming from", "--resume: no"))
-
-
 class _DropSpiceNote(logging.Filter):
     """SPICE needs the Stanford CoreNLP models, which the demo never has: say so once, not per scoring."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         return not str(record.msg).startswith("SPICE not computed")
-
-
-def _has_field(obj: Any, name: str) -> bool:
-    import dataclasses
-
-    return any(f.name == name for f in dataclasses.fields(obj))
-
-
-def _epochs_done(run_dir: Path) -> int:
-    from seesay.checkpoint import load_train_state
-
-    if not (run_dir / "last" / "train_state").is_dir():
-        return 0
-    try:
-        return int(load_train_state(run_dir / "last")["loop"]["epoch"])
-    except (SeesayError, KeyError, TypeError, ValueError):
-        return 0
 
 
 def train_demo_model(cfg: Any, minutes: float, *, resume: bool = False) -> dict[str, Any]:
@@ -190,50 +163,13 @@ def train_demo_model(cfg: Any, minutes: float, *, resume: bool = False) -> dict[
     if not resume and run_dir.exists():
         shutil.rmtree(run_dir)  # the demo's own run folder: a fresh run leaves nothing stale
     budget = max(float(minutes), 0.0) * 60.0
-    max_epochs = int(cfg.train.epochs)
     t0 = time.perf_counter()
-    if _has_field(cfg.train, "max_minutes"):
-        cfg.train.max_minutes = float(minutes)
-        cfg.train.resume = resume
-        state = train_captioner(cfg)
-        epochs = int(state.epoch)
-    else:
-        done = _epochs_done(run_dir) if resume else 0
-        start = done
-        epoch_times: list[float] = []
-        state = None
-        quiet = _DropResumeNotes()
-        loop_log = logging.getLogger("seesay.train.loop")
-        task_log = logging.getLogger("seesay.train.caption_task")
-        old_level = task_log.level
-        loop_log.addFilter(quiet)
-        try:
-            while done < max_epochs:
-                t_epoch = time.perf_counter()
-                cfg.train.epochs = done + 1
-                cfg.train.resume = resume or done > start
-                state = train_captioner(cfg)
-                epoch_times.append(time.perf_counter() - t_epoch)
-                task_log.setLevel(logging.WARNING)  # model summary and "done" lines: once is enough
-                done = int(state.epoch)
-                if state.stopped_early:
-                    break
-                elapsed = time.perf_counter() - t0
-                if elapsed + max(epoch_times[-3:]) > budget:
-                    break
-        finally:
-            loop_log.removeFilter(quiet)
-            task_log.setLevel(old_level)
-        epochs = done
-        cfg.train.epochs = max_epochs
+    cfg.train.max_minutes = float(minutes)
+    cfg.train.resume = resume
+    state = train_captioner(cfg)
+    epochs = int(state.epoch)
     seconds = time.perf_counter() - t0
-    if state is None:  # --resume of a run that already reached max_epochs
-        from seesay.checkpoint import load_train_state
-
-        loop = load_train_state(run_dir / "last")["loop"]
-        best_score, best_epoch, stopped = loop["best_score"], loop["best_epoch"], loop["stopped_early"]
-    else:
-        best_score, best_epoch, stopped = state.best_score, state.best_epoch, state.stopped_early
+    best_score, best_epoch, stopped = state.best_score, state.best_epoch, state.stopped_early
     log.info("trained %d epochs in %.1f min (budget %.1f min); best val %s %.3f at epoch %d",
              epochs, seconds / 60, budget / 60, cfg.train.select_metric, best_score, best_epoch)
     return {"epochs": epochs, "seconds": round(seconds, 1), "best_epoch": int(best_epoch),
