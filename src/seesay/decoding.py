@@ -175,6 +175,12 @@ def beam_search(decoder: Any, enc: EncoderOutput, *, bos: int, eos: int, beam_si
     With a `prefix` [B, P], <start> and the prefix are fed once per image (B rows, not B*K),
     then every image's first beam starts from that state with the prefix's log-probability as
     its score; lengths (and the length penalty) count the prefix.
+
+    Bookkeeping is by back-pointers: each step keeps only its candidates' tokens, source beams
+    and the live beams' attention rows (O(B*K) per step, plus O(B*K*A) attention), and a pool
+    entry is just (step, candidate). Copying every hypothesis's whole token and attention
+    history each step (O(B*K*t*A)) cost more than the decoder's step at small model sizes.
+    The single result per image is rebuilt by walking the pointers back once at the end.
     """
     if beam_size < 1:
         raise ValueError("beam_size must be >= 1")
@@ -190,23 +196,25 @@ def beam_search(decoder: Any, enc: EncoderOutput, *, bos: int, eos: int, beam_si
     rows = torch.arange(B, device=device)[:, None]  # (B, 1)
     live_scores = torch.full((B, K), float("-inf"), device=device)
     live_scores[:, 0] = 0.0  # all beams start identical: only the first may expand at step 0
-    live_tokens = torch.zeros(B, K, 0, dtype=torch.long, device=device)
-    live_att: Tensor | None = None
+    prefix_att: list[Tensor | None] = []
     prev = torch.full((B * K,), bos, dtype=torch.long, device=device)
     if prefix is not None:
         state, prev_b, prefix_scores, _, prefix_att = force_prefix(decoder, state, prefix, bos=bos)
         live_scores[:, 0] = prefix_scores
-        live_tokens = prefix[:, None, :].expand(B, K, P).contiguous()
-        if prefix_att[0] is not None:
-            live_att = torch.stack(prefix_att, dim=1).float()[:, None].expand(-1, K, -1, -1).contiguous()  # (B,K,P,A)
         prev = prev_b.repeat_interleave(K)
     state = decoder.reorder_state(state, torch.arange(B, device=device).repeat_interleave(K))
     pool_scores = torch.full((B, K), float("-inf"), device=device)
-    pool_tokens = torch.zeros(B, K, total, dtype=torch.long, device=device)
-    pool_len = torch.zeros(B, K, dtype=torch.long, device=device)
-    pool_att: Tensor | None = None
+    pool_len = torch.zeros(B, K, dtype=torch.long, device=device)  # 0: empty slot
+    pool_cand = torch.zeros(B, K, dtype=torch.long, device=device)  # candidate index at step pool_len - 1
+    # per step t (index t - P): candidate tokens / source beams (B, 2K), live picks (B, K), attention (B, K, A)
+    hist_tok: list[Tensor] = []
+    hist_src: list[Tensor] = []
+    hist_pick: list[Tensor] = []
+    hist_att: list[Tensor] = []
     bound_lp = _length_penalty(total, length_penalty)
     steps = P
+    rank: Tensor | None = None
+    new_len: Tensor | None = None
     for t in range(P, total):
         logprobs, state, att = decoder.step(prev, state)
         V = logprobs.shape[-1]
@@ -215,30 +223,23 @@ def beam_search(decoder: Any, enc: EncoderOutput, *, bos: int, eos: int, beam_si
         top_scores, top_idx = torch.topk(cand, n_cand, dim=1)  # (B, 2K), sorted
         src = top_idx // V  # source beam
         tok = top_idx % V
-        cand_tokens = torch.cat([live_tokens.gather(1, src[:, :, None].expand(-1, -1, t)), tok[:, :, None]], dim=2)
-        cand_att = None
+        if rank is None:
+            rank = torch.arange(n_cand, device=device)[None, :].expand(B, -1)
+            new_len = torch.empty(B, n_cand, dtype=torch.long, device=device)
+        hist_tok.append(tok)
+        hist_src.append(src)
         if att is not None:
-            A = att.shape[-1]
-            step_att = att.float().view(B, K, 1, A).gather(1, src[:, :, None, None].expand(-1, -1, 1, A))
-            prev_att = (live_att if live_att is not None else att.new_zeros(B, K, 0, A).float())
-            cand_att = torch.cat([prev_att.gather(1, src[:, :, None, None].expand(-1, -1, t, A)), step_att], dim=2)
-            if pool_att is None:
-                pool_att = att.new_zeros(B, K, total, A).float()
+            hist_att.append(att.float().view(B, K, -1))
         is_eos = tok == eos
-        rank = torch.arange(n_cand, device=device)[None, :]
         # finished hypotheses: <end> extensions ranked within the top K
         new_fin = torch.where(is_eos & (rank < K), top_scores / _length_penalty(t + 1, length_penalty), float("-inf"))
         merged = torch.cat([pool_scores, new_fin], dim=1)  # (B, K + 2K)
         pool_scores, keep = torch.topk(merged, K, dim=1)
-        padded = torch.nn.functional.pad(cand_tokens, (0, total - t - 1))
-        pool_tokens = torch.cat([pool_tokens, padded], dim=1)[rows, keep]
-        pool_len = torch.cat([pool_len, torch.full_like(tok, t + 1)], dim=1)[rows, keep]
-        if cand_att is not None:
-            pool_att = torch.cat([pool_att, torch.nn.functional.pad(cand_att, (0, 0, 0, total - t - 1))], dim=1)[rows, keep]
+        pool_len = torch.cat([pool_len, new_len.fill_(t + 1)], dim=1).gather(1, keep)
+        pool_cand = torch.cat([pool_cand, rank], dim=1).gather(1, keep)
         # live beams: the K best extensions that did not end
         live_scores, pick = torch.topk(top_scores.masked_fill(is_eos, float("-inf")), K, dim=1)
-        live_tokens = cand_tokens[rows, pick]
-        live_att = cand_att[rows, pick] if cand_att is not None else None
+        hist_pick.append(pick)
         state = decoder.reorder_state(state, (rows * K + src.gather(1, pick)).view(-1))
         prev = tok.gather(1, pick).view(-1)
         steps = t + 1
@@ -247,14 +248,31 @@ def beam_search(decoder: Any, enc: EncoderOutput, *, bos: int, eos: int, beam_si
             break
     # the pool competes with the live beams (normalised at their current length)
     live_norm = live_scores / _length_penalty(steps, length_penalty)
-    live_full = torch.nn.functional.pad(live_tokens, (0, total - steps))
     all_scores = torch.cat([pool_scores, live_norm], dim=1)
-    best = all_scores.argmax(dim=1)  # (B,)
-    all_tokens = torch.cat([pool_tokens, live_full], dim=1)[rows.squeeze(1), best]  # (B, total)
-    all_len = torch.cat([pool_len, torch.full_like(pool_len, steps)], dim=1)[rows.squeeze(1), best]
+    best = all_scores.argmax(dim=1, keepdim=True)  # (B, 1)
+    live_cand = hist_pick[-1] if hist_pick else torch.zeros(B, K, dtype=torch.long, device=device)
+    all_len = torch.cat([pool_len, torch.full_like(pool_len, steps)], dim=1).gather(1, best).squeeze(1)  # (B,)
+    cursor = torch.cat([pool_cand, live_cand], dim=1).gather(1, best).squeeze(1)  # candidate at step len - 1
     L = int(all_len.max()) if B else 0
-    attention = None
-    if pool_att is not None and live_att is not None:
-        live_att_full = torch.nn.functional.pad(live_att, (0, 0, 0, total - steps))
-        attention = torch.cat([pool_att, live_att_full], dim=1)[rows.squeeze(1), best][:, :L]
-    return DecodeResult(all_tokens[:, :L], all_len, all_scores[rows.squeeze(1), best], attention)
+    tokens = torch.zeros(B, total, dtype=torch.long, device=device)
+    with_att = bool(hist_att)
+    attention = torch.zeros(B, total, hist_att[0].shape[-1], device=device, dtype=torch.float32) if with_att else None
+    flat = rows.squeeze(1)
+    for s in range(steps - 1, P - 1, -1):  # walk the back-pointers from each hypothesis's last token
+        i = s - P
+        active = s < all_len  # (B,) the hypothesis reaches position s
+        c = cursor[:, None]
+        tokens[:, s] = torch.where(active, hist_tok[i].gather(1, c).squeeze(1), 0)
+        beam = hist_src[i].gather(1, c).squeeze(1)  # (B,) live beam of step s - 1 it extends
+        if attention is not None:
+            attention[:, s] = torch.where(active[:, None], hist_att[i][flat, beam], 0.0)
+        if i > 0:
+            # hypotheses reaching s follow their pointer; shorter ones keep their last candidate
+            cursor = torch.where(active, hist_pick[i - 1].gather(1, beam[:, None]).squeeze(1), cursor)
+    if prefix is not None:
+        has = (all_len > 0)[:, None]
+        tokens[:, :P] = torch.where(has, prefix, 0)
+        if attention is not None and prefix_att and prefix_att[0] is not None:
+            attention[:, :P] = torch.where(has[:, :, None], torch.stack(prefix_att, dim=1).float(), 0.0)
+    return DecodeResult(tokens[:, :L], all_len, all_scores.gather(1, best).squeeze(1),
+                        None if attention is None else attention[:, :L])
