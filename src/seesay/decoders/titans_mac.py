@@ -640,49 +640,9 @@ class TitansMACDecoder(Decoder):
 
 
 @register_decoder("titans_mac")
-def build(
-    *,
-    vocab_size: int,
-    enc_dim: int,
-    dim: int = 384,
-    depth: int = 4,
-    segment_len: int | None = None,
-    num_image_tokens: int = 16,
-    compressor: str = "pool",
-    heads: int = 4,
-    dim_head: int = 64,
-    num_persist_mem_tokens: int = 4,
-    num_longterm_mem_tokens: int = 4,
-    neural_memory_layers: tuple[int, ...] | list[int] | None = None,
-    neural_mem_heads: int = 1,
-    max_grad_norm: float | None = 1.0,
-    max_len: int = 52,
-    neural_memory_segment_len: int | None = None,
-    resampler_depth: int = 1,
-    use_accelerated_scan: bool | str = "auto",
-    **mac_kwargs: Any,
-) -> TitansMACDecoder:
-    """Titans MAC decoder. segment_len=None means num_image_tokens + max_len (one window holds
-    the image prefix and the whole caption). Extra keyword arguments go to the library's
-    MemoryAsContextTransformer (e.g. sliding_window_attn, ff_mult, num_residual_streams)."""
-    return TitansMACDecoder(
-        vocab_size=vocab_size,
-        enc_dim=enc_dim,
-        dim=dim,
-        depth=depth,
-        segment_len=segment_len,
-        num_image_tokens=num_image_tokens,
-        compressor=compressor,
-        resampler_depth=resampler_depth,
-        heads=heads,
-        dim_head=dim_head,
-        num_persist_mem_tokens=num_persist_mem_tokens,
-        num_longterm_mem_tokens=num_longterm_mem_tokens,
-        neural_memory_layers=neural_memory_layers,
-        neural_mem_heads=neural_mem_heads,
-        max_grad_norm=max_grad_norm,
-        max_len=max_len,
-        neural_memory_segment_len=neural_memory_segment_len,
-        use_accelerated_scan=use_accelerated_scan,
-        **mac_kwargs,
-    )
+def build(**kwargs: Any) -> TitansMACDecoder:
+    """Titans MAC decoder; takes TitansMACDecoder's keyword arguments. segment_len=None means
+    num_image_tokens + max_len (one window holds the image prefix and the whole caption). Extra
+    keyword arguments go to the library's MemoryAsContextTransformer (e.g. sliding_window_attn,
+    ff_mult, num_residual_streams)."""
+    return TitansMACDecoder(**kwargs)

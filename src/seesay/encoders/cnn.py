@@ -98,9 +98,8 @@ def small_cnn(*, width: int = 64, encoded_size: int = 8, image_size: int = 64,
     """weights: None/"none" (random) or a path to a state dict of this encoder (.pth/.safetensors)."""
     enc = SmallCNNEncoder(width=width, encoded_size=encoded_size, image_size=image_size)
     if weights is not None and str(weights).lower() != "none":
-        from seesay.encoders.resnet import load_into
-        from seesay.encoders.vit import _read_state_dict
+        from seesay.encoders.weights import load_into, read_state_dict
 
-        load_into(enc, _read_state_dict(weights, "small_cnn"), str(weights), optional_prefixes=())
+        load_into(enc, read_state_dict(weights, "small_cnn"), str(weights), optional_prefixes=())
         enc.pretrained = True
     return enc

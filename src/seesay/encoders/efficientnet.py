@@ -28,8 +28,7 @@ from torch import Tensor, nn
 
 from seesay.encoders.base import Encoder, EncoderOutput, Preprocess
 from seesay.encoders.cnn import FrozenBatchNormMixin, grid_output
-from seesay.encoders.resnet import load_into
-from seesay.encoders.vit import _read_state_dict
+from seesay.encoders.weights import load_into, read_state_dict
 from seesay.errors import SeesayError, missing_extra
 from seesay.registry import register_encoder
 
@@ -62,9 +61,9 @@ class EfficientNetLite0Encoder(FrozenBatchNormMixin, Encoder):
         w = "none" if weights is None else str(weights)
         if w.lower() == "pretrained":
             src = pretrained_weights_path()
-            load_into(net, _read_state_dict(src, "efficientnet_lite0"), src, optional_prefixes=("_fc.",))
+            load_into(net, read_state_dict(src, "efficientnet_lite0"), src, optional_prefixes=("_fc.",))
         elif w.lower() != "none":
-            load_into(net, _read_state_dict(w, "efficientnet_lite0"), w, optional_prefixes=("_fc.",))
+            load_into(net, read_state_dict(w, "efficientnet_lite0"), w, optional_prefixes=("_fc.",))
         self.pretrained = w.lower() != "none"
         self._conv_stem, self._bn0 = net._conv_stem, net._bn0
         self._blocks = net._blocks

@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 from seesay.encoders.base import IMAGENET_MEAN, IMAGENET_STD, Encoder, EncoderOutput, Preprocess
 from seesay.encoders.cnn import FrozenBatchNormMixin, grid_output
-from seesay.encoders.vit import _read_state_dict
+from seesay.encoders.weights import load_into, read_state_dict
 from seesay.errors import SeesayError
 from seesay.registry import register_encoder
 
@@ -98,25 +98,6 @@ def _download(url: str, dest: Path, timeout: float) -> None:
             os.remove(tmp)
 
 
-def load_into(model: nn.Module, state: dict[str, Tensor], source: str, *, optional_prefixes: tuple[str, ...]) -> None:
-    """Strict load with a clear one-line error; keys under `optional_prefixes` may be missing."""
-    own = model.state_dict()
-    missing = sorted(k for k in set(own) - set(state) if not k.startswith(optional_prefixes))
-    unexpected = sorted(set(state) - set(own))
-    shape_bad = sorted(k for k in set(own) & set(state) if tuple(own[k].shape) != tuple(state[k].shape))
-    if missing or unexpected or shape_bad:
-        parts = []
-        if missing:
-            parts.append(f"missing {len(missing)} keys (e.g. {', '.join(missing[:3])})")
-        if unexpected:
-            parts.append(f"unexpected {len(unexpected)} keys (e.g. {', '.join(unexpected[:3])})")
-        if shape_bad:
-            k = shape_bad[0]
-            parts.append(f"{len(shape_bad)} shape mismatches (e.g. {k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)})")
-        raise SeesayError(f"{source}: weights do not fit {type(model).__name__}: " + "; ".join(parts))
-    model.load_state_dict(state, strict=False)
-
-
 class ResNetEncoder(FrozenBatchNormMixin, Encoder):
     """A torchvision ResNet truncated before average pooling; grid pooled to encoded_size."""
 
@@ -135,7 +116,7 @@ class ResNetEncoder(FrozenBatchNormMixin, Encoder):
         if w.lower() == "imagenet":
             load_into(net, fetch_imagenet_state_dict(arch, imagenet_weights_url(arch)), f"{arch} ImageNet", optional_prefixes=("fc.",))
         elif w.lower() != "none":
-            load_into(net, _read_state_dict(w, arch), w, optional_prefixes=("fc.",))
+            load_into(net, read_state_dict(w, arch), w, optional_prefixes=("fc.",))
         self.arch = arch
         self.pretrained = w.lower() != "none"
         names = ["conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4"]

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from seesay.encoders.base import IMAGENET_MEAN, IMAGENET_STD, Encoder, EncoderOutput, Preprocess
 from seesay.encoders.cnn import FrozenBatchNormMixin
+from seesay.encoders.weights import load_into, read_state_dict
 from seesay.errors import SeesayError
 from seesay.registry import register_encoder
 
@@ -142,7 +143,7 @@ class VisionTransformerEncoder(FrozenBatchNormMixin, Encoder):
     # ---- weights -------------------------------------------------------------------------
     def load_torchvision_weights(self, path: str | Path) -> None:
         """Load a torchvision VisionTransformer state dict (.pth/.pt or .safetensors)."""
-        state = _read_state_dict(path, "vit")
+        state = read_state_dict(path, "vit")
         state = {k: v for k, v in state.items() if not k.startswith("heads.")}
         for k in list(state):  # torchvision's pre-v2 MLP names
             for i, new in (("1", "0"), ("2", "3")):
@@ -151,27 +152,9 @@ class VisionTransformerEncoder(FrozenBatchNormMixin, Encoder):
         pos = state.get("encoder.pos_embedding")
         if pos is not None and pos.shape != self.encoder.pos_embedding.shape and pos.shape[-1] == self.dim:
             state["encoder.pos_embedding"] = _resize_pos_embedding(pos, self.grid_side)
-        own = self.state_dict()
-        missing = sorted(set(own) - set(state))
-        unexpected = sorted(set(state) - set(own))
-        shape_bad = sorted(k for k in set(own) & set(state) if tuple(own[k].shape) != tuple(state[k].shape))
-        if missing or unexpected or shape_bad:
-            parts = []
-            if missing:
-                parts.append(f"missing {len(missing)} keys (e.g. {', '.join(missing[:3])})")
-            if unexpected:
-                parts.append(f"unexpected {len(unexpected)} keys (e.g. {', '.join(unexpected[:3])})")
-            if shape_bad:
-                k = shape_bad[0]
-                parts.append(
-                    f"{len(shape_bad)} shape mismatches (e.g. {k}: file {tuple(state[k].shape)} "
-                    f"vs model {tuple(own[k].shape)})"
-                )
-            raise SeesayError(
-                f"{path}: not a torchvision ViT state dict for this configuration (dim={self.dim}, "
-                f"depth={self.depth}, patch_size={self.patch_size}): " + "; ".join(parts)
-            )
-        self.load_state_dict(state, strict=True)
+        load_into(self, state, str(path), optional_prefixes=(),
+                  expected=f"not a torchvision ViT state dict for this configuration (dim={self.dim}, "
+                           f"depth={self.depth}, patch_size={self.patch_size})")
 
 
 def _resize_pos_embedding(pos: Tensor, side: int) -> Tensor:
@@ -184,32 +167,6 @@ def _resize_pos_embedding(pos: Tensor, side: int) -> Tensor:
     grid = patches.reshape(1, old, old, d).permute(0, 3, 1, 2)
     grid = F.interpolate(grid.float(), size=(side, side), mode="bicubic", align_corners=True).to(pos.dtype)
     return torch.cat([cls, grid.permute(0, 2, 3, 1).reshape(1, side * side, d)], dim=1)
-
-
-def _read_state_dict(path: str | Path, who: str) -> dict[str, Tensor]:
-    """A state dict from a .safetensors file or a torch file (weights_only=True)."""
-    p = Path(path)
-    if not p.is_file():
-        raise SeesayError(f"{p}: {who} weights file not found")
-    try:
-        if p.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state = load_file(str(p))
-        else:
-            state = torch.load(str(p), map_location="cpu", weights_only=True)
-    except SeesayError:
-        raise
-    except Exception as e:  # noqa: BLE001 - any unreadable file becomes one line
-        raise SeesayError(f"{p}: cannot read {who} weights ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from e
-    if isinstance(state, dict):
-        for key in ("state_dict", "model", "model_state_dict"):
-            if key in state and isinstance(state[key], dict):
-                state = state[key]
-                break
-    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
-        raise SeesayError(f"{p}: {who} weights file does not hold a state dict of tensors")
-    return {k.removeprefix("module."): v for k, v in state.items()}
 
 
 @register_encoder("vit")
