@@ -19,6 +19,7 @@ from torch import Tensor
 
 from seesay.encoders.base import EncoderOutput
 from seesay.errors import SeesayError
+from seesay.model import pick_device
 
 log = logging.getLogger(__name__)
 
@@ -107,12 +108,6 @@ def caption_images(model: Any, vocab: Any, images: Tensor | EncoderOutput, *, pr
     return out
 
 
-def _pick_device(device: str | torch.device | None) -> torch.device:
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
 def caption_files(checkpoint: str | os.PathLike | Any, paths: Sequence[str | os.PathLike], *, beam_size: int = 5,
                   max_len: int = 50, length_penalty: float = 0.0, temperature: float | None = None, top_k: int = 0,
                   top_p: float = 1.0, batch_size: int = 16, device: str | torch.device | None = None,
@@ -127,7 +122,7 @@ def caption_files(checkpoint: str | os.PathLike | Any, paths: Sequence[str | os.
     from seesay.checkpoint import load_checkpoint
     from seesay.data.images import load_image_rgb
 
-    dev = _pick_device(device)
+    dev = pick_device(device)
     ckpt = checkpoint if hasattr(checkpoint, "model") else load_checkpoint(checkpoint, map_location=dev)
     model, vocab = ckpt.model.to(dev).eval(), ckpt.vocab
     size = (ckpt.preprocess or {}).get("image_size")

@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from seesay.errors import SeesayError
+from seesay.files import write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -100,9 +101,7 @@ def demo_config(overrides: Sequence[str] = (), config: str | os.PathLike | None 
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    write_json_atomic(path, obj, indent=1, ensure_ascii=False)
 
 
 def _existing_shapes(path: Path, num_images: int, seed: int, image_size: int) -> bool:

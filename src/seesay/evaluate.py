@@ -8,13 +8,13 @@ BLEU-4), so the failures are at the top.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
 from typing import Any, NamedTuple
 
 from seesay.errors import SeesayError
+from seesay.files import write_json_atomic
 
 log = logging.getLogger("seesay.evaluate")
 
@@ -29,14 +29,6 @@ class Evaluation(NamedTuple):
 def _json_id(key: str) -> int | str:
     """COCO tools want integer image ids: decimal strings are written as integers."""
     return int(key) if key.isdigit() and str(int(key)) == key else key
-
-
-def _pick_device(device: str | None) -> Any:
-    import torch
-
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def generate_captions(
@@ -123,7 +115,9 @@ def evaluate_checkpoint(
         raise SeesayError("beam size, batch size and max length must be at least 1")
     prepared = PreparedData(data)
     store = prepared.split(split)
-    dev = _pick_device(device)
+    from seesay.model import pick_device
+
+    dev = pick_device(device)
     ck = load_checkpoint(checkpoint, map_location=dev)
     vocab = ck.vocab
     if hasattr(prepared.vocab, "itos") and getattr(vocab, "itos", None) != prepared.vocab.itos:
@@ -156,10 +150,8 @@ def evaluate_checkpoint(
         time.perf_counter() - t0 - decode_s,
     )
     if results:
-        p = Path(results)
-        p.parent.mkdir(parents=True, exist_ok=True)
         rows = [{"image_id": _json_id(k), "caption": c} for k, c in captions.items()]
-        p.write_text(json.dumps(rows, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+        write_json_atomic(results, rows, indent=1, ensure_ascii=False)
     if output:
         write_metrics(output, report)
     if per_image:

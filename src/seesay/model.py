@@ -21,6 +21,14 @@ from seesay.errors import SeesayError
 from seesay.registry import build_decoder, build_encoder
 
 
+def pick_device(name: str | torch.device | None = "auto", local_rank: int = 0) -> torch.device:
+    """"auto" (or None) is CUDA when available, else CPU; bare "cuda" means this process's GPU."""
+    if name is None or name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        return torch.device("cuda", local_rank)
+    return torch.device(name)
+
 class CaptionModel(nn.Module):
     def __init__(self, encoder: Encoder, decoder: Decoder, spec: dict[str, Any] | None = None) -> None:
         super().__init__()

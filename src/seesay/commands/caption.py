@@ -78,8 +78,9 @@ def run(args: argparse.Namespace) -> int:
     text = "".join(line + "\n" for line in lines)
     if args.output:
         try:
-            with open(args.output, "w", encoding="utf-8") as f:
-                f.write(text)
+            from seesay.files import write_text_atomic
+
+            write_text_atomic(args.output, text)
         except OSError as e:
             raise SeesayError(f"{args.output}: cannot write ({e.strerror})") from None
     else:

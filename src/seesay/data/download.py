@@ -51,6 +51,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from seesay.errors import SeesayError
+from seesay.files import write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -182,9 +183,7 @@ def _read_json(path: Path) -> dict | None:
 
 
 def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, sort_keys=True) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    write_json_atomic(path, data, sort_keys=True)
 
 
 def md5_of(path: Path, *, progress: bool = False) -> str:

@@ -41,6 +41,7 @@ from seesay.data.formats import FORMATS, Record, read_records, records_fingerpri
 from seesay.data.images import read_image
 from seesay.data.tokenize import TOKENIZERS, Vocab, build_vocab, tokenize
 from seesay.errors import SeesayError
+from seesay.files import write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -55,10 +56,6 @@ class PrepareInterrupted(SeesayError):
 
 
 # -- small helpers -------------------------------------------------------------------------------
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def _dumps(obj: Any) -> str:
@@ -246,7 +243,7 @@ def _start_partial(partial: Path, fingerprint: str, chunk_size: int) -> None:
             log.info("resuming %s", partial)
     (partial / "chunks").mkdir(parents=True, exist_ok=True)
     if not plan_path.exists():
-        _write_atomic(plan_path, _dumps({"fingerprint": fingerprint, "chunk_size": chunk_size}))
+        write_text_atomic(plan_path, _dumps({"fingerprint": fingerprint, "chunk_size": chunk_size}))
 
 
 def _process_images(partial: Path, recs: list[Record], members: dict[str, list[int]], *, image_size: int,
@@ -283,7 +280,7 @@ def _process_images(partial: Path, recs: list[Record], members: dict[str, list[i
         results = (pool.imap_unordered(_process_chunk, tasks) if pool is not None and len(tasks) > 1
                    else map(_process_chunk, tasks))
         for n_done, (s, k, st) in enumerate(results, 1):
-            _write_atomic(partial / "chunks" / f"{s}-{k:06d}.json", json.dumps(st))
+            write_text_atomic(partial / "chunks" / f"{s}-{k:06d}.json", json.dumps(st))
             statuses[(s, k)] = st
             bar.update(len(st))
             if stop_after is not None and stop_after <= n_done < len(tasks):
@@ -315,8 +312,8 @@ def _write_split(partial: Path, split: str, recs: list[Record], rows: list[int],
                             "extra": {**r.extra, "orig_size": orig[i]}}) + "\n")
     np.save(partial / split / "captions.npy", caps)
     np.save(partial / split / "lengths.npy", lens)
-    _write_atomic(partial / split / "references.jsonl", "".join(refs))
-    _write_atomic(partial / split / "meta.jsonl", "".join(meta))
+    write_text_atomic(partial / split / "references.jsonl", "".join(refs))
+    write_text_atomic(partial / split / "meta.jsonl", "".join(meta))
 
 
 def _publish(partial: Path, out: Path) -> None:
@@ -475,7 +472,7 @@ def _build(recs: list[Record], partial: Path, out: Path, options: dict[str, Any]
     for i in no_caption:
         skipped_lines.append({"split": recs[i].split, "image_id": recs[i].image_id, "image": recs[i].image_path,
                               "reason": f"no caption of 1 to {max_len} tokens"})
-    _write_atomic(partial / "skipped.jsonl", "".join(_dumps(x) + "\n" for x in skipped_lines))
+    write_text_atomic(partial / "skipped.jsonl", "".join(_dumps(x) + "\n" for x in skipped_lines))
     n_bad, total = sum(reasons.values()), sum(len(v) for v in members.values())
     if total and n_bad / total > max_skip_fraction:
         raise SeesayError(
@@ -506,7 +503,7 @@ def _build(recs: list[Record], partial: Path, out: Path, options: dict[str, Any]
         "dropped_captions": dropped,
         "fingerprint": fingerprint,
     }
-    _write_atomic(partial / "manifest.json", json.dumps(manifest, ensure_ascii=False, sort_keys=True, indent=1) + "\n")
+    write_text_atomic(partial / "manifest.json", json.dumps(manifest, ensure_ascii=False, sort_keys=True, indent=1) + "\n")
     _publish(partial, out)
     log.debug("%s", summary_line(manifest, out))
     return manifest

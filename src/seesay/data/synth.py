@@ -35,6 +35,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from seesay.errors import SeesayError
+from seesay.files import write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -479,11 +480,7 @@ def make_shapes(
         "images": images,
     }
     path = out / JSON_NAME
-    tmp = out / (JSON_NAME + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f, ensure_ascii=False)
-        f.write("\n")
-    os.replace(tmp, path)
+    write_json_atomic(path, data, ensure_ascii=False)
     log.debug("wrote %d shapes images to %s", num_images, out)
     return path
 

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from seesay.errors import SeesayError
+from seesay.files import write_json_atomic
 from seesay.metrics.core import METRIC_KEYS, ScoreReport, compute_scores
 
 log = logging.getLogger("seesay.metrics")
@@ -163,11 +164,8 @@ def _clean(v: float | None) -> float | None:
 
 def write_metrics(path: str | Path, report: ScoreReport) -> None:
     """metrics.json: the corpus scores, keys Bleu_1..4, METEOR, ROUGE_L, CIDEr, SPICE (null when not computed)."""
-    p = Path(path)
-    if p.parent and not p.parent.exists():
-        p.parent.mkdir(parents=True, exist_ok=True)
     body = {k: _clean(report.corpus.get(k)) for k in METRIC_KEYS}
-    p.write_text(json.dumps(body, indent=2) + "\n", encoding="utf-8")
+    write_json_atomic(path, body, indent=2)
 
 
 def per_image_rows(
@@ -185,10 +183,7 @@ def per_image_rows(
 
 
 def write_per_image(path: str | Path, rows: list[dict[str, Any]]) -> None:
-    p = Path(path)
-    if p.parent and not p.parent.exists():
-        p.parent.mkdir(parents=True, exist_ok=True)
-    p.write_text(json.dumps(rows, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    write_json_atomic(path, rows, indent=1, ensure_ascii=False)
 
 
 def format_report(report: ScoreReport) -> str:

@@ -44,6 +44,7 @@ from seesay.data.loader import CaptionDataset, ImageCaptionDataset, collate_capt
 from seesay.data.store import PreparedData, SplitStore
 from seesay.encoders.base import EncoderOutput
 from seesay.errors import SeesayError
+from seesay.files import write_json_atomic
 from seesay.model import CaptionModel, build_model
 from seesay.train.distributed import DistInfo, all_reduce_sum, barrier
 from seesay.train.features import FeatureStore, build_feature_cache, cache_key, encoder_fingerprint
@@ -445,7 +446,7 @@ def train_captioner(cfg: Config) -> Any:
             run_dir.mkdir(parents=True, exist_ok=True)
             if not cfg.train.resume and (run_dir / "metrics.jsonl").exists():
                 (run_dir / "metrics.jsonl").unlink()
-            (run_dir / "config.json").write_text(json.dumps(config_dict, indent=2))
+            write_json_atomic(run_dir / "config.json", config_dict, indent=2)
         task = CaptionTask(cfg, dist, run_dir, config_dict)
         if dist.is_main:
             n_params = sum(p.numel() for p in task.model.parameters())

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from seesay.errors import SeesayError
+from seesay.files import write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -200,10 +201,7 @@ def build_report_html(
 def save_report_html(output: str | Path, page: str) -> Path:
     out = Path(output)
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(out.name + ".tmp")
-        tmp.write_text(page, encoding="utf-8")
-        tmp.replace(out)
+        write_text_atomic(out, page)
     except OSError as e:
         raise SeesayError(f"{out}: cannot write the report ({e.strerror or e})") from e
     return out
