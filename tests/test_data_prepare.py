@@ -60,6 +60,31 @@ def _files(d: Path) -> dict[str, bytes]:
     return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
 
 
+def test_empty_and_long_captions_are_dropped_and_counted(tmp_path):
+    from seesay.data.prepare import summary_line
+
+    root = tmp_path / "imgs"
+    root.mkdir()
+    rows = []
+    for i in range(6):
+        _image(root / f"{i}.png", i)
+        rows.append({"image": f"{i}.png", "text": "a red square", "split": "train" if i < 4 else "test"})
+    rows += [{"image": "0.png", "text": "", "split": "train"},  # blank: dropped by the reader
+             {"image": "1.png", "text": "  \t ", "split": "train"},  # whitespace only
+             {"image": "2.png", "text": "?!", "split": "train"},  # no tokens left after tokenising
+             {"image": "3.png", "text": "a very long red square " * 5, "split": "train"}]  # 25 tokens
+    ann = tmp_path / "pairs.json"
+    ann.write_text(json.dumps(rows))
+    m = prepare_dataset("pairs", tmp_path / "data", annotations=ann, images=root, image_size=16, max_len=10,
+                        min_word_freq=1, workers=1, progress=False)
+    assert (m["empty_captions"], m["long_captions"], m["dropped_captions"]) == (3, 1, 4)
+    assert m["skipped"] == 0 and m["splits"]["train"]["images"] == 4
+    line = summary_line(m, tmp_path / "data")
+    assert "3 empty" in line and "1 longer than 10 tokens" in line
+    refs = open_prepared(tmp_path / "data").split("train").references
+    assert all(r.strip() for rs in refs for r in rs)  # no blank reference reaches evaluation
+
+
 def test_karpathy_prepare_layout_and_contents(tmp_path):
     def per_image(i):
         return 2 if i == 0 else 7 if i == 1 else 5

@@ -45,6 +45,7 @@ class Record:
     split: str
     sentences: list[str]
     extra: dict[str, Any] = field(default_factory=dict)
+    blank_captions: int = 0  # blank sentences the reader dropped (counted in the manifest)
 
     @classmethod
     def from_any(cls, r: Any) -> Record:
@@ -85,7 +86,8 @@ def _bad(path: Path, what: str) -> SeesayError:
     return SeesayError(f"{path}: {what}")
 
 
-def _clean(sentences: Any, path: Path, where: str) -> list[str]:
+def _clean(sentences: Any, path: Path, where: str) -> tuple[list[str], int]:
+    """Whitespace-normalised captions, and how many were blank (dropped here, counted by prepare)."""
     if isinstance(sentences, str):
         sentences = [sentences]
     if not isinstance(sentences, list):
@@ -97,7 +99,7 @@ def _clean(sentences: Any, path: Path, where: str) -> list[str]:
         s = " ".join(s.split())
         if s:
             out.append(s)
-    return out
+    return out, len(sentences) - len(out)
 
 
 def deterministic_split(names: list[str], val_fraction: float = 0.05, test_fraction: float = 0.05) -> dict[str, str]:
@@ -149,7 +151,8 @@ def read_karpathy(annotations: str | os.PathLike, images: str | os.PathLike, *, 
         image_path = root / fp / img["filename"]
         image_id = str(img["cocoid"]) if "cocoid" in img else str(img["filename"])
         extra = {k: v for k, v in img.items() if k not in _KARPATHY_KNOWN}
-        records.append(Record(str(image_path), image_id, str(split), _clean(raw, path, where), extra))
+        sentences, blank = _clean(raw, path, where)
+        records.append(Record(str(image_path), image_id, str(split), sentences, extra, blank))
     return records
 
 
@@ -208,19 +211,19 @@ def read_coco(coco_dir: str | os.PathLike, *, keep_restval: bool = False) -> lis
         for im, split in zip(images, splits):
             iid = int(im["id"])
             extra = {"cocoid": iid, "coco_split": sub}
-            records.append(Record(str(root / sub / im["file_name"]), str(iid), split,
-                                  _clean(caps.get(iid, []), ann, f"image {iid}"), extra))
+            sentences, blank = _clean(caps.get(iid, []), ann, f"image {iid}")
+            records.append(Record(str(root / sub / im["file_name"]), str(iid), split, sentences, extra, blank))
     if not found:
         raise SeesayError(f"{root}: no annotations/captions_train2014.json or annotations/captions_val2014.json")
     return records
 
 
 # -- pairs / aichallenger ------------------------------------------------------------------------
-def _grouped(path: Path, items: list[tuple[str, list[str], str | None, dict]], root: Path) -> list[Record]:
+def _grouped(path: Path, items: list[tuple[str, tuple[list[str], int], str | None, dict]], root: Path) -> list[Record]:
     order: list[str] = []
     groups: dict[str, Record] = {}
-    has_split = any(s is not None for _, _, s, _ in items)
-    for name, texts, split, extra in items:
+    has_split = any(it[2] is not None for it in items)
+    for name, (texts, blank), split, extra in items:
         rec = groups.get(name)
         if rec is None:
             rec = groups[name] = Record(str(root / name), name, split or "train", [], extra)
@@ -228,6 +231,7 @@ def _grouped(path: Path, items: list[tuple[str, list[str], str | None, dict]], r
         elif split is not None and rec.split != split:
             raise _bad(path, f"image {name!r} is given two splits ({rec.split!r} and {split!r})")
         rec.sentences.extend(texts)
+        rec.blank_captions += blank
     if not has_split:
         assign = deterministic_split(order)
         for name in order:

@@ -73,8 +73,13 @@ def summary_line(manifest: dict[str, Any], output: str | os.PathLike) -> str:
     line = f"prepared {total} images ({parts}), skipped {manifest['skipped']}"
     if manifest["skipped"] or manifest.get("no_caption_images"):
         line += f": see {Path(output) / 'skipped.jsonl'}"
-    if manifest.get("dropped_captions"):
-        line += f"; dropped {manifest['dropped_captions']} captions longer than {manifest['max_len']} tokens"
+    why = []
+    if manifest.get("empty_captions"):
+        why.append(f"{manifest['empty_captions']} empty")
+    if manifest.get("long_captions"):
+        why.append(f"{manifest['long_captions']} longer than {manifest['max_len']} tokens")
+    if why:
+        line += f"; dropped captions: {', '.join(why)}"
     return line
 
 
@@ -436,7 +441,8 @@ def _build(recs: list[Record], partial: Path, out: Path, options: dict[str, Any]
         tokens = _tokenize_all(recs, tokenizer, pool)
         # captions: drop empty and too long ones; images left with none are skipped
         kept = [[t for t in toks if 1 <= len(t) <= max_len] for toks in tokens]
-        dropped = sum(len(a) - len(b) for a, b in zip(tokens, kept))
+        long_captions = sum(len(t) > max_len for toks in tokens for t in toks)
+        empty_captions = sum(r.blank_captions for r in recs) + sum(not t for toks in tokens for t in toks)
         no_caption = [i for i, k in enumerate(kept) if not k]
         split_names = sorted({r.split for r in recs},
                              key=lambda s: (SPLIT_ORDER.index(s) if s in SPLIT_ORDER else len(SPLIT_ORDER), s))
@@ -500,7 +506,9 @@ def _build(recs: list[Record], partial: Path, out: Path, options: dict[str, Any]
         "skipped": n_bad,
         "skipped_reasons": dict(sorted(reasons.items())),
         "no_caption_images": len(no_caption),
-        "dropped_captions": dropped,
+        "dropped_captions": long_captions + empty_captions,
+        "long_captions": long_captions,  # more than max_len tokens
+        "empty_captions": empty_captions,  # blank, or no tokens left after tokenisation
         "fingerprint": fingerprint,
     }
     write_text_atomic(partial / "manifest.json", json.dumps(manifest, ensure_ascii=False, sort_keys=True, indent=1) + "\n")
