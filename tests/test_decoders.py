@@ -157,3 +157,46 @@ def test_overfits_eight_images(name):
         assert int(res.lengths[i]) == L - 1
     beams = beam_search(dec, enc, bos=BOS, eos=EOS, beam_size=3, max_len=10)
     assert sum(beams.tokens[i, : L - 1].tolist() == tokens[i, 1:L].tolist() for i, L in enumerate(lengths.tolist())) >= 7
+
+
+def test_reorder_rows_keeps_one_memory_row_per_image():
+    from seesay.decoders.common import reorder_rows
+
+    mem = torch.arange(3.0)[:, None].expand(3, 4).clone()  # image i's memory is all i
+    state = {"img": torch.arange(3), "h": torch.arange(3.0), "mem_x": mem}
+    beams = reorder_rows(state, torch.arange(3).repeat_interleave(2))  # 2 beams per image
+    assert beams["mem_x"] is mem and beams["img"].tolist() == [0, 0, 1, 1, 2, 2]
+    assert beams["h"].tolist() == [0, 0, 1, 1, 2, 2]
+    swapped = reorder_rows(beams, torch.tensor([1, 0, 3, 2, 4, 5]))  # beam reordering within images
+    assert swapped["mem_x"] is mem
+    subset = reorder_rows(beams, torch.tensor([0, 1, 4, 5]))  # image 1 finished and left
+    assert subset["mem_x"][:, 0].tolist() == [0, 2] and subset["img"].tolist() == [0, 0, 2, 2]
+    again = reorder_rows(subset, torch.tensor([2, 3]))
+    assert again["mem_x"][:, 0].tolist() == [2]
+    odd = reorder_rows(beams, torch.tensor([4, 0, 0]))  # out of order: each row gets its own copy
+    assert odd["mem_x"][:, 0].tolist() == [2, 0, 0] and odd["h"].tolist() == [2, 0, 0]
+    assert odd["img"].unique().numel() == 3
+
+
+@pytest.mark.parametrize("kind", ["additive", "sentinel"])
+@pytest.mark.parametrize("chunk", [1, 40, 1 << 30])
+def test_grouped_attention_equals_per_row_attention(kind, chunk, monkeypatch):
+    """G beams per image over one memory row equal G copies of the memory; CPU chunking changes nothing."""
+    import seesay.layers.attention as att
+
+    torch.manual_seed(0)
+    M, G, N, D = 4, 3, 5, 8
+    layer = att.AdditiveAttention(D, D, 6) if kind == "additive" else att.SentinelAttention(D, 6)
+    grid = torch.randn(M, N, D)
+    h = torch.randn(M * G, D)
+    extra = () if kind == "additive" else (torch.randn(M * G, D),)
+    rows = torch.arange(M).repeat_interleave(G)
+    with torch.no_grad():
+        ref_ctx, ref_alpha = layer(grid[rows], layer.project(grid[rows]), h, *extra)
+    monkeypatch.setattr(att, "CPU_CHUNK_ELEMENTS", chunk)
+    with torch.inference_mode():
+        ctx, alpha = layer(grid, layer.project(grid), h, *extra)
+    torch.testing.assert_close(ctx, ref_ctx, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(alpha, ref_alpha, atol=1e-6, rtol=1e-5)
+    with pytest.raises(ValueError, match="do not split evenly"):
+        layer(grid, layer.project(grid), h[:-1], *(e[:-1] for e in extra))

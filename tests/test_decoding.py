@@ -209,3 +209,51 @@ def test_transformer_attention_layer_choice():
         dec.attention_layer = -1
     assert torch.equal(first.tokens, last.tokens)
     assert not torch.allclose(first.attention, last.attention)
+
+
+class EndsAt:
+    """Wraps a decoder: image i's captions end around step ends[i] (<end> made near-impossible
+    before it and near-certain from it on), and each step's number of rows is recorded."""
+
+    def __init__(self, dec, ends):
+        self.dec, self.ends, self.rows = dec, ends, []
+
+    def init_state(self, enc):
+        return {"inner": self.dec.init_state(enc), "end": self.ends.clone(), "t": 0}
+
+    def reorder_state(self, state, index):
+        return {"inner": self.dec.reorder_state(state["inner"], index), "end": state["end"][index], "t": state["t"]}
+
+    def step(self, prev, state):
+        self.rows.append(prev.shape[0])
+        logprobs, inner, att = self.dec.step(prev, state["inner"])
+        push = torch.where(state["end"] <= state["t"], 12.0, -12.0)
+        logprobs = torch.log_softmax(logprobs + push[:, None] * torch.nn.functional.one_hot(torch.tensor(EOS), V), -1)
+        return logprobs, {"inner": inner, "end": state["end"], "t": state["t"] + 1}, att
+
+
+@pytest.mark.parametrize("name", DECODERS)
+@pytest.mark.parametrize("beam", [1, 3])
+def test_finished_images_leave_the_batch_without_changing_results(name, beam, monkeypatch):
+    import seesay.decoding as decoding
+
+    dec = make(name)
+    ends = torch.tensor([2, 9, 3, 12, 4, 4, 6, 2, 11, 5, 3, 7])
+    enc = fake_enc(12, seed=3)
+    run = (lambda d: greedy(d, enc, bos=BOS, eos=EOS, max_len=15)) if beam == 1 else \
+        (lambda d: beam_search(d, enc, bos=BOS, eos=EOS, beam_size=beam, max_len=15, length_penalty=0.7))
+    counted = EndsAt(dec, ends)
+    shrunk = run(counted)
+    assert counted.rows[0] == 12 * beam
+    assert min(counted.rows) < 12 * beam  # finished images stopped costing decoder work
+    assert counted.rows == sorted(counted.rows, reverse=True)
+    monkeypatch.setattr(decoding._Active, "COMPACT_FRACTION", 2.0)  # never remove anything
+    counted_full = EndsAt(dec, ends)
+    full = run(counted_full)
+    assert set(counted_full.rows) == {12 * beam}
+    assert sum(counted.rows) < sum(counted_full.rows)
+    assert len(set(full.lengths.tolist())) > 3
+    assert torch.equal(shrunk.tokens, full.tokens) and torch.equal(shrunk.lengths, full.lengths)
+    torch.testing.assert_close(shrunk.scores, full.scores, atol=1e-5, rtol=0)
+    if full.attention is not None:
+        torch.testing.assert_close(shrunk.attention, full.attention, atol=1e-5, rtol=0)

@@ -102,6 +102,50 @@ def force_prefix(decoder: Any, state: Any, prefix: Tensor, *, bos: int
     return state, prev, scores, tokens, attention
 
 
+class _Active:
+    """Which images of a batch still decode, for removing finished ones from the decoder's batch.
+
+    Per-image results stay full-size (B rows, original order); the decoder state holds only the
+    active images' rows (`rows_per_image` each, image-major). Images leave in bulk: when at
+    least a quarter of the active ones are done (`COMPACT_FRACTION`), so the reorder (which
+    copies the per-image memory of those that stay) is paid a few times per batch, not per step.
+    """
+
+    COMPACT_FRACTION = 0.25
+
+    def __init__(self, batch: int, device: torch.device) -> None:
+        self.batch = batch
+        self.ids: Tensor | None = None  # None: every image (no removal yet)
+        self.device = device
+
+    def take(self, full: Tensor) -> Tensor:
+        """Active rows of a full-size (B, ...) tensor."""
+        return full if self.ids is None else full.index_select(0, self.ids)
+
+    def put(self, full: Tensor, part: Tensor) -> Tensor:
+        """`full` with its active rows replaced by `part`."""
+        return part if self.ids is None else full.index_copy(0, self.ids, part)
+
+    def spread(self, part: Tensor) -> Tensor:
+        """A full-size tensor holding `part` in the active rows and zeros elsewhere."""
+        if self.ids is None:
+            return part
+        return part.new_zeros((self.batch, *part.shape[1:])).index_copy_(0, self.ids, part)
+
+    def should_remove(self, done: Tensor) -> bool:
+        n = int(done.sum())
+        return n > 0 and n >= self.COMPACT_FRACTION * done.numel()
+
+    def remove(self, done: Tensor, decoder: Any, state: Any, prev: Tensor, rows_per_image: int) -> tuple[Any, Tensor]:
+        """Drop the images with `done` (over the active ones) from the decoder state and `prev`."""
+        keep = (~done).nonzero().squeeze(1)
+        ids = torch.arange(self.batch, device=self.device) if self.ids is None else self.ids
+        self.ids = ids.index_select(0, keep)
+        K = rows_per_image
+        rows = (keep[:, None] * K + torch.arange(K, device=self.device)).view(-1)
+        return decoder.reorder_state(state, rows), prev.index_select(0, rows)
+
+
 def _autoregressive(decoder: Any, enc: EncoderOutput, pick, *, bos: int, eos: int, max_len: int,
                     prefix: Tensor | None = None) -> DecodeResult:
     B = enc.grid.shape[0]
@@ -117,19 +161,24 @@ def _autoregressive(decoder: Any, enc: EncoderOutput, pick, *, bos: int, eos: in
     if prefix is not None:
         state, prev, scores, tokens, attention = force_prefix(decoder, state, prefix, bos=bos)
         lengths = lengths + prefix.shape[1]
+    active = _Active(B, device)  # finished captions leave the decoder's batch
     for _ in range(max_len):
         logprobs, state, att = decoder.step(prev, state)
         tok = pick(logprobs)
-        alive = ~finished
-        scores = scores + torch.where(alive, logprobs.gather(1, tok[:, None]).squeeze(1).float(), 0.0)
-        lengths = lengths + alive.long()
+        alive = ~active.take(finished)
+        scores = active.put(scores, active.take(scores)
+                            + torch.where(alive, logprobs.gather(1, tok[:, None]).squeeze(1).float(), 0.0))
+        lengths = active.put(lengths, active.take(lengths) + alive.long())
         tok = torch.where(alive, tok, torch.zeros_like(tok))
-        tokens.append(tok)
-        attention.append(None if att is None else att * alive[:, None].to(att.dtype))
-        finished = finished | (tok == eos)
+        tokens.append(active.spread(tok))
+        attention.append(None if att is None else active.spread(att * alive[:, None].to(att.dtype)))
+        done = ~alive | (tok == eos)
+        finished = active.put(finished, done)
         prev = tok
-        if bool(finished.all()):
+        if bool(done.all()):
             break
+        if active.should_remove(done):
+            state, prev = active.remove(done, decoder, state, prev, 1)
     return _stack(tokens, attention, scores, lengths)
 
 
@@ -193,7 +242,6 @@ def beam_search(decoder: Any, enc: EncoderOutput, *, bos: int, eos: int, beam_si
     P = 0 if prefix is None else prefix.shape[1]
     total = P + max_len  # longest result, prefix included
     state = decoder.init_state(enc)
-    rows = torch.arange(B, device=device)[:, None]  # (B, 1)
     live_scores = torch.full((B, K), float("-inf"), device=device)
     live_scores[:, 0] = 0.0  # all beams start identical: only the first may expand at step 0
     prefix_att: list[Tensor | None] = []
@@ -215,37 +263,49 @@ def beam_search(decoder: Any, enc: EncoderOutput, *, bos: int, eos: int, beam_si
     steps = P
     rank: Tensor | None = None
     new_len: Tensor | None = None
+    active = _Active(B, device)  # images whose search is over leave the decoder's batch
     for t in range(P, total):
         logprobs, state, att = decoder.step(prev, state)
         V = logprobs.shape[-1]
-        cand = (live_scores[:, :, None] + logprobs.float().view(B, K, V)).view(B, K * V)
+        scores_a = active.take(live_scores)
+        Ba = scores_a.shape[0]
+        cand = (scores_a[:, :, None] + logprobs.float().view(Ba, K, V)).view(Ba, K * V)
         n_cand = min(2 * K, K * V)
-        top_scores, top_idx = torch.topk(cand, n_cand, dim=1)  # (B, 2K), sorted
+        top_scores, top_idx = torch.topk(cand, n_cand, dim=1)  # (Ba, 2K), sorted
         src = top_idx // V  # source beam
         tok = top_idx % V
         if rank is None:
             rank = torch.arange(n_cand, device=device)[None, :].expand(B, -1)
             new_len = torch.empty(B, n_cand, dtype=torch.long, device=device)
-        hist_tok.append(tok)
-        hist_src.append(src)
+        hist_tok.append(active.spread(tok))
+        hist_src.append(active.spread(src))
         if att is not None:
-            hist_att.append(att.float().view(B, K, -1))
+            hist_att.append(active.spread(att.float().view(Ba, K, -1)))
         is_eos = tok == eos
         # finished hypotheses: <end> extensions ranked within the top K
-        new_fin = torch.where(is_eos & (rank < K), top_scores / _length_penalty(t + 1, length_penalty), float("-inf"))
-        merged = torch.cat([pool_scores, new_fin], dim=1)  # (B, K + 2K)
-        pool_scores, keep = torch.topk(merged, K, dim=1)
-        pool_len = torch.cat([pool_len, new_len.fill_(t + 1)], dim=1).gather(1, keep)
-        pool_cand = torch.cat([pool_cand, rank], dim=1).gather(1, keep)
+        new_fin = torch.where(is_eos & (rank[:Ba] < K), top_scores / _length_penalty(t + 1, length_penalty),
+                              float("-inf"))
+        merged = torch.cat([active.take(pool_scores), new_fin], dim=1)  # (Ba, K + 2K)
+        pool_a, keep = torch.topk(merged, K, dim=1)
+        pool_scores = active.put(pool_scores, pool_a)
+        pool_len = active.put(pool_len, torch.cat([active.take(pool_len), new_len[:Ba].fill_(t + 1)], dim=1).gather(1, keep))
+        pool_cand = active.put(pool_cand, torch.cat([active.take(pool_cand), rank[:Ba]], dim=1).gather(1, keep))
         # live beams: the K best extensions that did not end
-        live_scores, pick = torch.topk(top_scores.masked_fill(is_eos, float("-inf")), K, dim=1)
-        hist_pick.append(pick)
-        state = decoder.reorder_state(state, (rows * K + src.gather(1, pick)).view(-1))
+        live_a, pick = torch.topk(top_scores.masked_fill(is_eos, float("-inf")), K, dim=1)
+        live_scores = active.put(live_scores, live_a)
+        hist_pick.append(active.spread(pick))
+        local = torch.arange(Ba, device=device)[:, None]
+        state = decoder.reorder_state(state, (local * K + src.gather(1, pick)).view(-1))
         prev = tok.gather(1, pick).view(-1)
         steps = t + 1
-        done = (pool_scores[:, -1] > float("-inf")) & (live_scores[:, 0] / bound_lp <= pool_scores[:, -1])
+        # done: the pool is full and no live beam can still beat its worst entry
+        done = (pool_a[:, -1] > float("-inf")) & (live_a[:, 0] / bound_lp <= pool_a[:, -1])
         if bool(done.all()):
             break
+        if active.should_remove(done):
+            # their live beams can no longer win: rule them out of the final choice
+            live_scores = active.put(live_scores, live_a.masked_fill(done[:, None], float("-inf")))
+            state, prev = active.remove(done, decoder, state, prev, K)
     # the pool competes with the live beams (normalised at their current length)
     live_norm = live_scores / _length_penalty(steps, length_penalty)
     all_scores = torch.cat([pool_scores, live_norm], dim=1)
@@ -257,7 +317,7 @@ def beam_search(decoder: Any, enc: EncoderOutput, *, bos: int, eos: int, beam_si
     tokens = torch.zeros(B, total, dtype=torch.long, device=device)
     with_att = bool(hist_att)
     attention = torch.zeros(B, total, hist_att[0].shape[-1], device=device, dtype=torch.float32) if with_att else None
-    flat = rows.squeeze(1)
+    flat = torch.arange(B, device=device)
     for s in range(steps - 1, P - 1, -1):  # walk the back-pointers from each hypothesis's last token
         i = s - P
         active = s < all_len  # (B,) the hypothesis reaches position s

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from seesay.decoders.base import Decoder, DecoderOutput
-from seesay.decoders.common import decode_order, image_ids, reorder_rows, restore_order
+from seesay.decoders.common import decode_order, image_ids, per_row, reorder_rows, restore_order
 from seesay.encoders.base import EncoderOutput
 from seesay.layers.attention import SentinelAttention
 from seesay.layers.embedding import WordEmbedding
@@ -53,7 +53,7 @@ class AdaptiveAttentionDecoder(Decoder):
 
     def _core(self, emb: Tensor, s: dict[str, Tensor], rows: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         h_prev, c_prev = s["h"][:rows], s["c"][:rows]
-        x = torch.cat([emb, s["mem_global"][:rows]], dim=-1)
+        x = torch.cat([emb, per_row(s["mem_global"], rows)], dim=-1)
         h, c = self.lstm(x, (h_prev, c_prev))
         sentinel = torch.sigmoid(self.sentinel_x(x) + self.sentinel_h(h_prev)) * torch.tanh(c)
         context, alpha_hat = self.attention(s["mem_regions"][:rows], s["mem_proj"][:rows], h, sentinel)

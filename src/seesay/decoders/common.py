@@ -31,16 +31,53 @@ def restore_order(order: Tensor, *tensors: Tensor) -> tuple[Tensor, ...]:
 
 
 def reorder_rows(state: dict[str, Tensor], index: Tensor) -> dict[str, Tensor]:
-    """index_select on dim 0 of every tensor in the state.
+    """Pick rows of the state: `index_select(0, index)` on every per-row tensor.
 
-    States carry "img" (the image id of each row). When a reorder keeps every row on the same
-    image (beam reordering), the per-image memory (keys starting with "mem_") is left as it
-    is instead of being copied, which matters at 196 regions x 2048 channels x beams.
+    Per-image memory (keys starting with "mem_": the grid, its attention projection, the
+    cross-attention keys/values) is not duplicated per row. States carry "img", the image id
+    of each row; rows are image-major (each image's rows are consecutive, ids ascending) and
+    the memory holds one row per image, in that order. A step with R rows over M memory rows
+    therefore serves G = R / M rows (beams) per image. A reorder that keeps the same images
+    (beam reordering, expanding each image to K beams) leaves the memory untouched; one that
+    keeps a subset of the images (finished images leaving a batch) selects their memory rows.
+    Anything else (images in another order, or unequal rows per image) gives every row its
+    own copy of its image's memory, which is always correct.
     """
     img = state.get("img")
-    same_images = img is not None and torch.equal(img.index_select(0, index), img)
-    return {k: v if (same_images and k.startswith(STATIC_PREFIX)) else v.index_select(0, index)
-            for k, v in state.items()}
+    if img is None:
+        return {k: v.index_select(0, index) for k, v in state.items()}
+    new_img = img.index_select(0, index)
+    if torch.equal(new_img, img):  # beam reordering, every step: the cheap common case
+        return {k: v if k.startswith(STATIC_PREFIX) else v.index_select(0, index) for k, v in state.items()}
+    old_images = torch.unique_consecutive(img)
+    new_images, counts = torch.unique_consecutive(new_img, return_counts=True)
+    grouped = bool((new_images[1:] > new_images[:-1]).all()) and bool((counts == counts[0]).all()) if counts.numel() else True
+    mem_rows: Tensor | None = None  # None: keep the memory as it is
+    if not grouped:
+        mem_rows = torch.searchsorted(old_images, new_img)
+        new_img = torch.arange(new_img.numel(), device=new_img.device)  # every row is its own group now
+    elif not torch.equal(new_images, old_images):
+        mem_rows = torch.searchsorted(old_images, new_images)
+    out = {}
+    for k, v in state.items():
+        if k == "img":
+            out[k] = new_img
+        elif k.startswith(STATIC_PREFIX):
+            out[k] = v if mem_rows is None else v.index_select(0, mem_rows)
+        else:
+            out[k] = v.index_select(0, index)
+    return out
+
+
+def per_row(mem: Tensor, rows: int) -> Tensor:
+    """Per-image memory `mem` (M rows) for a step over `rows` decoder rows.
+
+    Teacher forcing keeps one memory row per caption, sorted longest first, and step t runs on
+    the first `rows` of them; decoding keeps one row per image and runs `rows` = G * M
+    image-major rows (G beams per image).
+    """
+    M = mem.shape[0]
+    return mem[:rows] if rows <= M else mem.repeat_interleave(rows // M, dim=0)
 
 
 def image_ids(batch: int, device: torch.device) -> Tensor:

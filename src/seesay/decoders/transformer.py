@@ -59,6 +59,32 @@ class DecoderLayer(nn.Module):
         k, v = self.cross_kv(memory).chunk(2, dim=-1)
         return self._split(k), self._split(v)  # (B, H, N, K)
 
+    def _cross_attend(self, q: Tensor, mem_k: Tensor, mem_v: Tensor, p: float, want_attention: bool
+                      ) -> tuple[Tensor, Tensor | None]:
+        """q (R, H, T, K) against one memory row per image, mem_k/mem_v (M, H, N, K), R = G * M.
+
+        The G rows of an image (beams) become G * T queries of that image's memory, so beams
+        share the keys and values instead of each holding a copy. Returns y (R, H, T, K) and,
+        if asked, the weights averaged over heads (R, T, N).
+        """
+        R, H, T, K = q.shape
+        M = mem_k.shape[0]
+        if M == 0 or R % M:
+            raise ValueError(f"{R} decoder rows do not split evenly over {M} images")
+        G = R // M
+        if G > 1:
+            q = q.view(M, G, H, T, K).transpose(1, 2).reshape(M, H, G * T, K)
+        attention = None
+        if want_attention:
+            weights = torch.softmax((q @ mem_k.transpose(-2, -1)) / math.sqrt(K), dim=-1)  # (M, H, G*T, N)
+            attention = weights.mean(dim=1).reshape(R, T, -1)
+            y = F.dropout(weights, p) @ mem_v
+        else:
+            y = F.scaled_dot_product_attention(q, mem_k, mem_v, dropout_p=p)
+        if G > 1:
+            y = y.view(M, H, G, T, K).transpose(1, 2).reshape(R, H, T, K)
+        return y, attention
+
     def forward(self, x: Tensor, mem_k: Tensor, mem_v: Tensor, *, cache: tuple[Tensor, Tensor] | None = None,
                 causal: bool = True, want_attention: bool = False) -> tuple[Tensor, tuple[Tensor, Tensor], Tensor | None]:
         """x (B, T, D). With `cache` (past keys/values) x holds only the new positions."""
@@ -69,14 +95,7 @@ class DecoderLayer(nn.Module):
         # with a cache, the new query is the last position and may see every cached key
         y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=causal and cache is None and q.shape[2] > 1)
         x = x + self.drop(self.self_out(self._merge(y)))
-        q = self._split(self.cross_q(self.norm2(x)))
-        attention = None
-        if want_attention:
-            weights = torch.softmax((q @ mem_k.transpose(-2, -1)) / math.sqrt(q.shape[-1]), dim=-1)  # (B, H, T, N)
-            attention = weights.mean(dim=1)  # (B, T, N)
-            y = F.dropout(weights, p) @ mem_v
-        else:
-            y = F.scaled_dot_product_attention(q, mem_k, mem_v, dropout_p=p)
+        y, attention = self._cross_attend(self._split(self.cross_q(self.norm2(x))), mem_k, mem_v, p, want_attention)
         x = x + self.drop(self.cross_out(self._merge(y)))
         x = x + self.drop(self.ff(self.norm3(x)))
         return x, (k, v), attention
