@@ -13,6 +13,11 @@ do the same work, and runs are comparable across decoders.
     python benchmarks/decode_throughput.py --preset demo --device cuda
     python benchmarks/decode_throughput.py --preset demo --threads 1 --repeats 5   # loaded CPU box
 
+With `--checkpoint RUN_DIR/best --data DATA_DIR` it times a trained model on the first
+`--images` images of a prepared split instead (encoded once, outside the timings): captions
+end when the model says `<end>`, so lengths vary as in real use and the batched search gains
+from finished images leaving the batch. It also reports the mean caption length.
+
 Each figure is the best of `--repeats` timings (default 3).
 """
 
@@ -96,6 +101,42 @@ def bench_decoder(name: str, preset: dict, args: argparse.Namespace, device: tor
     return out
 
 
+def bench_trained(args: argparse.Namespace, device: torch.device) -> dict:
+    """Greedy / beam 3 / beam 5 of a trained checkpoint on real images of a prepared split."""
+    import numpy as np
+
+    from seesay.checkpoint import load_checkpoint
+    from seesay.data.store import open_split
+
+    ck = load_checkpoint(args.checkpoint, map_location=device)
+    split = open_split(args.data, args.split)
+    n = min(args.images, len(split))
+    images = torch.from_numpy(np.ascontiguousarray(np.asarray(split.images[:n]).transpose(0, 3, 1, 2)))
+    model, vocab = ck.model.to(device).eval(), ck.vocab
+    enc = model.encode(images.to(device))
+    dec = model.decoder
+    common = {"bos": vocab.start_id, "eos": vocab.end_id, "max_len": args.max_len}
+    greedy(dec, enc.index_select(torch.arange(min(2, n), device=device)), **common)  # warm-up
+    out: dict = {"checkpoint": str(args.checkpoint), "split": args.split, "images": n,
+                 "decoder": ck.config.get("model", {}).get("decoder") if isinstance(ck.config, dict) else None}
+    s = timed(lambda: greedy(dec, enc, **common), device, args.repeats)
+    out["greedy_captions_per_s"] = round(n / s, 2)
+    for k in (3, 5):
+        s = timed(lambda k=k: beam_search(dec, enc, beam_size=k, **common), device, args.repeats)
+        out[f"beam{k}_captions_per_s"] = round(n / s, 2)
+    out["beam5_mean_length"] = round(float(beam_search(dec, enc, beam_size=5, **common).lengths.float().mean()), 2)
+    m = min(args.sequential_images, n)
+
+    def one_at_a_time() -> None:
+        for i in range(m):
+            beam_search(dec, enc.index_select(torch.tensor([i], device=device)), beam_size=5, **common)
+
+    s = timed(one_at_a_time, device, args.repeats)
+    out["beam5_one_at_a_time_captions_per_s"] = round(m / s, 2)
+    out["beam5_batched_speedup"] = round(out["beam5_captions_per_s"] / out["beam5_one_at_a_time_captions_per_s"], 2)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=[*PRESETS, "all"], default="all", help="model sizes")
@@ -106,6 +147,10 @@ def main() -> None:
     parser.add_argument("--max-len", type=int, default=20, help="decoding steps per caption")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--checkpoint", default=None,
+                        help="time this trained checkpoint on real images instead of the size presets")
+    parser.add_argument("--data", default=None, help="prepared data directory (with --checkpoint)")
+    parser.add_argument("--split", default="test", help="split of --data to caption (with --checkpoint)")
     parser.add_argument("--repeats", type=int, default=3,
                         help="time each measurement this many times and keep the fastest (noisy shared machines)")
     args = parser.parse_args()
@@ -124,6 +169,13 @@ def main() -> None:
         "malloc_env": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_") or k == "LD_PRELOAD"},
         "results": {},
     }
+    if args.checkpoint:
+        if not args.data:
+            parser.error("--checkpoint needs --data")
+        with torch.inference_mode():
+            result["results"]["trained"] = bench_trained(args, device)
+        print(json.dumps(result, indent=2))
+        return
     with torch.inference_mode():
         for p in presets:
             result["results"][p] = {"sizes": PRESETS[p]}
