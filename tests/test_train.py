@@ -176,6 +176,81 @@ def test_resume_is_exact(data_dir, tmp_path, fine_tune):
     assert [r["train_loss"] for r in full] == [r["train_loss"] for r in split]
 
 
+@pytest.mark.parametrize("fine_tune", [False, True], ids=["cached", "fine_tune"])
+def test_resume_inside_an_epoch_is_exact(data_dir, tmp_path, fine_tune, monkeypatch):
+    """2 epochs in one go == a run that saves every 2 steps, dies in its 2nd epoch, and is resumed."""
+    from seesay.checkpoint import load_train_state
+    from seesay.train.caption_task import CaptionTask, train_captioner
+
+    def cfg(out, resume):
+        c = _cfg(data_dir, out, epochs=2, resume=resume, seed=5, save_every_steps=2)
+        c.decoder.options["dropout"] = 0.3  # dropout draws random numbers: RNG state must resume too
+        c.encoder.fine_tune = fine_tune
+        return c
+
+    train_captioner(cfg(tmp_path / "full", False))
+    per_epoch = json.loads((tmp_path / "full" / "metrics.jsonl").read_text().splitlines()[0])["step"]
+    assert per_epoch == 5
+    original, calls = CaptionTask.training_step, {"n": 0}
+
+    def power_cut(self, batch, model):
+        calls["n"] += 1
+        if calls["n"] == per_epoch + 4:  # the 4th batch of epoch 2; last/ was saved at step 8 (its 3rd)
+            raise RuntimeError("power cut")
+        return original(self, batch, model)
+
+    monkeypatch.setattr(CaptionTask, "training_step", power_cut)
+    with pytest.raises(RuntimeError, match="power cut"):
+        train_captioner(cfg(tmp_path / "split", False))
+    monkeypatch.undo()
+    saved = load_train_state(tmp_path / "split" / "last")["loop"]
+    assert (saved["epoch"], saved["batches_done"], saved["step"]) == (1, 3, 8)  # saved at step 8, inside epoch 2
+    state = train_captioner(cfg(tmp_path / "split", True))
+    assert (state.epoch, state.step, state.batches_done) == (2, 10, 0)
+    a = load_file(str(tmp_path / "full" / "last" / "model.safetensors"))
+    b = load_file(str(tmp_path / "split" / "last" / "model.safetensors"))
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    full = [json.loads(x) for x in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
+    split = [json.loads(x) for x in (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["train_loss"] for r in full] == [r["train_loss"] for r in split]  # the epoch's loss sums resumed too
+
+
+def test_ctrl_c_saves_and_resumes_exactly(data_dir, tmp_path, monkeypatch):
+    """SIGINT finishes the step, writes RUN_DIR/last inside the epoch, returns; --resume ends as if never stopped."""
+    import signal
+
+    from seesay.checkpoint import load_train_state
+    from seesay.train.caption_task import CaptionTask, train_captioner
+
+    def cfg(out, resume):
+        c = _cfg(data_dir, out, epochs=2, resume=resume, seed=7)
+        c.decoder.options["dropout"] = 0.3
+        return c
+
+    train_captioner(cfg(tmp_path / "full", False))
+    original, calls = CaptionTask.training_step, {"n": 0}
+
+    def interrupted(self, batch, model):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            signal.raise_signal(signal.SIGINT)
+        return original(self, batch, model)
+
+    monkeypatch.setattr(CaptionTask, "training_step", interrupted)
+    state = train_captioner(cfg(tmp_path / "split", False))
+    monkeypatch.undo()
+    assert state.stopped_by_signal and state.step == 2
+    assert load_train_state(tmp_path / "split" / "last")["loop"]["batches_done"] == 2
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers given back
+    state = train_captioner(cfg(tmp_path / "split", True))
+    assert not state.stopped_by_signal and state.epoch == 2
+    a = load_file(str(tmp_path / "full" / "last" / "model.safetensors"))
+    b = load_file(str(tmp_path / "split" / "last" / "model.safetensors"))
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
 def test_frozen_encoder_runs_once_per_image(data_dir, tmp_path, monkeypatch):
     """With a frozen encoder an epoch never runs it: every image is encoded exactly once, total."""
     from seesay.encoders.cnn import SmallCNNEncoder

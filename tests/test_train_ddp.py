@@ -11,6 +11,8 @@ import sys
 import pytest
 from safetensors.torch import load_file
 
+from seesay.checkpoint import load_train_state
+
 # Adam turns float-rounding differences of near-zero gradients into full-size steps, so the
 # comparison runs one short epoch at a small learning rate (differences grow with lr x steps).
 ARGS = ["--encoder", "small_cnn", "--decoder", "soft_attention", "--epochs", "1", "--workers", "0", "--lr", "1e-4",
@@ -55,9 +57,11 @@ def test_ddp_two_processes_match_one(data_dir, tmp_path):
     assert one.returncode == 0, one.stderr[-3000:]
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                           "-m", "seesay", "train", "--data", str(data_dir), "--output", str(tmp_path / "two"),
-                          "--batch-size", str(batch // 2), *ARGS],
+                          "--batch-size", str(batch // 2), "--save-every-steps", "2", *ARGS],
                          env=_env(), capture_output=True, text=True, timeout=300)
     assert two.returncode == 0, two.stderr[-3000:]
+    assert "inside epoch 1" in two.stderr  # checkpoints inside the epoch (all ranks gather) did not change training
+    assert len(load_train_state(tmp_path / "two" / "last")["rng"]) == 2
     a = load_file(str(tmp_path / "one" / "last" / "model.safetensors"))
     b = load_file(str(tmp_path / "two" / "last" / "model.safetensors"))
     assert a.keys() == b.keys()

@@ -165,3 +165,24 @@ def test_resume_with_text_data_is_exact(tmp_path):
     a = load_file(str(tmp_path / "full" / "last" / "model.safetensors"))
     b = load_file(str(tmp_path / "split" / "last" / "model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_mixed_batches_resume_inside_an_epoch():
+    """Starting at batch k gives exactly batches k.. of the whole epoch (text and image slots alike)."""
+    from seesay.train.caption_task import MixedBatches
+
+    tokens = np.arange(7 * 4).reshape(7, 4)
+    lengths = np.full(7, 4)
+    loader = [{"captions": i} for i in range(6)]
+    whole = list(MixedBatches(loader, tokens, lengths, rows_per_epoch=9, batch_size=2, seed=1, epoch=0,
+                              rank=0, world_size=1))
+    for k in range(len(whole) + 1):
+        probe = MixedBatches(loader, tokens, lengths, rows_per_epoch=9, batch_size=2, seed=1, epoch=0,
+                             rank=0, world_size=1, start=k)
+        skipped_images = probe.image_batches_before(k)
+        assert skipped_images == sum(1 for b in whole[:k] if not b.get("text_only"))
+        rest = list(MixedBatches(loader[skipped_images:], tokens, lengths, rows_per_epoch=9, batch_size=2, seed=1,
+                                 epoch=0, rank=0, world_size=1, image_batches=len(loader), start=k))
+        assert len(rest) == len(whole) - k
+        assert all(np.array_equal(a["captions"], b["captions"]) and bool(a.get("text_only")) == bool(b.get("text_only"))
+                   for a, b in zip(rest, whole[k:]))

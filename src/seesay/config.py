@@ -80,6 +80,8 @@ class TrainConfig:
     feature_cache_dir: str | None = None  # default RUN_DIR/features
     max_steps_per_epoch: int | None = None  # for smoke tests
     max_minutes: float | None = None  # wall-clock budget: no new epoch that would end past it
+    save_every_steps: int = 0  # also write RUN_DIR/last every N optimizer steps inside an epoch (0: off)
+    save_every_minutes: float | None = None  # ... or every M minutes (None: off)
     progress: bool = True
     log_every: int = 20
     # DDP find_unused_parameters: None = auto (on for decoders that leave parameters without a

@@ -32,6 +32,8 @@ _FLAGS: dict[str, tuple[str, str]] = {
     "val_beam_size": ("train", "val_beam_size"),
     "seed": ("train", "seed"),
     "amp": ("train", "amp"),
+    "save_every_steps": ("train", "save_every_steps"),
+    "save_every_minutes": ("train", "save_every_minutes"),
     "amp_dtype": ("train", "amp_dtype"),
     "device": ("train", "device"),
     "wandb": ("train", "wandb"),
@@ -96,7 +98,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--amp-dtype", choices=["float16", "bfloat16"], default=S,
                    help="autocast dtype with --amp" + default("train", "amp_dtype"))
     g.add_argument("--wandb", action="store_true", default=S, help="also log to Weights & Biases (pip install wandb)")
-    g.add_argument("--resume", action="store_true", default=S, help="continue from RUN_DIR/last (exactly, at an epoch boundary)")
+    g.add_argument("--resume", action="store_true", default=S,
+                   help="continue exactly from RUN_DIR/last (an epoch's end, or inside an epoch when saved there)")
+    g.add_argument("--save-every-steps", type=int, default=S,
+                   help="also write RUN_DIR/last every N optimizer steps inside an epoch (0: only at epoch ends)"
+                   + default("train", "save_every_steps"))
+    g.add_argument("--save-every-minutes", type=float, default=S,
+                   help="also write RUN_DIR/last every M minutes inside an epoch (default: off); "
+                        "Ctrl-C or SIGTERM always saves it before stopping")
     g.add_argument("--no-cache-features", dest="cache_features", action="store_false", default=S,
                    help="frozen encoder: run it in the loop instead of caching its features")
     g.add_argument("--feature-cache-dir", default=S, help="where cached features go (default: RUN_DIR/features)")
@@ -139,5 +148,5 @@ def build_config(args: argparse.Namespace) -> Any:
 def run(args: argparse.Namespace) -> int:
     from seesay.train.caption_task import train_captioner
 
-    train_captioner(build_config(args))
-    return 0
+    state = train_captioner(build_config(args))
+    return 130 if getattr(state, "stopped_by_signal", False) else 0  # 130: the shell's code for Ctrl-C

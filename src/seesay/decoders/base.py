@@ -9,8 +9,12 @@
   already weighted (e.g. alpha_c * doubly-stochastic term).
 - `init_state(enc) -> state`; `step(prev_tokens [B], state) -> (logprobs [B,V], state,
   attention [B,A] | None)`; `reorder_state(state, index)` picks rows (beams, batch
-  expansion). A is N (regions), or N+1 for decoders with `has_sentinel = True`, whose last
-  column is the weight given to the visual sentinel rather than the image.
+  expansion, finished images leaving the batch). A is N (regions), or N+1 for decoders with
+  `has_sentinel = True`, whose last column is the weight given to the visual sentinel rather
+  than the image.
+- Decoding functions only reorder rows within images or keep a subset of whole images, in
+  image order (`seesay.decoding`). The dict-state decoders use that: per-image memory stays
+  one row per image while the step runs K rows (beams) per image (`decoders/common.py`).
 """
 
 from __future__ import annotations

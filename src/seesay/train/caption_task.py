@@ -36,7 +36,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from seesay.checkpoint import save_checkpoint
 from seesay.config import Config
@@ -96,6 +96,36 @@ def read_text_data(path: str | Path, vocab: Any, max_len: int) -> tuple[np.ndarr
     return tokens, lengths
 
 
+class SkippingSampler(Sampler):
+    """A DistributedSampler that can start an epoch part-way (resuming inside an epoch).
+
+    `skip` leading samples are dropped from the epoch's order (which depends only on the seed
+    and the epoch), so with consecutive batches of the same size the remaining batches are
+    exactly those an uninterrupted epoch would have gone on with.
+    """
+
+    def __init__(self, inner: DistributedSampler) -> None:
+        self.inner = inner
+        self.skip = 0
+
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        self.inner.set_epoch(epoch)
+        self.skip = skip
+
+    @property
+    def epoch(self) -> int:
+        return self.inner.epoch
+
+    def __iter__(self) -> Iterator[int]:
+        order = iter(self.inner)
+        for _ in range(min(self.skip, len(self.inner))):
+            next(order)
+        return order
+
+    def __len__(self) -> int:
+        return max(len(self.inner) - self.skip, 0)
+
+
 class MixedBatches:
     """An epoch of image-caption batches (`loader`) with text-only batches spread evenly among them.
 
@@ -107,8 +137,14 @@ class MixedBatches:
     """
 
     def __init__(self, loader: DataLoader, tokens: np.ndarray, lengths: np.ndarray, *, rows_per_epoch: int,
-                 batch_size: int, seed: int, epoch: int, rank: int, world_size: int) -> None:
+                 batch_size: int, seed: int, epoch: int, rank: int, world_size: int, image_batches: int | None = None,
+                 start: int = 0) -> None:
+        """`image_batches`: image batches of a whole epoch (default len(loader)); `start`: skip the
+        epoch's first `start` batches (text and image slots alike), `loader` already starting at
+        the first image batch after them (see `image_batches_before`)."""
         self.loader = loader
+        self.image_batches = len(loader) if image_batches is None else image_batches
+        self.start = start
         per_rank = math.ceil(rows_per_epoch / world_size) if rows_per_epoch > 0 else 0
         total = per_rank * world_size
         g = torch.Generator().manual_seed(int(seed) * 1_000_003 + int(epoch))
@@ -120,7 +156,12 @@ class MixedBatches:
         self.tokens, self.lengths = tokens, lengths
 
     def __len__(self) -> int:
-        return len(self.loader) + len(self.text_batches)
+        return self.image_batches + len(self.text_batches) - self.start
+
+    def image_batches_before(self, k: int) -> int:
+        """How many of the first k batches of the epoch are image batches."""
+        total = self.image_batches + len(self.text_batches)
+        return k - (k * len(self.text_batches) // total if total else 0)
 
     def _text_batch(self, rows: np.ndarray) -> dict[str, Any]:
         lengths = self.lengths[rows]
@@ -130,10 +171,10 @@ class MixedBatches:
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         n_text = len(self.text_batches)
-        total = len(self)
+        total = self.image_batches + n_text
         images = iter(self.loader)
-        j = 0
-        for k in range(total):
+        j = self.start - self.image_batches_before(self.start)  # text batches already given
+        for k in range(self.start, total):
             if n_text and (k + 1) * n_text // total > k * n_text // total:  # n_text evenly spread slots
                 yield self._text_batch(self.text_batches[j])
                 j += 1
@@ -227,12 +268,16 @@ class CaptionTask:
             self.train_set = ImageCaptionDataset(self.prepared, cfg.data.train_split)
             batch_size = max(1, cfg.train.batch_size // self.train_data.captions_per_image)
             collate = collate_images
-        self.sampler = DistributedSampler(self.train_set, num_replicas=dist.world_size, rank=dist.rank,
-                                          shuffle=True, seed=cfg.train.seed, drop_last=False)
+        self.sampler = SkippingSampler(DistributedSampler(self.train_set, num_replicas=dist.world_size, rank=dist.rank,
+                                                          shuffle=True, seed=cfg.train.seed, drop_last=False))
+        self.batch_size = batch_size
         workers = cfg.data.workers
+        # the loader's own generator (worker seeds) keeps it off the global RNG, which then only
+        # the training steps draw from: that is what makes resuming (even inside an epoch) exact
         self.loader = DataLoader(self.train_set, batch_size=batch_size, sampler=self.sampler, collate_fn=collate,
                                  num_workers=workers, pin_memory=self.device.type == "cuda",
-                                 persistent_workers=workers > 0, drop_last=False)
+                                 persistent_workers=workers > 0, drop_last=False,
+                                 generator=torch.Generator().manual_seed(cfg.train.seed))
 
         # -- text-only captions: language-model rows given an all-zero ("no image") encoding
         self.text_tokens: np.ndarray | None = None
@@ -308,13 +353,19 @@ class CaptionTask:
                 groups.append({"params": enc_params, "lr": self.cfg.encoder.lr, "name": "encoder"})
         return groups
 
-    def train_batches(self, epoch: int) -> DataLoader | MixedBatches:
+    def train_batches(self, epoch: int, start: int = 0) -> DataLoader | MixedBatches:
+        """This process's batches of `epoch`, from its `start`-th batch on."""
         self.sampler.set_epoch(epoch)
+        full_image_batches = len(self.loader)
         if self.text_tokens is None or self.text_rows_per_epoch == 0:
+            self.sampler.set_epoch(epoch, skip=start * self.batch_size)
             return self.loader
-        return MixedBatches(self.loader, self.text_tokens, self.text_lengths, rows_per_epoch=self.text_rows_per_epoch,
-                            batch_size=self.cfg.train.batch_size, seed=self.cfg.train.seed, epoch=epoch,
-                            rank=self.dist.rank, world_size=self.dist.world_size)
+        mixed = MixedBatches(self.loader, self.text_tokens, self.text_lengths, rows_per_epoch=self.text_rows_per_epoch,
+                             batch_size=self.cfg.train.batch_size, seed=self.cfg.train.seed, epoch=epoch,
+                             rank=self.dist.rank, world_size=self.dist.world_size, image_batches=full_image_batches,
+                             start=start)
+        self.sampler.set_epoch(epoch, skip=mixed.image_batches_before(start) * self.batch_size)
+        return mixed
 
     def training_step(self, batch: dict[str, torch.Tensor], model: torch.nn.Module) -> dict[str, Any]:
         dev = self.device

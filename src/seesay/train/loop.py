@@ -4,7 +4,8 @@ It knows nothing about captions. A *task* object supplies the model and the data
 
     task.module                       the nn.Module whose parameters train (DDP wraps it)
     task.param_groups()               optimizer groups, each with its own "lr"
-    task.train_batches(epoch)         an iterable of batches for this process and epoch
+    task.train_batches(epoch, start)  an iterable of this process's batches for the epoch, from batch
+                                      `start` on (a resumed epoch skips what was trained before)
     task.training_step(batch, model)  -> {"loss": scalar tensor, "top5": float, "n": int}
     task.validate()                   -> {metric: float}; called on rank 0 only
     task.save(path, train_state)      writes a checkpoint directory
@@ -18,8 +19,14 @@ CUDA, gradient clipping, learning-rate decay and early stopping on the selected 
 metric, logging (tqdm, TensorBoard, metrics.jsonl, optional wandb), and checkpoints
 RUN_DIR/last (every epoch, with the state needed for exact resume) and RUN_DIR/best.
 
-Resume happens at epoch boundaries: RUN_DIR/last holds the weights, optimizer, scaler,
-RNG states, epoch, step, best score and the epochs-without-improvement counter.
+RUN_DIR/last holds the weights, optimizer, scaler, every rank's RNG state, epoch, step, best
+score and the epochs-without-improvement counter. With `save_every_steps` / `save_every_minutes`
+it is also written inside an epoch (after an optimizer step), with the number of batches of the
+epoch already trained and the epoch's running loss sums: `--resume` then skips those batches
+(the batch order of an epoch depends only on the seed and the epoch) and ends with the same
+weights as a run that was never interrupted. Ctrl-C (SIGINT) or SIGTERM (what schedulers send
+before preempting a job) finishes the current optimizer step, writes RUN_DIR/last and stops; a
+second signal stops at once.
 """
 
 from __future__ import annotations
@@ -28,6 +35,8 @@ import contextlib
 import json
 import logging
 import math
+import signal
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -53,6 +62,8 @@ class LoopState:
     best_epoch: int = -1
     bad_epochs: int = 0  # epochs since the selected metric last improved
     stopped_early: bool = False
+    batches_done: int = 0  # batches of epoch `epoch` (0-based: the next one) already trained; 0 between epochs
+    stopped_by_signal: bool = False  # this run ended on Ctrl-C / SIGTERM (cleared on resume)
 
 
 class _Loggers:
@@ -112,6 +123,35 @@ def _autocast(device: torch.device, cfg: TrainConfig) -> contextlib.AbstractCont
     return contextlib.nullcontext()
 
 
+class _StopSignal:
+    """Ctrl-C / SIGTERM during training: the first asks the loop to stop after the current
+    optimizer step (writing RUN_DIR/last so --resume continues exactly); a second one stops at
+    once (KeyboardInterrupt). Handlers are only installed from the main thread."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> _StopSignal:
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        log.warning("%s: stopping after this optimizer step and saving RUN_DIR/last (send it again to stop now)",
+                    signal.Signals(signum).name)
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
 def _set_lr_scale(optimizer: torch.optim.Optimizer, factor: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] *= factor
@@ -134,7 +174,11 @@ def fit(task: Any, cfg: TrainConfig, dist: DistInfo, run_dir: str | Path, config
             resume_state = load_train_state(last_dir)
             task.load_weights(last_dir)
             state = LoopState(**resume_state["loop"])
-            if main:
+            state.stopped_by_signal = False
+            if main and state.batches_done:
+                log.info("resuming from %s in epoch %d after %d of its batches (step %d)", last_dir, state.epoch + 1,
+                         state.batches_done, state.step)
+            elif main:
                 log.info("resuming from %s after epoch %d (step %d)", last_dir, state.epoch, state.step)
         elif main:
             log.info("--resume: no %s yet, starting from scratch", last_dir)
@@ -156,31 +200,56 @@ def fit(task: Any, cfg: TrainConfig, dist: DistInfo, run_dir: str | Path, config
         optimizer.load_state_dict(resume_state["optimizer"])
         if resume_state.get("scaler"):
             scaler.load_state_dict(resume_state["scaler"])
-        set_rng_state(resume_state["rng"][min(dist.rank, len(resume_state["rng"]) - 1)])
+        mine = min(dist.rank, len(resume_state["rng"]) - 1)
+        set_rng_state(resume_state["rng"][mine])
+        if state.batches_done and len(resume_state["rng"]) != dist.world_size:
+            raise SeesayError(f"{last_dir} was saved inside an epoch by {len(resume_state['rng'])} processes; "
+                              f"resume it with the same number (not {dist.world_size})")
 
     loggers = _Loggers(run_dir, cfg, config_dict, enabled=main)
     params = [p for g in optimizer.param_groups for p in g["params"]]
     t_fit, epochs_run = time.perf_counter(), 0
+    t_saved = time.perf_counter()
+    stop = _StopSignal()
+
+    def save_last(epoch_totals: torch.Tensor, epoch_seconds: float) -> None:
+        """RUN_DIR/last with everything exact resume needs; every rank's RNG state and (inside an
+        epoch) running loss sums are gathered on rank 0. All ranks must call it."""
+        nonlocal t_saved
+        gathered = _gather({"rng": rng_state(), "totals": epoch_totals.cpu().tolist()}, dist)
+        if main:
+            train_state = {"loop": asdict(state), "optimizer": optimizer.state_dict(),
+                           "scaler": scaler.state_dict() if use_scaler else None,
+                           "rng": [g["rng"] for g in gathered], "totals": [g["totals"] for g in gathered],
+                           "epoch_seconds": epoch_seconds}
+            task.save(last_dir, train_state)
+        t_saved = time.perf_counter()
+
     try:
+        stop.__enter__()
         for epoch in range(state.epoch, cfg.epochs):
             if state.stopped_early:
                 break
             t0 = time.perf_counter()
             ddp_model.train()
             totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss * n, top5 * n, n (no per-step sync)
-            batches = task.train_batches(epoch)
-            n_batches = len(batches) if hasattr(batches, "__len__") else None
+            start, done_before = state.batches_done, 0.0
+            if start and resume_state is not None:  # a resumed epoch: its first `start` batches are trained
+                totals += torch.tensor(resume_state["totals"][dist.rank], dtype=torch.float64, device=device)
+                done_before = float(resume_state.get("epoch_seconds") or 0.0)
+            batches = task.train_batches(epoch, start)
+            n_batches = start + len(batches) if hasattr(batches, "__len__") else None
             if cfg.max_steps_per_epoch is not None and n_batches is not None:
                 n_batches = min(n_batches, cfg.max_steps_per_epoch * cfg.grad_accum)
             bar = None
             if main and cfg.progress:
                 from tqdm.auto import tqdm
 
-                bar = tqdm(total=n_batches, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch", leave=False,
-                           dynamic_ncols=True)
+                bar = tqdm(total=n_batches, initial=start, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch",
+                           leave=False, dynamic_ncols=True)
             seen, t_window, n_window = 0, time.perf_counter(), 0
             optimizer.zero_grad(set_to_none=True)
-            for i, batch in enumerate(batches):
+            for i, batch in enumerate(batches, start=start):
                 if n_batches is not None and i >= n_batches:
                     break
                 last_micro = (i + 1) % cfg.grad_accum == 0 or (n_batches is not None and i + 1 == n_batches)
@@ -215,13 +284,34 @@ def fit(task: Any, cfg: TrainConfig, dist: DistInfo, run_dir: str | Path, config
                         loggers.scalars({"train/loss": loss_value, "train/top5": float(out["top5"]),
                                          "train/captions_per_s": rate}, state.step)
                         t_window, n_window = time.perf_counter(), 0
+                # -- inside-epoch checkpoint: every N steps, every M minutes, or on a stop signal
+                # (all ranks must agree: without DDP every step, with DDP every log_every steps)
+                due = bool(cfg.save_every_steps) and state.step % cfg.save_every_steps == 0
+                if not dist.enabled or state.step % max(cfg.log_every, 1) == 0:
+                    timed = cfg.save_every_minutes is not None and time.perf_counter() - t_saved >= cfg.save_every_minutes * 60
+                    flags = torch.tensor([float(stop.requested), float(timed)], device=device)
+                    all_reduce_sum(flags)
+                    stop.requested, due = bool(flags[0] > 0), due or bool(flags[1] > 0)
+                if due or stop.requested:
+                    state.batches_done = i + 1
+                    save_last(totals, done_before + time.perf_counter() - t0)
+                    if main:
+                        log.info("saved %s inside epoch %d (%d batches, step %d)", last_dir, epoch + 1, i + 1, state.step)
+                if stop.requested:
+                    break
             if bar is not None:
                 bar.close()
+            if stop.requested:
+                state.stopped_by_signal = True
+                if main:
+                    log.warning("stopped by a signal in epoch %d; continue with --resume", epoch + 1)
+                break
+            state.batches_done = 0
             all_reduce_sum(totals)
             totals = totals.cpu()
             count = max(totals[2].item(), 1.0)
             train_loss, train_top5 = totals[0].item() / count, totals[1].item() / count
-            train_time = time.perf_counter() - t0
+            train_time = done_before + time.perf_counter() - t0
 
             # -- validation by real decoding on rank 0; everyone follows its decision
             val = task.validate() if main else None
@@ -252,17 +342,21 @@ def fit(task: Any, cfg: TrainConfig, dist: DistInfo, run_dir: str | Path, config
                              "epoch/lr": record["lr"], **{f"val/{k}": v for k, v in val.items()}}, state.step)
 
             # -- checkpoints (rank 0). RNG states are gathered from every rank for exact resume.
-            rngs = _gather_rng(dist)
+            if main and improved:
+                task.save(run_dir / "best", None)
+            save_last(torch.zeros(3, dtype=torch.float64), 0.0)
             if main:
-                if improved:
-                    task.save(run_dir / "best", None)
-                train_state = {"loop": asdict(state), "optimizer": optimizer.state_dict(),
-                               "scaler": scaler.state_dict() if use_scaler else None, "rng": rngs}
-                task.save(last_dir, train_state)
                 log.info("epoch %d: loss %.4f top5 %.3f | %s %.4f (best %.4f @ %d) | %.0f captions/s",
                          epoch + 1, train_loss, train_top5, cfg.select_metric, score, state.best_score,
                          state.best_epoch, record["captions_per_s"])
             barrier()
+            flag = torch.tensor([float(stop.requested)], device=device)
+            all_reduce_sum(flag)
+            if bool(flag[0] > 0):  # a signal during validation: RUN_DIR/last is this epoch's end
+                state.stopped_by_signal = True
+                if main:
+                    log.warning("stopped by a signal after epoch %d; continue with --resume", epoch + 1)
+                break
             if state.stopped_early and main:
                 log.info("early stop: %s did not improve for %d epochs", cfg.select_metric, state.bad_epochs)
             # -- time budget: stop at an epoch boundary (so resume stays exact) when the next epoch,
@@ -277,13 +371,13 @@ def fit(task: Any, cfg: TrainConfig, dist: DistInfo, run_dir: str | Path, config
                                  state.epoch, elapsed / 60)
                     break
     finally:
+        stop.__exit__()
         loggers.close()
     return state
 
 
-def _gather_rng(dist: DistInfo) -> list[dict[str, Any]]:
-    """Each rank's RNG state, collected on rank 0 (dropout differs per rank under DDP)."""
-    mine = rng_state()
+def _gather(mine: Any, dist: DistInfo) -> list[Any]:
+    """Every rank's `mine` (RNG states, loss sums: they differ per rank under DDP), on every rank."""
     if not dist.enabled:
         return [mine]
     import torch.distributed as tdist
