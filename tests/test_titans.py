@@ -179,6 +179,48 @@ def test_cached_greedy_and_beam_equal_uncached(kw):
     assert torch.allclose(b1.scores, b2.scores, atol=1e-4)
 
 
+@pytest.mark.filterwarnings("ignore:titans_mac")
+@pytest.mark.parametrize("beam", [1, 3])
+def test_finished_images_leave_the_batch(beam, monkeypatch):
+    """Images whose captions end early are dropped from the library cache mid-decoding; results do not change."""
+    import seesay.decoding as decoding
+
+    dec = tiny(neural_mem_heads=2, neural_memory_segment_len=3).eval()
+    ends = torch.tensor([1, 6, 2, 8, 3, 2])
+
+    class EndsAt:  # <end> near-impossible before ends[i] steps, near-certain from then on
+        def init_state(self, enc):
+            return dec.init_state(enc), ends.clone(), 0
+
+        def reorder_state(self, state, index):
+            return dec.reorder_state(state[0], index), state[1][index], state[2]
+
+        def step(self, prev, state):
+            rows.append(prev.shape[0])
+            logprobs, inner, att = dec.step(prev, state[0])
+            push = torch.where(state[1] <= state[2], 12.0, -12.0)
+            logprobs = torch.log_softmax(logprobs + push[:, None] * torch.nn.functional.one_hot(torch.tensor(EOS), V), -1)
+            return logprobs, (inner, state[1], state[2] + 1), att
+
+    def run():
+        enc = enc_of(6)
+        if beam == 1:
+            return greedy(EndsAt(), enc, bos=BOS, eos=EOS, max_len=10)
+        return beam_search(EndsAt(), enc, bos=BOS, eos=EOS, beam_size=beam, max_len=10)
+
+    from seesay.decoding import beam_search, greedy
+
+    rows: list[int] = []
+    shrunk = run()
+    assert min(rows) < 6 * beam
+    monkeypatch.setattr(decoding._Active, "COMPACT_FRACTION", 2.0)
+    rows = []
+    full = run()
+    assert set(rows) == {6 * beam}
+    assert torch.equal(shrunk.tokens, full.tokens) and torch.equal(shrunk.lengths, full.lengths)
+    assert torch.allclose(shrunk.scores, full.scores, atol=1e-5)
+
+
 def test_issue_64_memory_parameters_are_untied_and_train():
     from safetensors.torch import load_file, save_file
 
