@@ -141,3 +141,16 @@ def test_cli_one_line_error(capsys):
     assert cli.main(["demo", "--minutes", "-1", "--output", "unused"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("seesay demo: error:") and len(err.splitlines()) == 1
+
+
+def test_ctrl_c_in_training_stops_the_demo(monkeypatch, tmp_path, caplog):
+    """A training run stopped by Ctrl-C (step finished, run/last saved) ends the demo: no evaluation of a half-run."""
+    import seesay.train.caption_task as ct
+
+    monkeypatch.setattr(ct, "train_captioner", lambda cfg: types.SimpleNamespace(
+        epoch=0, best_score=float("-inf"), best_epoch=-1, stopped_early=False, stopped_by_signal=True))
+    cfg = demo_mod.demo_config()
+    cfg.train.output = str(tmp_path / "run")
+    with pytest.raises(KeyboardInterrupt):
+        demo_mod.train_demo_model(cfg, minutes=1)
+    assert "seesay demo --resume" in caplog.text

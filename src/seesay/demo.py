@@ -166,6 +166,9 @@ def train_demo_model(cfg: Any, minutes: float, *, resume: bool = False) -> dict[
     cfg.train.max_minutes = float(minutes)
     cfg.train.resume = resume
     state = train_captioner(cfg)
+    if getattr(state, "stopped_by_signal", False):  # Ctrl-C: the training step finished and run/last was saved
+        log.warning("training stopped; `seesay demo --resume` continues it")
+        raise KeyboardInterrupt
     epochs = int(state.epoch)
     seconds = time.perf_counter() - t0
     best_score, best_epoch, stopped = state.best_score, state.best_epoch, state.stopped_early
