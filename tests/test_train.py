@@ -388,3 +388,65 @@ def test_pairs_config_is_prepared_and_trained(tmp_path):
                "--workers", "0", "--no-progress", "--batch-size", "8", *DEC_SMALL, "--set", "train.val_max_len=6"])
     assert rc == 0
     assert (out / "data" / "manifest.json").is_file() and (out / "best" / "model.safetensors").is_file()
+
+
+class _SignalProbe(torch.utils.data.Dataset):
+    def __len__(self):
+        return 1
+
+    def __getitem__(self, i):
+        import signal
+
+        return int(signal.getsignal(signal.SIGINT) is signal.SIG_IGN), int(signal.getsignal(signal.SIGTERM) is signal.SIG_IGN)
+
+
+def test_data_workers_leave_ctrl_c_to_the_training_process(data_dir, tmp_path):
+    """A terminal's Ctrl-C reaches the DataLoader workers too; they must not die before the trainer saves."""
+    from seesay.train.caption_task import CaptionTask
+    from seesay.train.distributed import DistInfo
+
+    cfg = _cfg(data_dir, tmp_path / "run", epochs=1)
+    cfg.data.workers = 1
+    task = CaptionTask(cfg, DistInfo(), tmp_path / "run")
+    probe = torch.utils.data.DataLoader(_SignalProbe(), num_workers=1, worker_init_fn=task.loader.worker_init_fn)
+    assert [tuple(int(v) for v in b) for b in probe] == [(1, 1)]
+    assert next(iter(task.train_batches(0)))["captions"].shape[0] > 0  # the real loader runs with it
+
+
+def test_ctrl_c_on_the_command_line_with_data_workers(data_dir, tmp_path):
+    """SIGINT to the whole process group (a terminal's Ctrl-C), DataLoader workers included: the
+    command saves RUN_DIR/last and exits 130; --resume then finishes the run."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    run = tmp_path / "run"
+    args = [sys.executable, "-m", "seesay", "train", "--data", str(data_dir), "--output", str(run), "--device", "cpu",
+            "--workers", "2", "--no-progress", "--epochs", "400", "--save-every-steps", "1", "--batch-size", "20",
+            *DEC_SMALL, "--set", "train.tensorboard=false", "--set", "train.val_max_len=4"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(args, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
+    lines = []
+    for line in proc.stderr:  # wait until training is under way
+        lines.append(line)
+        if "inside epoch 2" in line:
+            break
+    os.killpg(proc.pid, signal.SIGINT)
+    t0 = time.monotonic()
+    _, rest = proc.communicate(timeout=120)
+    err = "".join(lines) + rest
+    assert proc.returncode == 130, err[-3000:]
+    assert time.monotonic() - t0 < 60
+    assert "stopping after this optimizer step" in err and "continue with --resume" in err
+    assert "Traceback" not in err and "exited unexpectedly" not in err
+    from seesay.checkpoint import load_train_state
+
+    loop = load_train_state(run / "last")["loop"]
+    assert loop["epoch"] >= 1 and (loop["stopped_by_signal"] or loop["batches_done"] == 0)  # (0: during validation)
+    resumed = subprocess.run([*args[:args.index("--epochs")], "--epochs", str(loop["epoch"] + 1),
+                              *args[args.index("--epochs") + 2:], "--resume"], capture_output=True, text=True, env=env,
+                             timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert load_train_state(run / "last")["loop"]["epoch"] == loop["epoch"] + 1

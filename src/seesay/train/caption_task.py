@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -94,6 +95,13 @@ def read_text_data(path: str | Path, vocab: Any, max_len: int) -> tuple[np.ndarr
         tokens[r, : len(row)] = row
         lengths[r] = len(row)
     return tokens, lengths
+
+
+def _worker_leaves_signals_to_trainer(worker_id: int) -> None:
+    """DataLoader workers ignore Ctrl-C and SIGTERM (a terminal or a scheduler sends them to every
+    process): the training process finishes its step, saves and stops, and then ends them."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 class SkippingSampler(Sampler):
@@ -277,7 +285,8 @@ class CaptionTask:
         self.loader = DataLoader(self.train_set, batch_size=batch_size, sampler=self.sampler, collate_fn=collate,
                                  num_workers=workers, pin_memory=self.device.type == "cuda",
                                  persistent_workers=workers > 0, drop_last=False,
-                                 generator=torch.Generator().manual_seed(cfg.train.seed))
+                                 generator=torch.Generator().manual_seed(cfg.train.seed),
+                                 worker_init_fn=_worker_leaves_signals_to_trainer)
 
         # -- text-only captions: language-model rows given an all-zero ("no image") encoding
         self.text_tokens: np.ndarray | None = None

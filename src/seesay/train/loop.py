@@ -248,6 +248,7 @@ def fit(task: Any, cfg: TrainConfig, dist: DistInfo, run_dir: str | Path, config
                 bar = tqdm(total=n_batches, initial=start, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch",
                            leave=False, dynamic_ncols=True)
             seen, t_window, n_window = 0, time.perf_counter(), 0
+            stop_now = False  # a stop every rank has agreed on
             optimizer.zero_grad(set_to_none=True)
             for i, batch in enumerate(batches, start=start):
                 if n_batches is not None and i >= n_batches:
@@ -287,21 +288,23 @@ def fit(task: Any, cfg: TrainConfig, dist: DistInfo, run_dir: str | Path, config
                 # -- inside-epoch checkpoint: every N steps, every M minutes, or on a stop signal
                 # (all ranks must agree: without DDP every step, with DDP every log_every steps)
                 due = bool(cfg.save_every_steps) and state.step % cfg.save_every_steps == 0
-                if not dist.enabled or state.step % max(cfg.log_every, 1) == 0:
-                    timed = cfg.save_every_minutes is not None and time.perf_counter() - t_saved >= cfg.save_every_minutes * 60
+                timed = cfg.save_every_minutes is not None and time.perf_counter() - t_saved >= cfg.save_every_minutes * 60
+                if not dist.enabled:
+                    stop_now, due = stop.requested, due or timed
+                elif state.step % max(cfg.log_every, 1) == 0:  # one small all-reduce (and sync) per log_every steps
                     flags = torch.tensor([float(stop.requested), float(timed)], device=device)
                     all_reduce_sum(flags)
-                    stop.requested, due = bool(flags[0] > 0), due or bool(flags[1] > 0)
-                if due or stop.requested:
-                    state.batches_done = i + 1
+                    stop_now, due = bool(flags[0] > 0), due or bool(flags[1] > 0)
+                if due or stop_now:
+                    state.batches_done, state.stopped_by_signal = i + 1, stop_now
                     save_last(totals, done_before + time.perf_counter() - t0)
                     if main:
                         log.info("saved %s inside epoch %d (%d batches, step %d)", last_dir, epoch + 1, i + 1, state.step)
-                if stop.requested:
+                if stop_now:
                     break
             if bar is not None:
                 bar.close()
-            if stop.requested:
+            if stop_now:
                 state.stopped_by_signal = True
                 if main:
                     log.warning("stopped by a signal in epoch %d; continue with --resume", epoch + 1)
