@@ -486,7 +486,7 @@ def _resolve_pairs_text(cfg: Config) -> None:
 
 def train_captioner(cfg: Config) -> Any:
     """Train a captioner as `cfg` says; returns the loop's final state. Handles torchrun DDP."""
-    from seesay.train.distributed import cleanup_distributed, setup_distributed
+    from seesay.train.distributed import barrier, cleanup_distributed, setup_distributed
     from seesay.train.loop import fit
     from seesay.train.state import seed_everything
 
@@ -523,6 +523,7 @@ def train_captioner(cfg: Config) -> Any:
         if dist.is_main:
             log.info("done: best %s %.4f at epoch %d; checkpoints in %s/best and %s/last", cfg.train.select_metric,
                      state.best_score, state.best_epoch, run_dir, run_dir)
+        barrier()  # a normal end: no rank tears the process group down while another still uses it
         return state
     finally:
         cleanup_distributed()

@@ -48,6 +48,9 @@ def setup_distributed(device: str = "auto") -> DistInfo:
 
 def cleanup_distributed() -> None:
     if dist.is_available() and dist.is_initialized():
+        import gc
+
+        gc.collect()  # DDP's reducer sits in reference cycles: free it while its process group still exists
         dist.destroy_process_group()
 
 
