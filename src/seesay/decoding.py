@@ -132,9 +132,8 @@ class _Active:
             return part
         return part.new_zeros((self.batch, *part.shape[1:])).index_copy_(0, self.ids, part)
 
-    def should_remove(self, done: Tensor) -> bool:
-        n = int(done.sum())
-        return n > 0 and n >= self.COMPACT_FRACTION * done.numel()
+    def should_remove(self, n_done: int, n_active: int) -> bool:
+        return n_done > 0 and n_done >= self.COMPACT_FRACTION * n_active
 
     def remove(self, done: Tensor, decoder: Any, state: Any, prev: Tensor, rows_per_image: int) -> tuple[Any, Tensor]:
         """Drop the images with `done` (over the active ones) from the decoder state and `prev`."""
@@ -175,9 +174,10 @@ def _autoregressive(decoder: Any, enc: EncoderOutput, pick, *, bos: int, eos: in
         done = ~alive | (tok == eos)
         finished = active.put(finished, done)
         prev = tok
-        if bool(done.all()):
+        n_done = int(done.sum())  # one host sync per step, as the stopping test needs anyway
+        if n_done == done.numel():
             break
-        if active.should_remove(done):
+        if active.should_remove(n_done, done.numel()):
             state, prev = active.remove(done, decoder, state, prev, 1)
     return _stack(tokens, attention, scores, lengths)
 
@@ -300,9 +300,10 @@ def beam_search(decoder: Any, enc: EncoderOutput, *, bos: int, eos: int, beam_si
         steps = t + 1
         # done: the pool is full and no live beam can still beat its worst entry
         done = (pool_a[:, -1] > float("-inf")) & (live_a[:, 0] / bound_lp <= pool_a[:, -1])
-        if bool(done.all()):
+        n_done = int(done.sum())  # one host sync per step, as the stopping test needs anyway
+        if n_done == done.numel():
             break
-        if active.should_remove(done):
+        if active.should_remove(n_done, done.numel()):
             # their live beams can no longer win: rule them out of the final choice
             live_scores = active.put(live_scores, live_a.masked_fill(done[:, None], float("-inf")))
             state, prev = active.remove(done, decoder, state, prev, K)
