@@ -251,6 +251,29 @@ def test_ctrl_c_saves_and_resumes_exactly(data_dir, tmp_path, monkeypatch):
         assert torch.equal(a[k], b[k]), k
 
 
+def test_resume_inside_an_epoch_needs_the_same_batches_and_sane_save_settings(data_dir, tmp_path, monkeypatch):
+    import signal
+
+    from seesay.train.caption_task import CaptionTask, train_captioner
+
+    original, calls = CaptionTask.training_step, {"n": 0}
+
+    def interrupted(self, batch, model):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            signal.raise_signal(signal.SIGINT)
+        return original(self, batch, model)
+
+    monkeypatch.setattr(CaptionTask, "training_step", interrupted)
+    assert train_captioner(_cfg(data_dir, tmp_path / "run", epochs=2)).stopped_by_signal
+    monkeypatch.undo()
+    with pytest.raises(SeesayError, match="same batches .*batch_size 20 -> 10"):
+        train_captioner(_cfg(data_dir, tmp_path / "run", epochs=2, resume=True, batch_size=10))
+    for bad in ({"save_every_steps": -1}, {"save_every_minutes": 0.0}):
+        with pytest.raises(SeesayError, match="save_every"):
+            train_captioner(_cfg(data_dir, tmp_path / "other", epochs=1, **bad))
+
+
 def test_frozen_encoder_runs_once_per_image(data_dir, tmp_path, monkeypatch):
     """With a frozen encoder an epoch never runs it: every image is encoded exactly once, total."""
     from seesay.encoders.cnn import SmallCNNEncoder

@@ -165,6 +165,13 @@ def fit(task: Any, cfg: TrainConfig, dist: DistInfo, run_dir: str | Path, config
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
 
+    if cfg.save_every_steps < 0:
+        raise SeesayError(f"train.save_every_steps must be >= 0 (0: off), not {cfg.save_every_steps}")
+    if cfg.save_every_minutes is not None and cfg.save_every_minutes <= 0:
+        raise SeesayError(f"train.save_every_minutes must be > 0, not {cfg.save_every_minutes}")
+    # what an epoch's batches depend on: a save inside an epoch resumes only with the same
+    layout = {"batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum, "processes": dist.world_size}
+
     # -- resume: weights first (before DDP broadcasts rank 0's), then optimizer/RNG below
     state = LoopState()
     resume_state = None
@@ -200,11 +207,12 @@ def fit(task: Any, cfg: TrainConfig, dist: DistInfo, run_dir: str | Path, config
         optimizer.load_state_dict(resume_state["optimizer"])
         if resume_state.get("scaler"):
             scaler.load_state_dict(resume_state["scaler"])
-        mine = min(dist.rank, len(resume_state["rng"]) - 1)
-        set_rng_state(resume_state["rng"][mine])
-        if state.batches_done and len(resume_state["rng"]) != dist.world_size:
-            raise SeesayError(f"{last_dir} was saved inside an epoch by {len(resume_state['rng'])} processes; "
-                              f"resume it with the same number (not {dist.world_size})")
+        set_rng_state(resume_state["rng"][min(dist.rank, len(resume_state["rng"]) - 1)])
+        saved_layout = resume_state.get("layout") or {}
+        changed = [f"{k} {saved_layout[k]} -> {v}" for k, v in layout.items() if k in saved_layout and saved_layout[k] != v]
+        if state.batches_done and changed:  # skipping the trained batches needs the same batches
+            raise SeesayError(f"{last_dir} was saved inside an epoch; resume it with the same batches "
+                              f"({', '.join(changed)})")
 
     loggers = _Loggers(run_dir, cfg, config_dict, enabled=main)
     params = [p for g in optimizer.param_groups for p in g["params"]]
@@ -221,7 +229,7 @@ def fit(task: Any, cfg: TrainConfig, dist: DistInfo, run_dir: str | Path, config
             train_state = {"loop": asdict(state), "optimizer": optimizer.state_dict(),
                            "scaler": scaler.state_dict() if use_scaler else None,
                            "rng": [g["rng"] for g in gathered], "totals": [g["totals"] for g in gathered],
-                           "epoch_seconds": epoch_seconds}
+                           "epoch_seconds": epoch_seconds, "layout": layout}
             task.save(last_dir, train_state)
         t_saved = time.perf_counter()
 
