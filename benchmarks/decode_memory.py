@@ -14,28 +14,33 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
 import subprocess
 import sys
 
-CHILD = r"""
-import json, resource, sys, torch
+import torch
+from decode_throughput import PRESETS, decoder_kwargs  # same directory: the same model sizes
+
 from seesay.decoding import beam_search
 from seesay.encoders.base import EncoderOutput
 from seesay.registry import build_decoder
-name, images, beam, steps = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
-torch.set_num_threads(1)
-torch.manual_seed(0)
-kw = {"d_model": 512, "heads": 8, "layers": 3, "ff_dim": 2048} if name == "transformer" else \
-     {"embed_dim": 512, "decoder_dim": 512, **({} if name == "show_tell" else {"attention_dim": 512})}
-dec = build_decoder(name, vocab_size=10000, enc_dim=2048, **kw).eval()
-enc = EncoderOutput(torch.randn(images, 196, 2048), torch.randn(images, 2048), (14, 14))
-with torch.inference_mode():
-    beam_search(dec, enc.index_select(torch.arange(1)), bos=1, eos=10001, beam_size=beam, max_len=2)  # warm-up
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    beam_search(dec, enc, bos=1, eos=10001, beam_size=beam, max_len=steps)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-print(json.dumps({"peak_rss_mib": round(peak / 1024), "added_by_search_mib": round((peak - before) / 1024)}))
-"""
+
+
+def measure(name: str, images: int, beam: int, steps: int) -> dict:
+    """Run in a fresh process: the peak RSS one beam search adds."""
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    p = PRESETS["tutorial"]
+    dec = build_decoder(name, vocab_size=p["vocab"], enc_dim=p["enc_dim"], **decoder_kwargs(name, p["dims"])).eval()
+    g = p["grid"]
+    enc = EncoderOutput(torch.randn(images, g * g, p["enc_dim"]), torch.randn(images, p["enc_dim"]), (g, g))
+    common = {"bos": 1, "eos": p["vocab"] + 1, "beam_size": beam}  # <end> unreachable
+    with torch.inference_mode():
+        beam_search(dec, enc.index_select(torch.arange(1)), max_len=2, **common)  # warm-up
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        beam_search(dec, enc, max_len=steps, **common)
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {"peak_rss_mib": round(peak / 1024), "added_by_search_mib": round((peak - before) / 1024)}
 
 
 def main() -> None:
@@ -45,11 +50,18 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=100, help="images in the batch")
     parser.add_argument("--beam-size", type=int, default=5, help="beams per image")
     parser.add_argument("--steps", type=int, default=5, help="decoding steps (<end> is unreachable)")
+    parser.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: measure this decoder here
     args = parser.parse_args()
+    if args.one:
+        print(json.dumps(measure(args.one, args.images, args.beam_size, args.steps)))
+        return
+    p = PRESETS["tutorial"]
     out = {"images": args.images, "beam_size": args.beam_size, "steps": args.steps,
-           "sizes": "tutorial: 14x14x2048 grid, 512 wide, vocabulary 10000", "results": {}}
+           "sizes": f"tutorial: {p['grid']}x{p['grid']}x{p['enc_dim']} grid, {p['dims']} wide, vocabulary {p['vocab']}",
+           "results": {}}
     for name in args.decoders:
-        run = subprocess.run([sys.executable, "-c", CHILD, name, str(args.images), str(args.beam_size), str(args.steps)],
+        run = subprocess.run([sys.executable, __file__, "--one", name, "--images", str(args.images),
+                              "--beam-size", str(args.beam_size), "--steps", str(args.steps)],
                              capture_output=True, text=True, check=True)
         out["results"][name] = json.loads(run.stdout.strip().splitlines()[-1])
         print(f"{name}: {out['results'][name]}", file=sys.stderr, flush=True)

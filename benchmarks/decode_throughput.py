@@ -66,16 +66,11 @@ def timed(fn, device: torch.device, repeats: int = 1) -> float:
     return best
 
 
-def bench_decoder(name: str, preset: dict, args: argparse.Namespace, device: torch.device) -> dict:
-    torch.manual_seed(0)
-    V = preset["vocab"]
-    dec = build_decoder(name, vocab_size=V, enc_dim=preset["enc_dim"], **decoder_kwargs(name, preset["dims"]))
-    dec = dec.to(device).eval()
-    n, g = args.images, preset["grid"]
-    enc = EncoderOutput(torch.randn(n, g * g, preset["enc_dim"], device=device),
-                        torch.randn(n, preset["enc_dim"], device=device), (g, g))
-    common = {"bos": 1, "eos": V + 1, "max_len": args.max_len}  # <end> unreachable: fixed work
-    greedy(dec, enc.index_select(torch.arange(2, device=device)), **common)  # warm-up
+def time_decoding(dec, enc: EncoderOutput, common: dict, args: argparse.Namespace, device: torch.device) -> dict:
+    """captions/s of greedy, beam 3 and beam 5 over all images of `enc` in one batch, and of beam 5
+    one image at a time over the first `--sequential-images`, with their ratio."""
+    n = enc.grid.shape[0]
+    greedy(dec, enc.index_select(torch.arange(min(2, n), device=device)), **common)  # warm-up
     out: dict = {}
     s = timed(lambda: greedy(dec, enc, **common), device, args.repeats)
     out["greedy_captions_per_s"] = round(n / s, 2)
@@ -91,6 +86,19 @@ def bench_decoder(name: str, preset: dict, args: argparse.Namespace, device: tor
     s = timed(one_at_a_time, device, args.repeats)
     out["beam5_one_at_a_time_captions_per_s"] = round(m / s, 2)
     out["beam5_batched_speedup"] = round(out["beam5_captions_per_s"] / out["beam5_one_at_a_time_captions_per_s"], 2)
+    return out
+
+
+def bench_decoder(name: str, preset: dict, args: argparse.Namespace, device: torch.device) -> dict:
+    torch.manual_seed(0)
+    V = preset["vocab"]
+    dec = build_decoder(name, vocab_size=V, enc_dim=preset["enc_dim"], **decoder_kwargs(name, preset["dims"]))
+    dec = dec.to(device).eval()
+    n, g = args.images, preset["grid"]
+    enc = EncoderOutput(torch.randn(n, g * g, preset["enc_dim"], device=device),
+                        torch.randn(n, preset["enc_dim"], device=device), (g, g))
+    common = {"bos": 1, "eos": V + 1, "max_len": args.max_len}  # <end> unreachable: fixed work
+    out = time_decoding(dec, enc, common, args, device)
     if name == "transformer":
         tokens = n * args.max_len
         out["greedy_tokens_per_s_cached"] = round(tokens / timed(lambda: greedy(dec, enc, **common), device, args.repeats), 1)
@@ -114,26 +122,12 @@ def bench_trained(args: argparse.Namespace, device: torch.device) -> dict:
     images = torch.from_numpy(np.ascontiguousarray(np.asarray(split.images[:n]).transpose(0, 3, 1, 2)))
     model, vocab = ck.model.to(device).eval(), ck.vocab
     enc = model.encode(images.to(device))
-    dec = model.decoder
     common = {"bos": vocab.start_id, "eos": vocab.end_id, "max_len": args.max_len}
-    greedy(dec, enc.index_select(torch.arange(min(2, n), device=device)), **common)  # warm-up
     out: dict = {"checkpoint": str(args.checkpoint), "split": args.split, "images": n,
                  "decoder": ck.config.get("model", {}).get("decoder") if isinstance(ck.config, dict) else None}
-    s = timed(lambda: greedy(dec, enc, **common), device, args.repeats)
-    out["greedy_captions_per_s"] = round(n / s, 2)
-    for k in (3, 5):
-        s = timed(lambda k=k: beam_search(dec, enc, beam_size=k, **common), device, args.repeats)
-        out[f"beam{k}_captions_per_s"] = round(n / s, 2)
-    out["beam5_mean_length"] = round(float(beam_search(dec, enc, beam_size=5, **common).lengths.float().mean()), 2)
-    m = min(args.sequential_images, n)
-
-    def one_at_a_time() -> None:
-        for i in range(m):
-            beam_search(dec, enc.index_select(torch.tensor([i], device=device)), beam_size=5, **common)
-
-    s = timed(one_at_a_time, device, args.repeats)
-    out["beam5_one_at_a_time_captions_per_s"] = round(m / s, 2)
-    out["beam5_batched_speedup"] = round(out["beam5_captions_per_s"] / out["beam5_one_at_a_time_captions_per_s"], 2)
+    out.update(time_decoding(model.decoder, enc, common, args, device))
+    lengths = beam_search(model.decoder, enc, beam_size=5, **common).lengths
+    out["beam5_mean_length"] = round(float(lengths.float().mean()), 2)
     return out
 
 

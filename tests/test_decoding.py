@@ -213,10 +213,12 @@ def test_transformer_attention_layer_choice():
 
 class EndsAt:
     """Wraps a decoder: image i's captions end around step ends[i] (<end> made near-impossible
-    before it and near-certain from it on), and each step's number of rows is recorded."""
+    before it and near-certain from it on), and each step's number of rows is recorded.
+    (Also used by test_titans.py.)"""
 
-    def __init__(self, dec, ends):
+    def __init__(self, dec, ends, vocab_size=V, eos=EOS):
         self.dec, self.ends, self.rows = dec, ends, []
+        self.eos_column = torch.nn.functional.one_hot(torch.tensor(eos), vocab_size)
 
     def init_state(self, enc):
         return {"inner": self.dec.init_state(enc), "end": self.ends.clone(), "t": 0}
@@ -228,7 +230,7 @@ class EndsAt:
         self.rows.append(prev.shape[0])
         logprobs, inner, att = self.dec.step(prev, state["inner"])
         push = torch.where(state["end"] <= state["t"], 12.0, -12.0)
-        logprobs = torch.log_softmax(logprobs + push[:, None] * torch.nn.functional.one_hot(torch.tensor(EOS), V), -1)
+        logprobs = torch.log_softmax(logprobs + push[:, None] * self.eos_column, -1)
         return logprobs, {"inner": inner, "end": state["end"], "t": state["t"] + 1}, att
 
 

@@ -184,38 +184,26 @@ def test_cached_greedy_and_beam_equal_uncached(kw):
 def test_finished_images_leave_the_batch(beam, monkeypatch):
     """Images whose captions end early are dropped from the library cache mid-decoding; results do not change."""
     import seesay.decoding as decoding
+    from seesay.decoding import beam_search, greedy
+
+    try:  # tests/ is not a package: pytest puts it on sys.path (rootdir-relative "prepend" import)
+        from test_decoding import EndsAt
+    except ImportError:  # pragma: no cover - a package layout
+        from .test_decoding import EndsAt
 
     dec = tiny(neural_mem_heads=2, neural_memory_segment_len=3).eval()
     ends = torch.tensor([1, 6, 2, 8, 3, 2])
 
-    class EndsAt:  # <end> near-impossible before ends[i] steps, near-certain from then on
-        def init_state(self, enc):
-            return dec.init_state(enc), ends.clone(), 0
-
-        def reorder_state(self, state, index):
-            return dec.reorder_state(state[0], index), state[1][index], state[2]
-
-        def step(self, prev, state):
-            rows.append(prev.shape[0])
-            logprobs, inner, att = dec.step(prev, state[0])
-            push = torch.where(state[1] <= state[2], 12.0, -12.0)
-            logprobs = torch.log_softmax(logprobs + push[:, None] * torch.nn.functional.one_hot(torch.tensor(EOS), V), -1)
-            return logprobs, (inner, state[1], state[2] + 1), att
-
     def run():
-        enc = enc_of(6)
+        wrapped = EndsAt(dec, ends, V, EOS)
         if beam == 1:
-            return greedy(EndsAt(), enc, bos=BOS, eos=EOS, max_len=10)
-        return beam_search(EndsAt(), enc, bos=BOS, eos=EOS, beam_size=beam, max_len=10)
+            return greedy(wrapped, enc_of(6), bos=BOS, eos=EOS, max_len=10), wrapped.rows
+        return beam_search(wrapped, enc_of(6), bos=BOS, eos=EOS, beam_size=beam, max_len=10), wrapped.rows
 
-    from seesay.decoding import beam_search, greedy
-
-    rows: list[int] = []
-    shrunk = run()
+    shrunk, rows = run()
     assert min(rows) < 6 * beam
     monkeypatch.setattr(decoding._Active, "COMPACT_FRACTION", 2.0)
-    rows = []
-    full = run()
+    full, rows = run()
     assert set(rows) == {6 * beam}
     assert torch.equal(shrunk.tokens, full.tokens) and torch.equal(shrunk.lengths, full.lengths)
     assert torch.allclose(shrunk.scores, full.scores, atol=1e-5)

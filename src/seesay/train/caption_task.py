@@ -487,9 +487,10 @@ def _resolve_pairs_text(cfg: Config) -> None:
 def train_captioner(cfg: Config) -> Any:
     """Train a captioner as `cfg` says; returns the loop's final state. Handles torchrun DDP."""
     from seesay.train.distributed import barrier, cleanup_distributed, setup_distributed
-    from seesay.train.loop import fit
+    from seesay.train.loop import check_config, fit
     from seesay.train.state import seed_everything
 
+    check_config(cfg.train)  # before features are computed, which can take long
     dist = setup_distributed(cfg.train.device)
     try:
         _resolve_pairs_text(cfg)

@@ -157,6 +157,14 @@ def _set_lr_scale(optimizer: torch.optim.Optimizer, factor: float) -> None:
         group["lr"] *= factor
 
 
+def check_config(cfg: TrainConfig) -> None:
+    """One-line errors for loop settings that cannot work (callers may check before slow set-up)."""
+    if cfg.save_every_steps < 0:
+        raise SeesayError(f"train.save_every_steps must be >= 0 (0: off), not {cfg.save_every_steps}")
+    if cfg.save_every_minutes is not None and cfg.save_every_minutes <= 0:
+        raise SeesayError(f"train.save_every_minutes must be > 0, not {cfg.save_every_minutes}")
+
+
 def fit(task: Any, cfg: TrainConfig, dist: DistInfo, run_dir: str | Path, config_dict: dict[str, Any]) -> LoopState:
     """Train `task` for `cfg.epochs` epochs (or until early stopping); return the final state."""
     run_dir = Path(run_dir)
@@ -165,10 +173,7 @@ def fit(task: Any, cfg: TrainConfig, dist: DistInfo, run_dir: str | Path, config
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
 
-    if cfg.save_every_steps < 0:
-        raise SeesayError(f"train.save_every_steps must be >= 0 (0: off), not {cfg.save_every_steps}")
-    if cfg.save_every_minutes is not None and cfg.save_every_minutes <= 0:
-        raise SeesayError(f"train.save_every_minutes must be > 0, not {cfg.save_every_minutes}")
+    check_config(cfg)
     # what an epoch's batches depend on: a save inside an epoch resumes only with the same
     layout = {"batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum, "processes": dist.world_size}
 
@@ -300,9 +305,8 @@ def fit(task: Any, cfg: TrainConfig, dist: DistInfo, run_dir: str | Path, config
                 if not dist.enabled:
                     stop_now, due = stop.requested, due or timed
                 elif state.step % max(cfg.log_every, 1) == 0:  # one small all-reduce (and sync) per log_every steps
-                    flags = torch.tensor([float(stop.requested), float(timed)], device=device)
-                    all_reduce_sum(flags)
-                    stop_now, due = bool(flags[0] > 0), due or bool(flags[1] > 0)
+                    stop_now, timed = _any_rank([stop.requested, timed], device)
+                    due = due or timed
                 if due or stop_now:
                     state.batches_done, state.stopped_by_signal = i + 1, stop_now
                     save_last(totals, done_before + time.perf_counter() - t0)
@@ -361,9 +365,7 @@ def fit(task: Any, cfg: TrainConfig, dist: DistInfo, run_dir: str | Path, config
                          epoch + 1, train_loss, train_top5, cfg.select_metric, score, state.best_score,
                          state.best_epoch, record["captions_per_s"])
             barrier()
-            flag = torch.tensor([float(stop.requested)], device=device)
-            all_reduce_sum(flag)
-            if bool(flag[0] > 0):  # a signal during validation: RUN_DIR/last is this epoch's end
+            if _any_rank([stop.requested], device)[0]:  # a signal during validation: RUN_DIR/last is this epoch's end
                 state.stopped_by_signal = True
                 if main:
                     log.warning("stopped by a signal after epoch %d; continue with --resume", epoch + 1)
@@ -385,6 +387,13 @@ def fit(task: Any, cfg: TrainConfig, dist: DistInfo, run_dir: str | Path, config
         stop.__exit__()
         loggers.close()
     return state
+
+
+def _any_rank(flags: list[bool], device: torch.device) -> list[bool]:
+    """Each flag, true when it is true on any rank (ranks act on stops and saves together)."""
+    t = torch.tensor([float(f) for f in flags], device=device)
+    all_reduce_sum(t)
+    return [bool(v > 0) for v in t.tolist()]
 
 
 def _gather(mine: Any, dist: DistInfo) -> list[Any]:
