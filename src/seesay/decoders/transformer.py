@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from seesay.decoders.base import Decoder, DecoderOutput
 from seesay.decoders.common import image_ids, reorder_rows
 from seesay.encoders.base import EncoderOutput
+from seesay.layers.attention import rows_per_image
 from seesay.layers.embedding import WordEmbedding
 from seesay.layers.positional import sinusoid, sinusoid_2d
 from seesay.registry import register_decoder
@@ -69,9 +70,7 @@ class DecoderLayer(nn.Module):
         """
         R, H, T, K = q.shape
         M = mem_k.shape[0]
-        if M == 0 or R % M:
-            raise ValueError(f"{R} decoder rows do not split evenly over {M} images")
-        G = R // M
+        G = rows_per_image(M, R)
         if G > 1:
             q = q.view(M, G, H, T, K).transpose(1, 2).reshape(M, H, G * T, K)
         attention = None

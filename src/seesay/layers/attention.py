@@ -21,7 +21,8 @@ from torch import Tensor, nn
 CPU_CHUNK_ELEMENTS = 1 << 17
 
 
-def _groups(memory_rows: int, rows: int) -> int:
+def rows_per_image(memory_rows: int, rows: int) -> int:
+    """G for a step over `rows` = G * `memory_rows` image-major decoder rows (G beams per image)."""
     if memory_rows == 0 or rows % memory_rows:
         raise ValueError(f"{rows} decoder rows do not split evenly over {memory_rows} images")
     return rows // memory_rows
@@ -71,7 +72,7 @@ class AdditiveAttention(nn.Module):
         """
         M, N, _ = grid.shape
         R = h.shape[0]
-        G = _groups(M, R)
+        G = rows_per_image(M, R)
         # in place: the (M, G, N, A) sum is the largest tensor of a beam step, and a second copy
         # of it costs ~2x batched decoding speed on CPU (measured, benchmarks/decode_throughput.py)
         e = grouped_scores(grid_proj, self.dec_proj(h).view(M, G, -1), torch.relu_, self.score)  # (M, G, N)
@@ -105,7 +106,7 @@ class SentinelAttention(nn.Module):
         """
         M, N, _ = grid.shape
         R = h.shape[0]
-        G = _groups(M, R)
+        G = rows_per_image(M, R)
         g = self.g_proj(h)  # (R, A)
         z = grouped_scores(grid_proj, g.view(M, G, -1), torch.tanh_, self.score).view(R, N)
         z_s = self.score(torch.tanh(self.s_proj(sentinel) + g))  # (R, 1)
