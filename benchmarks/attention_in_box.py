@@ -92,8 +92,8 @@ def build_and_train(args: argparse.Namespace) -> tuple[Path, Path, dict[str, Any
     cfg.encoder.options = {"width": args.width, "encoded_size": args.encoded_size, "image_size": args.image_size}
     cfg.decoder.name = args.decoder
     cfg.decoder.lr = args.lr
-    cfg.decoder.alpha_c = args.alpha_c
-    cfg.decoder.options = {"embed_dim": 128, "attention_dim": 128, "decoder_dim": args.decoder_dim, "dropout": 0.3}
+    cfg.decoder.options = {"embed_dim": 128, "attention_dim": 128, "decoder_dim": args.decoder_dim, "dropout": 0.3,
+                           "alpha_c": args.alpha_c}
     cfg.train.output = str(run_dir)
     cfg.train.epochs = args.epochs
     cfg.train.batch_size = args.batch_size
@@ -119,6 +119,7 @@ def measure(checkpoint: str | Path, data_dir: str | Path, *, split: str = "test"
             max_images: int = 0, batch_size: int = 64) -> dict[str, Any]:
     from seesay.checkpoint import load_checkpoint
     from seesay.data.store import open_prepared
+    from seesay.decoding import Greedy
     from seesay.viz.attention import split_attention
     from seesay.viz.visualize import resolve_device
 
@@ -135,7 +136,7 @@ def measure(checkpoint: str | Path, data_dir: str | Path, *, split: str = "test"
         x = torch.from_numpy(imgs).permute(0, 3, 1, 2).contiguous().to(dev)
         with torch.no_grad():
             enc = model.encode(x)
-            res = model.generate(enc, bos=vocab.start_id, eos=vocab.end_id, max_len=30, beam_size=1)
+            res = model.generate(enc, Greedy(), max_len=30)
         if res.attention is None:
             raise SystemExit("this model returns no attention")
         h, w = enc.grid_hw
@@ -184,7 +185,7 @@ def measure(checkpoint: str | Path, data_dir: str | Path, *, split: str = "test"
     out["all"] = _summary(total)
     out["images"] = n
     out["grid"] = [int(h), int(w)]
-    out["decoder"] = (model.spec or {}).get("decoder", {}).get("name")
+    out["decoder"] = model.spec().get("decoder", {}).get("name")
     return out
 
 

@@ -120,9 +120,9 @@ def bench_trained(args: argparse.Namespace, device: torch.device) -> dict:
     split = open_split(args.data, args.split)
     n = min(args.images, len(split))
     images = torch.from_numpy(np.ascontiguousarray(np.asarray(split.images[:n]).transpose(0, 3, 1, 2)))
-    model, vocab = ck.model.to(device).eval(), ck.vocab
+    model, tok = ck.model.to(device).eval(), ck.tokenizer
     enc = model.encode(images.to(device))
-    common = {"bos": vocab.start_id, "eos": vocab.end_id, "max_len": args.max_len}
+    common = {"bos": tok.bos_id, "eos": tok.eos_id, "pad": tok.pad_id, "max_len": args.max_len}
     out: dict = {"checkpoint": str(args.checkpoint), "split": args.split, "images": n,
                  "decoder": ck.config.get("model", {}).get("decoder") if isinstance(ck.config, dict) else None}
     out.update(time_decoding(model.decoder, enc, common, args, device))

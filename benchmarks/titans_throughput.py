@@ -7,7 +7,9 @@ Prints one JSON object: for every size, tokens/s of greedy decoding through
 `seesay.decoding.greedy` with the library's cache (`cached`) and with full recomputation every
 step (`uncached`), beam-3 captions/s (cached), and teacher-forced training tokens/s
 (forward + backward + AdamW). `--multimodal` adds MultimodalMAC.generate at the sizes of the
-README example (ViT-B/16, text_dim 384, depth 8, segment_len 32) or tiny ones on CPU.
+README example (ViT-B/16, text_dim 384, depth 8, segment_len 32) or tiny ones on CPU: the
+token-level call (cached and uncached) and the captioner call (greedy tokens/s, beam-3
+captions/s; these may stop early at the byte tokenizer's eos).
 Decoding runs exactly --steps steps (the <end> id is unreachable), so tokens = batch x steps.
 """
 
@@ -122,6 +124,14 @@ def bench_multimodal(args, device: torch.device) -> dict:
                                                 max_length=prompt.shape[1] + new, temperature=0,
                                                 use_cache=m == "cached"), device, 1)
         out[f"generate_{mode}_tokens_per_s"] = round(b * new / t, 1)
+    # the captioner call (image tokens, bos, caption), through the same decode(); it may stop at eos early
+    from seesay.decoding import Beam, Greedy
+
+    got = {}
+    t = timed(lambda: got.setdefault("greedy", model.generate(images[:, 0], Greedy(), max_len=new)), device, 1)
+    out["caption_greedy_tokens_per_s"] = round(int(got["greedy"].lengths.sum()) / t, 1)
+    t = timed(lambda: model.generate(images[:, 0], Beam(3), max_len=new), device, 1)
+    out["caption_beam3_captions_per_s"] = round(b / t, 2)
     return out
 
 

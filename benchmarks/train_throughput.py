@@ -29,7 +29,7 @@ import torch
 
 from seesay.encoders.base import EncoderOutput
 from seesay.model import build_model
-from seesay.train.caption_task import caption_loss
+from seesay.train.objectives import token_cross_entropy as caption_loss
 
 CPI = 5  # captions per image
 

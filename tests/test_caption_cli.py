@@ -11,9 +11,11 @@ import pytest
 import torch
 
 from seesay import cli
-from seesay.caption import caption_files, caption_images
+from seesay.caption import caption_files
+from seesay.captioner import caption_images
 from seesay.checkpoint import load_checkpoint, save_checkpoint
 from seesay.data.tokenize import SPECIALS, Vocab
+from seesay.decoding import Beam
 from seesay.model import build_model
 
 torch.set_num_threads(1)
@@ -28,12 +30,11 @@ def checkpoint(tmp_path_factory):
     spec = {"encoder": {"name": "small_cnn", "width": 8, "encoded_size": 4, "image_size": 32},
             "decoder": {"name": "soft_attention", "vocab_size": len(vocab), "embed_dim": 16, "attention_dim": 16,
                         "decoder_dim": 16, "dropout": 0.0}}
-    model = build_model(spec).eval()
+    model = build_model(spec, tokenizer=vocab, image_size=32).eval()
     with torch.no_grad():  # make "a red circle <end>" the most likely caption so outputs are non-empty
         model.decoder.fc.bias[vocab.end_id] -= 3.0
     path = root / "best"
-    save_checkpoint(path, model=model, vocab=vocab, config={},
-                    preprocess={"encoder": model.preprocess.to_dict(), "image_size": 32})
+    save_checkpoint(path, model=model, config={})
     return path
 
 
@@ -64,18 +65,18 @@ def run_cli(args, capsys):
 
 def test_caption_files_matches_model_generate(checkpoint, images):
     paths, _ = images
-    results = caption_files(checkpoint, paths, beam_size=3, max_len=8, batch_size=2, device="cpu")
+    results = caption_files(checkpoint, paths, Beam(3), max_len=8, batch_size=2, device="cpu")
     assert [r.image for r in results] == paths
     ckpt = load_checkpoint(checkpoint)
     from seesay.data.images import load_image_rgb
 
     batch = torch.from_numpy(np.stack([load_image_rgb(p, 32) for p in paths])).permute(0, 3, 1, 2)
-    direct = caption_images(ckpt.model, ckpt.vocab, batch, beam_size=3, max_len=8)
+    direct = caption_images(ckpt.model, batch, Beam(3), max_len=8)
     for r, d in zip(results, direct):
         assert r.error is None
-        assert r.caption == d["caption"] and r.tokens == d["tokens"]
-        assert r.score == pytest.approx(d["score"], abs=1e-5)
-        assert d["attention"].shape == (len(d["tokens"]), 16)
+        assert r.caption == d.caption and r.tokens == d.tokens
+        assert r.score == pytest.approx(d.score, abs=1e-5)
+        assert d.attention.shape == (len(d.tokens), 16)
 
 
 def test_cli_plain_json_and_output(checkpoint, images, tmp_path, capsys):

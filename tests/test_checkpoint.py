@@ -35,36 +35,35 @@ def _model():
     from seesay.model import build_model
 
     torch.manual_seed(0)
-    return build_model(SPEC)
+    return build_model(SPEC, tokenizer=_vocab(), image_size=32)
 
 
 def test_round_trip(tmp_path):
     model = _model()
     vocab = _vocab()
-    pre = {"encoder": model.preprocess.to_dict(), "image_size": 32}
-    path = save_checkpoint(tmp_path / "best", model=model, vocab=vocab, config={"train": {"epochs": 1}},
-                           preprocess=pre)
+    pre = {"encoder": model.encoder.preprocess.to_dict(), "image_size": 32}
+    path = save_checkpoint(tmp_path / "best", model=model, config={"train": {"epochs": 1}})
     assert sorted(p.name for p in path.iterdir()) == ["config.json", "model.safetensors", "preprocess.json",
-                                                       "vocab.json"]
+                                                       "tokenizer"]
+    assert sorted(p.name for p in (path / "tokenizer").iterdir()) == ["tokenizer.json"]
     ck = load_checkpoint(path)
     assert not ck.model.training
-    assert ck.config["model"] == SPEC and ck.config["train"] == {"epochs": 1}
+    assert ck.config["model"] == {**SPEC, "captioner": "encoder_decoder"} and ck.config["train"] == {"epochs": 1}
     assert ck.preprocess == json.loads(json.dumps(pre))
     assert ck.vocab == vocab
     for (k, a), (k2, b) in zip(model.state_dict().items(), ck.model.state_dict().items()):
         assert k == k2 and torch.equal(a, b)
     images = torch.randint(0, 255, (2, 3, 32, 32), dtype=torch.uint8)
     model.eval()
-    r1 = model.generate(images, bos=1, eos=2, max_len=5)
-    r2 = ck.model.generate(images, bos=1, eos=2, max_len=5)
+    r1 = model.generate(images, max_len=5)
+    r2 = ck.model.generate(images, max_len=5)
     assert torch.equal(r1.tokens, r2.tokens)
 
 
 def test_atomic_replace_leaves_no_temp(tmp_path):
     model, vocab = _model(), _vocab()
-    pre = {"encoder": model.preprocess.to_dict(), "image_size": 32}
     for epoch in range(3):
-        save_checkpoint(tmp_path / "last", model=model, vocab=vocab, config={"epoch": epoch}, preprocess=pre,
+        save_checkpoint(tmp_path / "last", model=model, tokenizer=vocab, config={"epoch": epoch},
                         train_state={"loop": {"epoch": epoch}})
     assert [p.name for p in tmp_path.iterdir()] == ["last"]
     assert json.loads((tmp_path / "last" / "config.json").read_text())["epoch"] == 2
@@ -85,8 +84,7 @@ def test_errors_are_one_line(tmp_path):
 
 def test_mismatched_weights_error(tmp_path):
     model, vocab = _model(), _vocab()
-    path = save_checkpoint(tmp_path / "ck", model=model, vocab=vocab, config={},
-                           preprocess={"encoder": model.preprocess.to_dict(), "image_size": 32})
+    path = save_checkpoint(tmp_path / "ck", model=model, tokenizer=vocab, config={})
     cfg = json.loads((path / "config.json").read_text())
     cfg["model"]["decoder"]["decoder_dim"] = 16
     (path / "config.json").write_text(json.dumps(cfg))

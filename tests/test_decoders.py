@@ -5,26 +5,20 @@ from __future__ import annotations
 import pytest
 import torch
 
+from conftest import tiny_decoder
 from seesay.decoding import beam_search, greedy
 from seesay.encoders.base import EncoderOutput
-from seesay.registry import build_decoder, list_decoders
+from seesay.registry import list_decoders
 
 torch.set_num_threads(1)  # tiny models: threads only add overhead on a shared CPU
 
 V, N, D = 13, 6, 8
 BOS, EOS = 1, 2
-TINY = {
-    "show_tell": dict(embed_dim=16, decoder_dim=16),
-    "soft_attention": dict(embed_dim=16, attention_dim=16, decoder_dim=16),
-    "adaptive_attention": dict(embed_dim=16, attention_dim=16, decoder_dim=16),
-    "transformer": dict(d_model=16, heads=2, layers=2, ff_dim=32),
-}
-DECODERS = [name for name in list_decoders() if name in TINY]
+DECODERS = list_decoders()  # every registered family (tests/test_contracts.py: each has a tiny config)
 
 
 def make(name: str, *, dropout: float = 0.0, vocab: int = V, seed: int = 0):
-    torch.manual_seed(seed)
-    return build_decoder(name, vocab_size=vocab, enc_dim=D, dropout=dropout, **TINY[name])
+    return tiny_decoder(name, vocab, D, dropout=dropout, seed=seed)
 
 
 def fake_enc(batch: int, seed: int = 1) -> EncoderOutput:

@@ -126,15 +126,14 @@ def test_prefix_attention_rows_and_validation():
 
 
 def test_encode_prompt_byte_keeps_trailing_space():
-    from seesay.caption import encode_prompt
     from seesay.data.tokenize import SPECIALS, Vocab, build_vocab
 
     byte = build_vocab([], tokenizer="byte")
-    ids = encode_prompt(byte, "This is an image of ")
+    ids = byte.encode_prompt("This is an image of ")
     assert byte.decode(ids) == "This is an image of "
     word = Vocab([*SPECIALS, "a", "red"])
-    assert encode_prompt(word, "A red") == [4, 5]
-    assert encode_prompt(word, "") == []
+    assert word.encode_prompt("A red") == [4, 5]
+    assert word.encode_prompt("") == []
 
 
 # ---- train + caption end to end ----------------------------------------------------------------
@@ -154,9 +153,10 @@ def data_dir(request, tmp_path_factory):
 
 @pytest.mark.parametrize("decoder", ["titans_mac", "transformer"])
 def test_train_vit_then_caption_with_prompt(data_dir, decoder, tmp_path, capsys):
-    from seesay.caption import caption_images
+    from seesay.captioner import caption_images
     from seesay.checkpoint import load_checkpoint
     from seesay.data.images import load_image_rgb
+    from seesay.decoding import Greedy
 
     data, images, tokenizer = data_dir
     run = tmp_path / "run"
@@ -178,11 +178,11 @@ def test_train_vit_then_caption_with_prompt(data_dir, decoder, tmp_path, capsys)
     ck = load_checkpoint(run / "best")
     assert ck.vocab.tokenizer == tokenizer
     x = torch.from_numpy(load_image_rgb(img, 32).copy()).permute(2, 0, 1)[None]
-    direct = caption_images(ck.model, ck.vocab, x, prompt="a", beam_size=1, max_len=10)[0]
-    assert caption == direct["caption"] and caption.startswith("a")
-    assert direct["tokens"][0] == ck.vocab.encode_tokens(
+    direct = caption_images(ck.model, x, Greedy(), prompt="a", max_len=10)[0]
+    assert caption == direct.caption and caption.startswith("a")
+    assert direct.tokens[0] == ck.vocab.encode_tokens(
         ["<0x61>"] if tokenizer == "byte" else ["a"])[0]
-    assert 1 < len(direct["tokens"]) <= 11
+    assert 1 < len(direct.tokens) <= 11
 
     # the positional form and --image give the same output; without a prompt, greedy differs in tokens
     rc = cli.main(["caption", "--checkpoint", str(run / "best"), img, "--prompt", "a", "--temperature", "0",
@@ -190,8 +190,8 @@ def test_train_vit_then_caption_with_prompt(data_dir, decoder, tmp_path, capsys)
     assert rc == 0 and capsys.readouterr().out.rstrip("\n") == caption
 
     # issue 5: both decoders return attention over the 4x4 ViT grid, drawn by --attention-map
-    assert direct["attention"] is not None and direct["attention"].shape == (len(direct["tokens"]), 16)
-    assert torch.allclose(direct["attention"][:2].sum(-1), torch.ones(2), atol=1e-5)
+    assert direct.attention is not None and direct.attention.shape == (len(direct.tokens), 16)
+    assert torch.allclose(direct.attention[:2].sum(-1), torch.ones(2), atol=1e-5)
     if tokenizer == "word":
         rc = cli.main(["caption", "--checkpoint", str(run / "best"), "--image", img, "--prompt", "a",
                        "--temperature", "0", "--max-length", "4", "--device", "cpu",

@@ -34,9 +34,8 @@ def setup(tmp_path_factory):
     spec = json.loads(json.dumps(SPEC))
     spec["decoder"]["vocab_size"] = len(vocab)
     torch.manual_seed(0)
-    model = build_model(spec)
-    ck = save_checkpoint(tmp / "run" / "best", model=model, vocab=vocab, config={},
-                         preprocess={"encoder": model.preprocess.to_dict(), "image_size": 32})  # fmt: skip
+    model = build_model(spec, tokenizer=vocab, image_size=32)
+    ck = save_checkpoint(tmp / "run" / "best", model=model, config={})
     return tmp, data, ck
 
 
@@ -71,11 +70,12 @@ def test_evaluate_cli_writes_metrics_results_and_per_image(setup, capsys):
 
 
 def test_evaluate_library_and_errors(setup):
+    from seesay.decoding import Greedy
     from seesay.errors import SeesayError
     from seesay.evaluate import evaluate_checkpoint
 
     tmp, data, ck = setup
-    ev = evaluate_checkpoint(ck, data, split="val", beam_size=1, max_length=6, batch_size=3, output=None, limit=5,
+    ev = evaluate_checkpoint(ck, data, split="val", strategy=Greedy(), max_length=6, batch_size=3, output=None, limit=5,
                              device="cpu")  # fmt: skip
     assert len(ev.captions) == 5 and set(ev.report.per_image) == set(ev.captions)
     with pytest.raises(SeesayError, match="no split"):

@@ -5,6 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from conftest import TINY_DECODERS
+from seesay.data.tokenize import SPECIALS, Vocab
+from seesay.decoding import Beam, Greedy, Sample
 from seesay.encoders.base import EncoderOutput
 from seesay.errors import SeesayError
 from seesay.model import CaptionModel, build_model
@@ -14,18 +17,15 @@ torch.set_num_threads(1)
 
 V = 12
 BOS, EOS = 1, 2
-TINY = {
-    "show_tell": dict(embed_dim=16, decoder_dim=16),
-    "soft_attention": dict(embed_dim=16, attention_dim=16, decoder_dim=16),
-    "adaptive_attention": dict(embed_dim=16, attention_dim=16, decoder_dim=16),
-    "transformer": dict(d_model=16, heads=2, layers=2, ff_dim=32),
-}
-DECODERS = [name for name in list_decoders() if name in TINY]
+DECODERS = list_decoders()  # every registered family (tests/test_contracts.py: each has a tiny config)
 
 
 def spec(name: str) -> dict:
     return {"encoder": {"name": "small_cnn", "width": 8, "encoded_size": 4, "image_size": 32},
-            "decoder": {"name": name, "vocab_size": V, "dropout": 0.0, **TINY[name]}}
+            "decoder": {"name": name, "vocab_size": V, **TINY_DECODERS[name]}}  # dropout 0 where it has one
+
+
+VOCAB = Vocab([*SPECIALS, *[f"w{i}" for i in range(V - len(SPECIALS))]])
 
 
 def images(n: int) -> torch.Tensor:
@@ -35,10 +35,11 @@ def images(n: int) -> torch.Tensor:
 @pytest.mark.parametrize("name", DECODERS)
 def test_build_model_and_forward(name):
     torch.manual_seed(0)
-    model = build_model(spec(name)).eval()
+    model = build_model(spec(name), tokenizer=VOCAB, image_size=32).eval()
     assert isinstance(model, CaptionModel)
-    assert model.spec == spec(name)
-    assert model.preprocess.size == 32
+    assert model.spec() == {**spec(name), "captioner": "encoder_decoder"}
+    assert model.encoder.preprocess.size == 32
+    assert model.preprocess_config() == {"encoder": model.encoder.preprocess.to_dict(), "image_size": 32}
     imgs = images(2)
     enc = model.encode(imgs)
     assert isinstance(enc, EncoderOutput) and enc.grid.shape == (2, 16, 8)
@@ -57,20 +58,24 @@ def test_build_model_and_forward(name):
 @pytest.mark.parametrize("name", DECODERS)
 def test_generate_from_images_or_features(name):
     torch.manual_seed(0)
-    model = build_model(spec(name)).eval()
+    model = build_model(spec(name), tokenizer=VOCAB).eval()
     imgs = images(3)
-    a = model.generate(imgs, bos=BOS, eos=EOS, max_len=8)
-    b = model.generate(model.encode(imgs), bos=BOS, eos=EOS, max_len=8)
+    a = model.generate(imgs, Greedy(), max_len=8)
+    b = model.generate(model.encode(imgs), max_len=8)  # Greedy() is the default
     assert torch.equal(a.tokens, b.tokens)
-    floats = model.generate(imgs.float() / 255.0, bos=BOS, eos=EOS, max_len=8)  # float images in [0,1]
+    floats = model.generate(imgs.float() / 255.0, Greedy(), max_len=8)  # float images in [0,1]
     assert torch.equal(a.tokens, floats.tokens)
-    beam = model.generate(imgs, bos=BOS, eos=EOS, max_len=8, beam_size=3)
+    beam = model.generate(imgs, Beam(3), max_len=8)
     assert beam.tokens.shape[0] == 3
-    one = model.generate(imgs, bos=BOS, eos=EOS, max_len=8, beam_size=1)
+    one = model.generate(imgs, Beam(1), max_len=8)
     assert torch.equal(one.tokens, a.tokens)
-    s = model.generate(imgs, bos=BOS, eos=EOS, max_len=8, temperature=0.7, top_p=0.9,
-                       generator=torch.Generator().manual_seed(0))
-    assert s.tokens.shape[0] == 3
+    s1 = model.generate(imgs, Sample(0.7, top_p=0.9, seed=0), max_len=8)
+    s2 = model.generate(imgs, Sample(0.7, top_p=0.9, seed=0), max_len=8)
+    assert s1.tokens.shape[0] == 3 and torch.equal(s1.tokens, s2.tokens)
+    # a prompt (text or ids) starts every caption
+    p = model.generate(imgs, Greedy(), prompt="w1 w2", max_len=4)
+    assert p.tokens[:, :2].tolist() == [[VOCAB.stoi["w1"], VOCAB.stoi["w2"]]] * 3
+    assert torch.equal(p.tokens, model.generate(imgs, Greedy(), prompt=[5, 6], max_len=4).tokens)
 
 
 def test_build_model_errors_are_one_line():
@@ -84,12 +89,13 @@ def test_build_model_errors_are_one_line():
 
 def test_state_dict_round_trip_through_spec():
     torch.manual_seed(0)
-    a = build_model(spec("soft_attention")).eval()
-    b = build_model(a.spec).eval()
+    a = build_model(spec("soft_attention"), tokenizer=VOCAB).eval()
+    b = build_model(a.spec(), tokenizer=VOCAB).eval()
     b.load_state_dict(a.state_dict())
     imgs = images(2)
-    assert torch.equal(a.generate(imgs, bos=BOS, eos=EOS, max_len=6).tokens,
-                       b.generate(imgs, bos=BOS, eos=EOS, max_len=6).tokens)
+    assert torch.equal(a.generate(imgs, max_len=6).tokens, b.generate(imgs, max_len=6).tokens)
+    with pytest.raises(SeesayError, match="no tokenizer"):
+        build_model(spec("soft_attention")).generate(imgs)
 
 
 @pytest.mark.parametrize("embed_dim", [50, 64])
@@ -102,8 +108,11 @@ def test_glove_initialised_embeddings(embed_dim):
     itos = ["<pad>", "<start>", "<end>", "<unk>", "king", "queen", "banana", "notawordxyz"]
     s = {"encoder": {"name": "small_cnn", "width": 8, "encoded_size": 4, "image_size": 32},
          "decoder": {"name": "soft_attention", "vocab_size": len(itos), "embed_dim": embed_dim, "attention_dim": 8,
-                     "decoder_dim": 8, "glove": "6B.50d"}}
-    model = build_model(s, glove_itos=itos)
+                     "decoder_dim": 8}}
+    from seesay.layers.glove import init_word_embeddings
+
+    model = build_model(s)  # GloVe fills the embeddings after construction: no vocabulary in constructors
+    init_word_embeddings(model, Vocab(itos), "6B.50d")
     emb = model.decoder.embedding.table.weight.detach()
     assert emb.shape == (len(itos), embed_dim)
     words, vectors = load_glove("6B.50d")
@@ -116,5 +125,5 @@ def test_glove_initialised_embeddings(embed_dim):
     for a, b in [("king", "queen"), ("king", "banana")]:
         assert cos(e[a], e[b]) == pytest.approx(cos(g[a], g[b]), abs=1e-4)  # geometry kept (orthogonal map)
     # the layout does not depend on GloVe: a model rebuilt without it (checkpoint loading) takes the weights
-    plain = build_model({**s, "decoder": {**s["decoder"], "glove": None}})
+    plain = build_model(s)
     plain.load_state_dict(model.state_dict())

@@ -1,5 +1,6 @@
 """The Titans multimodal extension's API (MultimodalMAC, VisionTransformerEncoder, ImageProcessor):
-the documented example runs at tiny sizes and generation really depends on the image."""
+the documented example runs at tiny sizes and generation really depends on the image. The same
+model as a seesay captioner: strategies, checkpoints, teacher forcing vs step decoding."""
 
 from __future__ import annotations
 
@@ -12,8 +13,12 @@ from PIL import Image
 
 pytest.importorskip("titans_pytorch")
 
+from seesay.captioner import caption_images, require_captioner  # noqa: E402
+from seesay.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
+from seesay.decoding import Beam, Greedy, Sample  # noqa: E402
 from seesay.encoders.base import EncoderOutput  # noqa: E402
-from seesay.multimodal import ImageProcessor, MultimodalMAC  # noqa: E402
+from seesay.errors import SeesayError  # noqa: E402
+from seesay.multimodal import ByteTokenizer, ImageProcessor, MultimodalMAC  # noqa: E402
 
 warnings.filterwarnings("ignore", category=FutureWarning)
 
@@ -229,3 +234,197 @@ def test_image_processor_modes_and_normalisation():
     arr = np.zeros((16, 16, 3), np.uint8)
     assert torch.allclose(proc(arr), proc(torch.zeros(3, 16, 16, dtype=torch.uint8)), atol=1e-6)
     assert proc.preprocess_batch([white, rgba]).shape == (2, 3, 16, 16)
+
+
+# ---- the captioner contract ----------------------------------------------------------------------
+
+
+def uint8_batch(n: int = 2) -> torch.Tensor:
+    """Images as a prepared split stores them: uint8 [n, 3, 40, 48]."""
+    return torch.stack([torch.from_numpy(np.array(im)).permute(2, 0, 1) for im in pil_images()[:n]])
+
+
+def test_multimodal_mac_is_a_captioner(tmp_path):
+    from seesay.registry import list_captioners
+    from seesay.tokenizers import check_tokenizer
+
+    model = tiny_model()
+    require_captioner(model)
+    check_tokenizer(model.tokenizer)
+    assert "multimodal_mac" in list_captioners()
+    tok = model.tokenizer
+    assert (len(tok), tok.pad_id, tok.bos_id, tok.eos_id, tok.unk_id) == (256, 0, 2, 3, 26)
+    spec = model.spec()
+    assert spec["captioner"] == "multimodal_mac" and spec["num_tokens"] == 256 and spec["eos_token_id"] == 3
+    # preprocess reads paths, bytes, PIL images and arrays alike -> normalised [3, S, S]
+    path = tmp_path / "red.png"
+    pil_images()[0].save(path)
+    x = model.preprocess(path)
+    assert x.shape == (3, 32, 32) and x.dtype == torch.float32
+    assert torch.allclose(model.preprocess(path.read_bytes()), x) and torch.allclose(model.preprocess(pil_images()[0]), x)
+    with pytest.raises(SeesayError, match="missing.png: file not found"):
+        model.preprocess(tmp_path / "missing.png")
+    assert model.preprocess_config()["image_processor"]["image_size"] == 32
+    # what `seesay caption` and the server call: images of any kind in, text out
+    caps = caption_images(model.eval(), [path, pil_images()[1]], Greedy(), max_len=6)
+    assert len(caps) == 2 and all(isinstance(c.caption, str) and len(c.tokens) <= 6 for c in caps)
+    # uint8 images (a prepared split) are normalised by the image processor; float ones are taken as normalised
+    u8 = uint8_batch()
+    assert torch.allclose(model.eval().encode(u8).grid, model.encode(model.image_processor.normalize(u8)).grid)
+    # training capabilities: the vision encoder is the "encoder" group and can be frozen
+    groups = model.param_groups()
+    assert {id(p) for p in groups["encoder"]} == {id(p) for p in model.vision_encoder.parameters()}
+    assert groups["decoder"] and not {id(p) for p in groups["decoder"]} & {id(p) for p in groups["encoder"]}
+    model.set_fine_tune(False)
+    assert not model.features_trainable and model.param_groups()["encoder"] == []
+    assert model.ddp_find_unused_parameters
+
+
+def test_byte_tokenizer_contract(tmp_path):
+    from seesay.tokenizers import load_tokenizer
+
+    tok = ByteTokenizer()
+    assert tok.encode("  a  cat\n") == [97, 32, 99, 97, 116]
+    assert tok.encode_prompt("This is ") == list(b"This is ")  # the trailing space stays
+    assert tok.encode("\x02x\x03") == [26, 120, 26]  # bytes that are bos / eos become unk
+    assert tok.decode([2, *"né".encode(), 3, 120]) == "né"  # bos dropped, stops at eos, UTF-8
+    assert tok.decode([110, 26, 0, 0]) == "n\ufffd"
+    assert [tok.id_to_token(i) for i in (97, 32, 2, 3, 0xE9)] == ["a", " ", "<start>", "<end>", "<0xE9>"]
+    tok.save_pretrained(tmp_path / "tok")
+    assert load_tokenizer(tmp_path / "tok") == tok
+    # dedicated ids beyond the bytes, through the model's constructor options
+    model = tiny_model(num_tokens=259, bos_token_id=256, eos_token_id=257, pad_token_id=258)
+    assert (model.tokenizer.bos_id, model.tokenizer.eos_id, model.image_token_id) == (256, 257, 259)
+    assert model.tokenizer.encode("\x00\x02") == [0, 2]  # every byte is text here
+    with pytest.raises(SeesayError, match="eos id 256 is not a text id"):
+        tiny_model(eos_token_id=256)
+    with pytest.raises(SeesayError, match="must differ"):
+        ByteTokenizer(pad_id=3)
+
+
+def test_generate_with_each_strategy_and_greedy_equals_the_token_level_api():
+    model = tiny_model().eval()
+    tok = model.tokenizer
+    images = uint8_batch()
+    prompt = "This is "
+    p = len(tok.encode_prompt(prompt))
+    greedy = model.generate(images, Greedy(), prompt=prompt, max_len=12)
+    assert greedy.tokens.shape[0] == 2 and bool((greedy.lengths <= p + 12).all())
+    assert all(tok.decode(row).startswith(prompt) for row in greedy.tokens)
+    beam = model.generate(images, Beam(2), prompt=prompt, max_len=12)
+    assert torch.equal(beam.tokens[:, :p], greedy.tokens[:, :p])
+    assert torch.equal(model.generate(images, Beam(1), prompt=prompt, max_len=12).tokens, greedy.tokens)
+    s1 = model.generate(images, Sample(temperature=1.5, seed=7), prompt=prompt, max_len=12)
+    s2 = model.generate(images, Sample(temperature=1.5, seed=7), prompt=prompt, max_len=12)
+    s3 = model.generate(images, Sample(temperature=1.5, seed=8), prompt=prompt, max_len=12)
+    assert torch.equal(s1.tokens, s2.tokens) and not torch.equal(s1.tokens, s3.tokens)
+    # features from encode() give the same captions as images
+    assert torch.equal(model.generate(model.encode(images), prompt=prompt, max_len=12).tokens, greedy.tokens)
+    # the token-level call at temperature 0 over the same sequence (image, bos, prompt) agrees
+    ids = torch.tensor([model.image_token_id, tok.bos_id, *tok.encode_prompt(prompt)])
+    legacy = model.generate(ids.expand(2, -1), images=model.image_processor.normalize(images)[:, None],
+                            image_positions=torch.tensor([[0], [0]]), max_length=len(ids) + 12, temperature=0,
+                            eos_token_id=tok.eos_id)
+    n = legacy.shape[1]
+    assert torch.equal(legacy, greedy.tokens[:, p: p + n])
+    # options of one call style refused in the other
+    with pytest.raises(SeesayError, match="token-level"):
+        model.generate(images, images=images[:, None])
+    with pytest.raises(SeesayError, match="strategy, prompt and max_len need images first"):
+        model.generate(ids[None], Beam(2), images=images[:1, None].float())
+
+
+@pytest.mark.filterwarnings("ignore:MultimodalMAC")  # the captions cross a window here, on purpose
+def test_teacher_forcing_agrees_with_step_decoding():
+    model = tiny_model(segment_len=8, num_longterm_mem_tokens=2, num_persist_mem_tokens=2).eval()
+    tok = model.tokenizer
+    images = uint8_batch()
+    rows = [[tok.bos_id, *tok.encode("a red one"), tok.eos_id], [tok.bos_id, *tok.encode("stripes"), tok.eos_id]]
+    width = max(map(len, rows))
+    tokens = torch.tensor([r + [tok.pad_id] * (width - len(r)) for r in rows])
+    lengths = torch.tensor([len(r) for r in rows])
+    out = model(images, tokens, lengths)
+    assert out.logits.shape == (2, width - 1, 256)
+    teacher = out.logits.log_softmax(-1)
+    steps = model.step_decoder()
+    state = steps.init_state(model.encode(images))
+    for t in range(width - 1):
+        logprobs, state, _ = steps.step(tokens[:, t], state)
+        for r in range(2):
+            if t < lengths[r] - 1:
+                assert torch.allclose(logprobs[r], teacher[r, t], atol=1e-4), (r, t)
+    # image_rows: each image once, several caption rows per image
+    again = model(images, tokens[[1, 0, 1]], lengths[[1, 0, 1]], image_rows=torch.tensor([1, 0, 0]))
+    assert torch.allclose(again.logits[:2], out.logits[[1, 0]], atol=1e-5)
+    assert (again.logits[2] - out.logits[1]).abs().max() > 1e-4  # the same caption on the other image
+
+
+@pytest.fixture(scope="module")
+def trained_captioner():
+    """A tiny captioner trained through the captioner contract to say "cat." / "dog." + eos."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    model = tiny_model(vision_dropout=0.0)
+    tok = model.tokenizer
+    images = uint8_batch()
+    tokens = torch.tensor([[tok.bos_id, *tok.encode(w), tok.eos_id] for w in ("cat.", "dog.")])
+    lengths = torch.full((2,), tokens.shape[1])
+    opt = torch.optim.AdamW([p for g in model.param_groups().values() for p in g], lr=5e-3)
+    for _ in range(80):
+        logits = model(images, tokens, lengths).logits
+        loss = torch.nn.functional.cross_entropy(logits.transpose(1, 2), tokens[:, 1:])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    torch.set_num_threads(n)
+    return model.eval(), images
+
+
+def test_trained_captioner_names_each_image_and_stops_at_eos(trained_captioner):
+    model, images = trained_captioner
+    for strategy in (Greedy(), Beam(2)):
+        res = model.generate(images, strategy, max_len=20)
+        assert [model.tokenizer.decode(r) for r in res.tokens] == ["cat.", "dog."], strategy
+        assert res.lengths.tolist() == [5, 5]  # "cat." + eos, not max_len
+
+
+def test_checkpoint_round_trip_gives_identical_captions(trained_captioner, tmp_path):
+    model, images = trained_captioner
+    save_checkpoint(tmp_path / "ckpt", model=model, config={"note": "multimodal"})
+    ck = load_checkpoint(tmp_path / "ckpt")
+    assert isinstance(ck.model, MultimodalMAC) and ck.tokenizer == model.tokenizer
+    assert ck.model.spec() == model.spec()
+    for strategy in (Greedy(), Sample(seed=3)):
+        a = model.generate(images, strategy, prompt="c", max_len=10)
+        b = ck.model.generate(images, strategy, prompt="c", max_len=10)
+        assert torch.equal(a.tokens, b.tokens) and torch.allclose(a.scores, b.scores, atol=1e-5)
+    # a fresh process (nothing imported but the checkpoint loader) loads it and captions the same
+    import subprocess
+    import sys
+
+    torch.save(images, tmp_path / "images.pt")
+    code = ("import torch; from seesay.checkpoint import load_checkpoint; from seesay.decoding import Greedy; "
+            f"ck = load_checkpoint({str(tmp_path / 'ckpt')!r}); "
+            f"x = torch.load({str(tmp_path / 'images.pt')!r}, weights_only=True); "
+            "print(ck.model.generate(x, Greedy(), prompt='c', max_len=10).tokens.tolist())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == str(model.generate(images, Greedy(), prompt="c", max_len=10).tokens.tolist())
+    # a custom vision module has no JSON spec: saving it says so in one line
+    custom = tiny_model(vision_encoder=MeanColourEncoder())
+    with pytest.raises(SeesayError, match="custom vision_encoder= module cannot be saved as a checkpoint"):
+        save_checkpoint(tmp_path / "custom", model=custom)
+    assert not (tmp_path / "custom").exists()
+
+
+def test_max_length_not_above_the_prompt_is_refused():
+    """Issue: max_length=12 after the README's 21-token prompt silently returned nothing."""
+    model = tiny_model().eval()
+    prompt = prompt_for(model)
+    assert prompt.shape[1] == 21
+    x = model.image_processor(pil_images()[0])[None, None]
+    pos = torch.tensor([[20]])
+    for bad in (12, 21):
+        with pytest.raises(SeesayError, match=f"max_length={bad} counts the prompt's 21 tokens"):
+            model.generate(prompt, images=x, image_positions=pos, max_length=bad, temperature=0)
+    assert model.generate(prompt, images=x, image_positions=pos, max_length=22, temperature=0).shape == (1, 1)

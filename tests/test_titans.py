@@ -10,9 +10,9 @@ import torch
 
 pytest.importorskip("titans_pytorch")
 
+from conftest import tiny_decoder  # noqa: E402
 from seesay.decoders.titans_mac import (  # noqa: E402
     TitansMACDecoder,
-    build,
     reorder_mac_cache,
     set_accelerated_scan,
 )
@@ -33,11 +33,9 @@ def one_thread():
 
 
 def tiny(**kw) -> TitansMACDecoder:
-    torch.manual_seed(0)
-    args = dict(vocab_size=V, enc_dim=E, dim=32, depth=2, heads=2, dim_head=16, num_image_tokens=4,
-                num_persist_mem_tokens=2, num_longterm_mem_tokens=2, max_len=12)
-    args.update(kw)
-    return build(**args)
+    """The shared tiny titans_mac (tests/conftest.py) at depth 2 unless `kw` says otherwise: layer 1
+    attention only, layer 2 with the neural memory (every second layer), so caches of both kinds run."""
+    return tiny_decoder("titans_mac", V, E, **{"depth": 2, **kw})
 
 
 def enc_of(b: int, seed: int = 0) -> EncoderOutput:
@@ -290,6 +288,7 @@ def test_vit_titans_caption_model_checkpoint_round_trip(tmp_path):
     identical beam-search captions."""
     from seesay.checkpoint import load_checkpoint, save_checkpoint
     from seesay.data.tokenize import SPECIALS, Vocab
+    from seesay.decoding import Beam
     from seesay.model import build_model
 
     vocab = Vocab(list(SPECIALS) + [f"w{i}" for i in range(V - len(SPECIALS))])
@@ -301,16 +300,15 @@ def test_vit_titans_caption_model_checkpoint_round_trip(tmp_path):
                     "max_len": 10},
     }
     torch.manual_seed(0)
-    model = build_model(spec)
+    model = build_model(spec, tokenizer=vocab, image_size=32)
     images = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
     tok = captions(2, 6)
     out = model(images, tok, torch.tensor([6, 6]))
     torch.nn.functional.cross_entropy(out.logits.reshape(-1, V), tok[:, 1:].reshape(-1)).backward()
     torch.optim.AdamW(model.parameters(), lr=1e-3).step()
     model.eval()
-    bos, eos = vocab.stoi[SPECIALS[1]], vocab.stoi[SPECIALS[2]]
-    before = model.generate(images, bos=bos, eos=eos, max_len=8, beam_size=2)
-    save_checkpoint(tmp_path / "ck", model=model, vocab=vocab, config={}, preprocess={"encoder": {}, "image_size": 32})
+    before = model.generate(images, Beam(2), max_len=8)
+    save_checkpoint(tmp_path / "ck", model=model, config={})
     ck = load_checkpoint(tmp_path / "ck")
-    after = ck.model.generate(images, bos=bos, eos=eos, max_len=8, beam_size=2)
+    after = ck.model.generate(images, Beam(2), max_len=8)
     assert torch.equal(before.tokens, after.tokens)

@@ -66,7 +66,7 @@ def _cfg(data_dir, out, **train) -> Config:
 @pytest.mark.parametrize("encoder", sorted(set(list_encoders())))
 def test_every_encoder_decoder_learns(encoder, decoder):
     from seesay.model import build_model
-    from seesay.train.caption_task import caption_loss
+    from seesay.train.objectives import token_cross_entropy as caption_loss
 
     if encoder not in TINY_ENCODERS or decoder not in TINY_DECODERS:
         pytest.skip(f"no tiny settings for {encoder}/{decoder}")
@@ -95,7 +95,7 @@ def test_every_encoder_decoder_learns(encoder, decoder):
 
 
 def test_caption_loss_ignores_padding():
-    from seesay.train.caption_task import caption_loss
+    from seesay.train.objectives import token_cross_entropy as caption_loss
 
     logits = torch.randn(2, 4, 7)
     tokens = torch.tensor([[1, 3, 4, 2, 0], [1, 5, 2, 0, 0]])
@@ -132,7 +132,7 @@ def test_train_command_end_to_end(data_dir, tmp_path):
     assert cfg["encoder"]["fine_tune"] is True and cfg["decoder"]["options"]["embed_dim"] == 16
     ck = load_checkpoint(out / "best")
     assert ck.preprocess["image_size"] == 32
-    res = ck.model.generate(torch.zeros(1, 3, 32, 32, dtype=torch.uint8), bos=1, eos=2, max_len=6)
+    res = ck.model.generate(torch.zeros(1, 3, 32, 32, dtype=torch.uint8), max_len=6)
     assert res.tokens.shape[0] == 1
 
 
@@ -443,7 +443,6 @@ def test_ctrl_c_on_the_command_line_with_data_workers(data_dir, tmp_path):
     import signal
     import subprocess
     import sys
-    import time
 
     run = tmp_path / "run"
     args = [sys.executable, "-m", "seesay", "train", "--data", str(data_dir), "--output", str(run), "--device", "cpu",
@@ -457,17 +456,18 @@ def test_ctrl_c_on_the_command_line_with_data_workers(data_dir, tmp_path):
         if "inside epoch 2" in line:
             break
     os.killpg(proc.pid, signal.SIGINT)
-    t0 = time.monotonic()
-    _, rest = proc.communicate(timeout=120)
+    _, rest = proc.communicate(timeout=120)  # a hang guard, not a measurement
     err = "".join(lines) + rest
     assert proc.returncode == 130, err[-3000:]
-    assert time.monotonic() - t0 < 60
     assert "stopping after this optimizer step" in err and "continue with --resume" in err
     assert "Traceback" not in err and "exited unexpectedly" not in err
     from seesay.checkpoint import load_train_state
 
     loop = load_train_state(run / "last")["loop"]
     assert loop["epoch"] >= 1 and (loop["stopped_by_signal"] or loop["batches_done"] == 0)  # (0: during validation)
+    # it stopped promptly: inside epoch 2, where the signal arrived, or in the validation that ends it,
+    # not after more of its 400 epochs
+    assert loop["epoch"] <= 2, loop
     resumed = subprocess.run([*args[:args.index("--epochs")], "--epochs", str(loop["epoch"] + 1),
                               *args[args.index("--epochs") + 2:], "--resume"], capture_output=True, text=True, env=env,
                              timeout=300)

@@ -16,7 +16,7 @@ DEC_SMALL = ["--set", "decoder.embed_dim=16", "--set", "decoder.attention_dim=16
 
 
 class _Vocab:
-    start_id, end_id, unk_id = 1, 2, 3
+    pad_id, bos_id, eos_id, unk_id = 0, 1, 2, 3
     stoi = {"a": 4, "red": 5, "square": 6}
 
     def encode(self, text):
@@ -24,7 +24,7 @@ class _Vocab:
 
 
 def test_read_text_data_formats(tmp_path):
-    from seesay.train.caption_task import read_text_data
+    from seesay.train.data import read_text_data
 
     (tmp_path / "t.txt").write_text("a red square\n\nA blue  square\n", encoding="utf-8")
     tokens, lengths = read_text_data(tmp_path / "t.txt", _Vocab(), max_len=6)
@@ -45,7 +45,7 @@ def test_read_text_data_formats(tmp_path):
 
 
 def test_mixed_batches_spread_and_shard():
-    from seesay.train.caption_task import MixedBatches
+    from seesay.train.data import MixedBatches
 
     tokens = np.arange(7 * 4).reshape(7, 4)
     lengths = np.full(7, 4)
@@ -96,7 +96,7 @@ def _spy(monkeypatch):
     def step(self, batch, model):
         out = original(self, batch, model)
         if batch.get("text_only"):
-            seen.append((self.sampler.epoch, float(out["loss"].detach()), int(out["n"])))
+            seen.append((self.sampler.epoch, float(out["loss_ce"].detach()), int(out["n"])))
         return out
 
     monkeypatch.setattr(caption_task.CaptionTask, "training_step", step)
@@ -169,7 +169,7 @@ def test_resume_with_text_data_is_exact(tmp_path):
 
 def test_mixed_batches_resume_inside_an_epoch():
     """Starting at batch k gives exactly batches k.. of the whole epoch (text and image slots alike)."""
-    from seesay.train.caption_task import MixedBatches
+    from seesay.train.data import MixedBatches
 
     tokens = np.arange(7 * 4).reshape(7, 4)
     lengths = np.full(7, 4)

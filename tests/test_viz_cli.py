@@ -73,8 +73,8 @@ def _tiny_checkpoint(path, decoder, data):
     }
     if decoder in ("soft_attention", "adaptive_attention"):
         spec["decoder"]["attention_dim"] = 16
-    model = build_model(spec)
-    save_checkpoint(path, model=model, vocab=vocab, config={}, preprocess={"encoder": model.preprocess.to_dict(), "image_size": 32})
+    model = build_model(spec, tokenizer=vocab, image_size=32)
+    save_checkpoint(path, model=model, config={})
     return path
 
 
@@ -98,6 +98,7 @@ def test_visualize_matches_generate(shapes, tmp_path):
 
     from seesay.checkpoint import load_checkpoint
     from seesay.data.images import load_image_rgb
+    from seesay.decoding import Beam
     from seesay.viz import visualize as V
 
     ckpt = load_checkpoint(shapes["run"] / "best")
@@ -114,7 +115,7 @@ def test_visualize_matches_generate(shapes, tmp_path):
     finally:
         mp.undo()
     x = torch.from_numpy(np.array(load_image_rgb(shapes["image"], 32))).permute(2, 0, 1)[None]
-    ref = ckpt.model.generate(x, bos=ckpt.vocab.start_id, eos=ckpt.vocab.end_id, max_len=12, beam_size=2)
+    ref = ckpt.model.generate(x, Beam(2), max_len=12)
     n = int(ref.lengths[0])
     assert drawn["words"] == res.words == [ckpt.vocab.itos[t] for t in ref.tokens[0, :n].tolist()]
     np.testing.assert_allclose(drawn["attention"], ref.attention[0, :n].numpy(), atol=1e-6)
@@ -161,17 +162,18 @@ def test_save_attention_maps_for_caption_results(shapes, tmp_path):
 
     import torch
 
-    from seesay.caption import caption_images
+    from seesay.captioner import caption_images
     from seesay.checkpoint import load_checkpoint
     from seesay.data.images import load_image_rgb
+    from seesay.decoding import Beam
     from seesay.errors import SeesayError
     from seesay.viz.visualize import save_attention_maps
 
     ckpt = load_checkpoint(shapes["run"] / "best")
     x = torch.from_numpy(np.array(load_image_rgb(shapes["image"], 32))).permute(2, 0, 1)[None]
-    r = caption_images(ckpt.model, ckpt.vocab, x, beam_size=2, max_len=10)[0]
+    r = caption_images(ckpt.model, x, Beam(2), max_len=10)[0]
     Result = namedtuple("Result", "image caption score tokens error attention")
-    ok = Result(str(shapes["image"]), r["caption"], r["score"], r["tokens"], None, r["attention"])
+    ok = Result(str(shapes["image"]), r.caption, r.score, r.tokens, None, r.attention)
     failed = Result(str(tmp_path / "missing.png"), None, None, [], "missing.png: no such file", None)
     written = save_attention_maps(tmp_path / "maps" / "att.png", [ok, failed], shapes["run"] / "best")
     assert written == [tmp_path / "maps" / "att-photo.png"] and written[0].is_file()

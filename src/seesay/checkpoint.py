@@ -2,15 +2,18 @@
 
 A checkpoint is a directory (RUN_DIR/best, RUN_DIR/last):
 
-    model.safetensors   the CaptionModel's state dict (no pickle)
-    config.json         the run's configuration; the model spec under "model"
-    vocab.json          the vocabulary, as the data layer writes it
-    preprocess.json     {"encoder": Preprocess.to_dict(), "image_size": int}
+    model.safetensors   the captioner's state dict (no pickle)
+    config.json         the run's configuration; the captioner's spec() under "model"
+    tokenizer/          the captioner's tokenizer (`save_pretrained`; tokenizer.json names its type)
+    preprocess.json     the captioner's preprocess_config(), e.g. {"encoder": ..., "image_size": int}
     train_state/        only in training checkpoints: optimizer, scheduler, RNG states,
                         epoch, step, best score (state.safetensors + state.json)
 
 It is written into a temporary directory beside the target and renamed over it, so a reader
 never sees a half-written checkpoint even if training is killed while saving.
+
+Checkpoints written before the tokenizer had its own directory hold `vocab.json` instead; they
+still load. Any captioner family loads (`seesay.registry.build_captioner` on the spec).
 
 This module is used by `caption`, `evaluate` and `visualize` as well as by training, so it
 must never import `seesay.train`.
@@ -33,17 +36,23 @@ from seesay.errors import SeesayError
 
 MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
-VOCAB_FILE = "vocab.json"
+VOCAB_FILE = "vocab.json"  # checkpoints written before tokenizer/
+TOKENIZER_DIR = "tokenizer"
 PREPROCESS_FILE = "preprocess.json"
 TRAIN_STATE_DIR = "train_state"
-REQUIRED_FILES = (MODEL_FILE, CONFIG_FILE, VOCAB_FILE, PREPROCESS_FILE)
+REQUIRED_FILES = (MODEL_FILE, CONFIG_FILE, PREPROCESS_FILE)
 
 
 class Checkpoint(NamedTuple):
-    model: Any  # seesay.model.CaptionModel, in eval mode
-    vocab: Any  # seesay.data.tokenize.Vocab (or the raw JSON when the data layer is absent)
+    model: Any  # a captioner (seesay.captioner), in eval mode
+    tokenizer: Any  # its tokenizer (also model.tokenizer)
     config: dict[str, Any]
     preprocess: dict[str, Any]
+
+    @property
+    def vocab(self) -> Any:
+        """The tokenizer (the name older code used)."""
+        return self.tokenizer
 
 
 # ---------------------------------------------------------------------------------------------
@@ -120,44 +129,6 @@ def load_tree(directory: str | Path) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Vocabulary: stored in whatever form the data layer uses for DATA_DIR/vocab.json.
-
-
-def _vocab_to_json(vocab: Any) -> Any:
-    for name in ("to_dict", "to_json_dict", "state_dict"):
-        if hasattr(vocab, name):
-            return getattr(vocab, name)()
-    if hasattr(vocab, "itos"):
-        return {"itos": list(vocab.itos)}
-    if isinstance(vocab, (dict, list)):
-        return vocab
-    raise TypeError(f"cannot store vocabulary of type {type(vocab).__name__}")
-
-
-def _vocab_from_json(data: Any, path: Path) -> Any:
-    try:
-        from seesay.data.tokenize import Vocab
-    except ImportError:  # data layer not installed: give the raw JSON back
-        return data
-    for name in ("from_dict", "from_json_dict"):
-        if hasattr(Vocab, name):
-            return getattr(Vocab, name)(data)
-    if hasattr(Vocab, "load"):
-        return Vocab.load(path)
-    return data
-
-
-def _write_vocab(vocab: Any, path: Path) -> None:
-    if hasattr(vocab, "save"):
-        try:
-            vocab.save(path)
-            return
-        except TypeError:
-            pass
-    path.write_text(json.dumps(_vocab_to_json(vocab), ensure_ascii=False))
-
-
-# ---------------------------------------------------------------------------------------------
 
 
 def _state_dict_for_saving(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -175,35 +146,45 @@ def _atomic_replace(tmp: Path, final: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The captioner inside a DDP / torch.compile wrapper."""
+    model = getattr(model, "module", model)
+    return getattr(model, "_orig_mod", model)
+
+
 def save_checkpoint(
     path: str | Path,
     *,
     model: torch.nn.Module,
-    vocab: Any,
-    config: dict[str, Any],
-    preprocess: dict[str, Any],
+    config: dict[str, Any] | None = None,
+    tokenizer: Any = None,
+    preprocess: dict[str, Any] | None = None,
     train_state: dict[str, Any] | None = None,
 ) -> Path:
     """Write a checkpoint directory at `path` (replacing any previous one atomically).
 
-    `model` is a CaptionModel (its `.spec` goes into config["model"]); a DDP/compiled wrapper
-    is unwrapped. `train_state` is a nested dict of tensors/arrays/plain values (see
-    `tree_to_json`); it goes to `train_state/` for exact resume.
+    `model` is a captioner (its `spec()` goes into config["model"], its `preprocess_config()`
+    into preprocess.json unless `preprocess` is given, its tokenizer into tokenizer/ unless
+    `tokenizer` is given); a DDP/compiled wrapper is unwrapped. `train_state` is a nested dict
+    of tensors/arrays/plain values (see `tree_to_json`); it goes to `train_state/` for exact
+    resume.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    model = getattr(model, "module", model)
-    model = getattr(model, "_orig_mod", model)
+    model = unwrap(model)
+    tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
+    if tokenizer is None:
+        raise SeesayError(f"{path}: cannot save a checkpoint without a tokenizer")
+    if preprocess is None:
+        preprocess = model.preprocess_config()
     tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
         save_file(_state_dict_for_saving(model), str(tmp / MODEL_FILE), metadata={"format": "pt"})
-        config = dict(config)
-        spec = getattr(model, "spec", None)
-        if spec is not None:
-            config["model"] = spec
+        config = dict(config or {})
+        config["model"] = model.spec()
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, default=str))
-        _write_vocab(vocab, tmp / VOCAB_FILE)
+        tokenizer.save_pretrained(tmp / TOKENIZER_DIR)
         (tmp / PREPROCESS_FILE).write_text(json.dumps(preprocess, indent=2))
         if train_state is not None:
             save_tree(tmp / TRAIN_STATE_DIR, train_state)
@@ -214,73 +195,75 @@ def save_checkpoint(
     return path
 
 
-def _spec_for_loading(spec: dict[str, Any]) -> dict[str, Any]:
-    """The model spec with external weights switched off: the state dict supplies them."""
-    spec = json.loads(json.dumps(spec))
-    enc = spec.get("encoder", {})
-    if enc.get("name") == "vit":  # vit takes weights=None|PATH
-        enc.pop("weights", None)
-    elif _builder_takes(enc.get("name"), "weights"):
-        enc["weights"] = "none"  # e.g. efficientnet_lite0 would otherwise load its pretrained file
-    dec = spec.get("decoder", {})
-    if dec.get("glove"):
-        dec["glove"] = None
-    dec.pop("glove_itos", None)
-    return spec
-
-
-def _builder_takes(name: str | None, arg: str) -> bool:
-    import inspect
-
-    from seesay import registry
-
-    try:
-        builder = registry._load("encoders").get(name or "")
-        return builder is not None and arg in inspect.signature(builder).parameters
-    except (TypeError, ValueError):
-        return False
-
-
 def read_checkpoint_files(path: str | Path) -> tuple[dict[str, Any], Any, dict[str, Any]]:
-    """(config, vocab JSON, preprocess) of a checkpoint, with one-line errors."""
+    """(config, tokenizer, preprocess) of a checkpoint, with one-line errors."""
     path = Path(path)
     if not path.is_dir():
         raise SeesayError(f"{path}: no such checkpoint directory")
     missing = [f for f in REQUIRED_FILES if not (path / f).is_file()]
+    if not (path / TOKENIZER_DIR).is_dir() and not (path / VOCAB_FILE).is_file():
+        missing.append(f"{TOKENIZER_DIR}/")
     if missing:
         raise SeesayError(f"{path}: incomplete checkpoint (missing {', '.join(missing)})")
     out = []
-    for name in (CONFIG_FILE, VOCAB_FILE, PREPROCESS_FILE):
+    for name in (CONFIG_FILE, PREPROCESS_FILE):
         try:
-            out.append(json.loads((path / name).read_text(encoding="utf-8")))
+            data = json.loads((path / name).read_text(encoding="utf-8"))
         except (OSError, ValueError) as e:
-            raise SeesayError(f"{path / name}: unreadable ({e})") from None
-    return out[0], out[1], out[2]
+            raise SeesayError(f"{path / name}: unreadable ({str(e).splitlines()[0]})") from None
+        if not isinstance(data, dict):
+            raise SeesayError(f"{path / name}: expected a JSON object, not {type(data).__name__}")
+        out.append(data)
+    return out[0], read_tokenizer(path), out[1]
+
+
+def read_tokenizer(path: Path) -> Any:
+    """The tokenizer of checkpoint directory `path` (tokenizer/, or an older checkpoint's vocab.json)."""
+    from seesay.tokenizers import load_tokenizer
+
+    if (path / TOKENIZER_DIR).is_dir():
+        return load_tokenizer(path / TOKENIZER_DIR)
+    from seesay.data.tokenize import Vocab  # a checkpoint from before tokenizer/
+
+    return Vocab.load(path / VOCAB_FILE)
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> Checkpoint:
-    """Load a checkpoint directory into a CaptionModel (eval mode) with its vocab and config."""
-    path = Path(path)
-    config, vocab_json, preprocess = read_checkpoint_files(path)
-    if "model" not in config:
-        raise SeesayError(f"{path / CONFIG_FILE}: no model spec under 'model'")
-    from seesay.model import build_model
+    """Load a checkpoint directory into its captioner (eval mode), with tokenizer and config."""
+    from seesay.registry import build_captioner
 
-    model = build_model(_spec_for_loading(config["model"]))
+    path = Path(path)
+    config, tokenizer, preprocess = read_checkpoint_files(path)
+    spec = config.get("model")
+    if not isinstance(spec, dict):
+        raise SeesayError(f"{path / CONFIG_FILE}: no model spec under 'model'")
     try:
-        state = load_file(str(path / MODEL_FILE))
-    except (OSError, ValueError, RuntimeError) as e:
-        raise SeesayError(f"{path / MODEL_FILE}: unreadable ({e})") from None
+        model = build_captioner(spec, tokenizer, preprocess, external_weights=False)
+    except SeesayError as e:
+        raise SeesayError(f"{path / CONFIG_FILE}: {e}") from None
+    except (TypeError, ValueError, KeyError) as e:
+        raise SeesayError(f"{path / CONFIG_FILE}: the model spec does not build ({type(e).__name__}: {e})") from None
+    state = read_weights(path / MODEL_FILE)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
         first = str(e).strip().splitlines()
         raise SeesayError(f"{path / MODEL_FILE}: weights do not match the model spec ({' '.join(first[:2])})") from None
-    model.spec = config["model"]
     model.to(map_location)
     model.eval()
-    vocab = _vocab_from_json(vocab_json, path / VOCAB_FILE)
-    return Checkpoint(model, vocab, config, preprocess)
+    return Checkpoint(model, tokenizer, config, preprocess)
+
+
+def read_weights(path: str | Path, device: str = "cpu") -> dict[str, torch.Tensor]:
+    """A safetensors file's tensors; one line naming the file when it is not a readable safetensors file
+    (a pickle renamed to .safetensors is refused here, never unpickled)."""
+    try:
+        return load_file(str(path), device=device)
+    except FileNotFoundError:
+        raise SeesayError(f"{path}: no such file") from None
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error type for corrupt headers
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise SeesayError(f"{path}: not a readable safetensors file ({msg})") from None
 
 
 def load_train_state(path: str | Path) -> dict[str, Any]:

@@ -50,21 +50,40 @@ class EncoderConfig:
 class DecoderConfig:
     name: str = "soft_attention"
     lr: float = 4e-4
-    alpha_c: float = 1.0  # doubly-stochastic attention weight (decoders that take it)
-    options: dict[str, Any] = field(default_factory=dict)  # builder keyword arguments
+    # GloVe vectors for the word embeddings ("6B.50d" or a glove.*.txt path), applied after the
+    # model is built (seesay.layers.glove.init_word_embeddings); None: random embeddings
+    glove: str | None = None
+    options: dict[str, Any] = field(default_factory=dict)  # builder keyword arguments (e.g. alpha_c)
+
+
+@dataclass
+class CaptionerConfig:
+    """Which captioner family to train: "encoder_decoder" builds `encoder` + `decoder` (the
+    sections above); another registered family (seesay.registry.register_captioner) is built
+    from `options` (+ the tokenizer's vocab_size)."""
+
+    family: str = "encoder_decoder"
+    options: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
 class TrainConfig:
     output: str = "runs/run"
-    epochs: int = 30
+    epochs: int | None = None  # None: 30, or no epoch limit when num_steps is set (both set: the first reached)
+    num_steps: int | None = None  # train for this many optimizer steps (may stop inside an epoch)
     batch_size: int = 32  # captions per optimiser step (per process with DDP: global / world)
-    grad_accum: int = 1
+    grad_accum: int = 1  # micro-batches per optimizer step (--accumulation-steps)
     grad_clip: float | None = 5.0
+    optimizer: str = "adam"  # adam (weight_decay as L2, added to the gradient) | adamw (decoupled decay)
     weight_decay: float = 0.0
-    patience: int = 20  # early stop after this many epochs without improvement
-    lr_decay_patience: int = 8  # decay learning rates after this many epochs without improvement
+    label_smoothing: float = 0.0  # cross-entropy label smoothing (0: none)
+    lr_scheduler: str = "plateau"  # none | plateau (x lr_decay on no improvement) | linear | cosine (to 0 at the end)
+    warmup_steps: int = 0  # linear warm-up of every group's rate from 0 over this many optimizer steps
+    patience: int = 20  # early stop after this many validations without improvement
+    lr_decay_patience: int = 8  # plateau: decay learning rates after this many validations without improvement
     lr_decay: float = 0.8
+    val_interval: int | None = None  # validate every N optimizer steps (None: after every epoch)
+    save_interval: int | None = None  # also write RUN_DIR/step-N checkpoints every N optimizer steps (None: off)
     select_metric: str = "CIDEr"
     val_beam_size: int = 1
     val_max_len: int = 50
@@ -95,6 +114,7 @@ class Config:
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    captioner: CaptionerConfig = field(default_factory=CaptionerConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -106,7 +126,8 @@ class Config:
         return cfg
 
 
-_SECTIONS = {"data": DataConfig, "encoder": EncoderConfig, "decoder": DecoderConfig, "train": TrainConfig}
+_SECTIONS = {"data": DataConfig, "encoder": EncoderConfig, "decoder": DecoderConfig, "train": TrainConfig,
+             "captioner": CaptionerConfig}
 
 
 def _coerce(value: Any, current: Any, where: str) -> Any:

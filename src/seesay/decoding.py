@@ -3,7 +3,7 @@
 # b - images, k - beams, l - generated length, v - vocabulary, a - attention columns
 Every function is batched over images (and beams): one decoder step per time step for the
 whole batch, never a Python loop per image. Results are `DecodeResult`s: tokens exclude
-<start>, include <end> when it was emitted, and are padded with 0.
+<start>, include <end> when it was emitted, and are padded with `pad` (0 by default).
 
 Length penalty (beam search): GNMT style, score = sum(logprob) / lp(len) with
 lp(len) = ((5 + len) / 6) ** length_penalty and len counting <end>. 0 disables it.
@@ -14,10 +14,20 @@ go through `step()` to build the state), then decoding continues from there. The
 that forced decoding: tokens start with the prefix, lengths and scores count it (the model's
 log-probabilities of the forced tokens are part of the score), attention has a row per prefix
 token. `max_len` limits the tokens generated after the prefix.
+
+Strategies are values (`Greedy()`, `Beam(size, length_penalty)`, `Sample(temperature, top_k,
+top_p, seed)`), never inferred from which keyword arguments are set; `decode(decoder, enc,
+strategy, ...)` runs one. `Sample(temperature=0)` is greedy decoding: that rule lives in
+`decode` and nowhere else. `strategy_from_options` turns command-line style options into a
+strategy (sampling when a temperature, top-k or top-p is given, else beam / greedy).
+
+Special ids come from the caller's tokenizer (`bos`, `eos`, `pad`); nothing here assumes
+fixed ids. Results are padded with `pad`.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import torch
@@ -27,10 +37,93 @@ from seesay.encoders.base import EncoderOutput
 
 
 class DecodeResult(NamedTuple):
-    tokens: Tensor  # (B, L) long, padded with 0
+    tokens: Tensor  # (B, L) long, padded with the tokenizer's pad id
     lengths: Tensor  # (B,) long, tokens generated including <end>
     scores: Tensor  # (B,) sum of log-probabilities (length-normalised for beams with a penalty)
     attention: Tensor | None  # (B, L, A) or None
+
+
+@dataclass(frozen=True)
+class Greedy:
+    """The most likely token at each step."""
+
+
+@dataclass(frozen=True)
+class Beam:
+    """Beam search with `size` beams; GNMT length penalty `length_penalty` (0: none)."""
+
+    size: int = 3
+    length_penalty: float = 0.0
+
+    def __post_init__(self) -> None:
+        if int(self.size) != self.size or self.size < 1:
+            raise ValueError(f"beam size must be an integer >= 1, not {self.size!r}")
+        if not self.length_penalty >= 0:
+            raise ValueError(f"length_penalty must be >= 0 (0: none), not {self.length_penalty!r}")
+
+
+@dataclass(frozen=True)
+class Sample:
+    """Ancestral sampling: logits / temperature, then top-k, then nucleus (top-p) filtering.
+
+    temperature 0 means greedy decoding. `seed` makes the draws reproducible (a generator on the
+    decoding device seeded with it); None draws from the global RNG.
+    """
+
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if not self.temperature >= 0:
+            raise ValueError(f"temperature must be >= 0 (0: greedy), not {self.temperature!r}")
+        if int(self.top_k) != self.top_k or self.top_k < 0:
+            raise ValueError(f"top_k must be an integer >= 0 (0: off), not {self.top_k!r}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], not {self.top_p!r}")
+
+
+Strategy = Greedy | Beam | Sample
+
+
+def strategy_from_options(*, beam_size: int = 1, length_penalty: float = 0.0, temperature: float | None = None,
+                          top_k: int = 0, top_p: float = 1.0, seed: int | None = None) -> Strategy:
+    """Command-line style options -> a strategy: sampling when `temperature`, `top_k` or `top_p`
+    is set, otherwise beam search with `beam_size` (greedy for 1)."""
+    if temperature is not None or top_k or top_p < 1.0:
+        return Sample(temperature=1.0 if temperature is None else float(temperature), top_k=int(top_k),
+                      top_p=float(top_p), seed=seed)
+    if beam_size <= 1:
+        if beam_size < 1:
+            raise ValueError(f"beam size must be >= 1, not {beam_size}")
+        return Greedy()
+    return Beam(int(beam_size), float(length_penalty))
+
+
+def describe(strategy: Strategy) -> dict[str, Any]:
+    """A strategy as plain JSON (for logs, results files and the server)."""
+    from dataclasses import asdict
+
+    return {"strategy": type(strategy).__name__.lower(), **asdict(strategy)}
+
+
+def decode(decoder: Any, enc: EncoderOutput, strategy: Strategy, *, bos: int, eos: int, pad: int = 0,
+           max_len: int = 50, prefix: Tensor | None = None, generator: torch.Generator | None = None) -> DecodeResult:
+    """Run `strategy` over the decoder step contract (see the module doc)."""
+    if isinstance(strategy, Sample) and strategy.temperature == 0:
+        strategy = Greedy()  # the one place where temperature 0 means greedy
+    if isinstance(strategy, Greedy):
+        return greedy(decoder, enc, bos=bos, eos=eos, pad=pad, max_len=max_len, prefix=prefix)
+    if isinstance(strategy, Beam):
+        return beam_search(decoder, enc, bos=bos, eos=eos, pad=pad, beam_size=strategy.size, max_len=max_len,
+                           length_penalty=strategy.length_penalty, prefix=prefix)
+    if isinstance(strategy, Sample):
+        if generator is None and strategy.seed is not None:
+            generator = torch.Generator(device=enc.grid.device).manual_seed(int(strategy.seed))
+        return sample(decoder, enc, bos=bos, eos=eos, pad=pad, max_len=max_len, temperature=strategy.temperature,
+                      top_k=strategy.top_k, top_p=strategy.top_p, generator=generator, prefix=prefix)
+    raise TypeError(f"not a decoding strategy: {strategy!r} (use Greedy(), Beam(...) or Sample(...))")
 
 
 def filter_logits(logits: Tensor, *, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> Tensor:
@@ -62,7 +155,7 @@ def _stack(tokens: list[Tensor], attention: list[Tensor | None], scores: Tensor,
     return DecodeResult(toks, lengths, scores, att)
 
 
-def _check_prefix(prefix: Tensor | None, batch: int, eos: int, device: torch.device) -> Tensor | None:
+def _check_prefix(prefix: Tensor | None, batch: int, eos: int, device: torch.device, pad: int = 0) -> Tensor | None:
     """`prefix` as Long [B, P] on `device` (None or P == 0: no prefix)."""
     if prefix is None:
         return None
@@ -73,7 +166,7 @@ def _check_prefix(prefix: Tensor | None, batch: int, eos: int, device: torch.dev
         raise ValueError(f"prefix must be [P] or [B={batch}, P], got {tuple(prefix.shape)}")
     if prefix.shape[1] == 0:
         return None
-    if bool((prefix == eos).any()) or bool((prefix == 0).any()):
+    if bool((prefix == eos).any()) or bool((prefix == pad).any()):
         raise ValueError("prefix must not contain <end> or <pad>")
     return prefix
 
@@ -146,10 +239,10 @@ class _Active:
 
 
 def _autoregressive(decoder: Any, enc: EncoderOutput, pick, *, bos: int, eos: int, max_len: int,
-                    prefix: Tensor | None = None) -> DecodeResult:
+                    prefix: Tensor | None = None, pad: int = 0) -> DecodeResult:
     B = enc.grid.shape[0]
     device = enc.grid.device
-    prefix = _check_prefix(prefix, B, eos, device)
+    prefix = _check_prefix(prefix, B, eos, device, pad)
     state = decoder.init_state(enc)
     prev = torch.full((B,), bos, dtype=torch.long, device=device)
     finished = torch.zeros(B, dtype=torch.bool, device=device)
@@ -168,8 +261,8 @@ def _autoregressive(decoder: Any, enc: EncoderOutput, pick, *, bos: int, eos: in
         scores = active.put(scores, active.take(scores)
                             + torch.where(alive, logprobs.gather(1, tok[:, None]).squeeze(1).float(), 0.0))
         lengths = active.put(lengths, active.take(lengths) + alive.long())
-        tok = torch.where(alive, tok, torch.zeros_like(tok))
-        tokens.append(active.spread(tok))
+        tok = torch.where(alive, tok, torch.full_like(tok, pad))
+        tokens.append(active.spread(tok) if pad == 0 else active.put(torch.full((B,), pad, device=device), tok))
         attention.append(None if att is None else active.spread(att * alive[:, None].to(att.dtype)))
         done = ~alive | (tok == eos)
         finished = active.put(finished, done)
@@ -184,23 +277,23 @@ def _autoregressive(decoder: Any, enc: EncoderOutput, pick, *, bos: int, eos: in
 
 @torch.no_grad()
 def greedy(decoder: Any, enc: EncoderOutput, *, bos: int, eos: int, max_len: int = 50,
-           prefix: Tensor | None = None) -> DecodeResult:
+           prefix: Tensor | None = None, pad: int = 0) -> DecodeResult:
     """Most likely word at each step (after the forced `prefix`, if any)."""
     return _autoregressive(decoder, enc, lambda lp: lp.argmax(dim=-1), bos=bos, eos=eos, max_len=max_len,
-                           prefix=prefix)
+                           prefix=prefix, pad=pad)
 
 
 @torch.no_grad()
 def sample(decoder: Any, enc: EncoderOutput, *, bos: int, eos: int, max_len: int = 50, temperature: float = 1.0,
            top_k: int = 0, top_p: float = 1.0, generator: torch.Generator | None = None,
-           prefix: Tensor | None = None) -> DecodeResult:
+           prefix: Tensor | None = None, pad: int = 0) -> DecodeResult:
     """Ancestral sampling from the filtered distribution; scores are the model's own log-probabilities."""
 
     def pick(logprobs: Tensor) -> Tensor:
         probs = torch.softmax(filter_logits(logprobs.float(), temperature=temperature, top_k=top_k, top_p=top_p), dim=-1)
         return torch.multinomial(probs, 1, generator=generator).squeeze(1)
 
-    return _autoregressive(decoder, enc, pick, bos=bos, eos=eos, max_len=max_len, prefix=prefix)
+    return _autoregressive(decoder, enc, pick, bos=bos, eos=eos, max_len=max_len, prefix=prefix, pad=pad)
 
 
 def _length_penalty(length: Tensor | int, alpha: float) -> Tensor | float:
@@ -211,7 +304,7 @@ def _length_penalty(length: Tensor | int, alpha: float) -> Tensor | float:
 
 @torch.no_grad()
 def beam_search(decoder: Any, enc: EncoderOutput, *, bos: int, eos: int, beam_size: int = 5, max_len: int = 50,
-                length_penalty: float = 0.0, prefix: Tensor | None = None) -> DecodeResult:
+                length_penalty: float = 0.0, prefix: Tensor | None = None, pad: int = 0) -> DecodeResult:
     """Beam search batched over images and beams.
 
     Each step ranks the 2K best extensions of the K live beams of every image. An extension
@@ -238,7 +331,7 @@ def beam_search(decoder: Any, enc: EncoderOutput, *, bos: int, eos: int, beam_si
     B = enc.grid.shape[0]
     K = beam_size
     device = enc.grid.device
-    prefix = _check_prefix(prefix, B, eos, device)
+    prefix = _check_prefix(prefix, B, eos, device, pad)
     P = 0 if prefix is None else prefix.shape[1]
     total = P + max_len  # longest result, prefix included
     state = decoder.init_state(enc)
@@ -315,7 +408,7 @@ def beam_search(decoder: Any, enc: EncoderOutput, *, bos: int, eos: int, beam_si
     all_len = torch.cat([pool_len, torch.full_like(pool_len, steps)], dim=1).gather(1, best).squeeze(1)  # (B,)
     cursor = torch.cat([pool_cand, live_cand], dim=1).gather(1, best).squeeze(1)  # candidate at step len - 1
     L = int(all_len.max()) if B else 0
-    tokens = torch.zeros(B, total, dtype=torch.long, device=device)
+    tokens = torch.full((B, total), pad, dtype=torch.long, device=device)
     with_att = bool(hist_att)
     attention = torch.zeros(B, total, hist_att[0].shape[-1], device=device, dtype=torch.float32) if with_att else None
     flat = torch.arange(B, device=device)
@@ -323,7 +416,7 @@ def beam_search(decoder: Any, enc: EncoderOutput, *, bos: int, eos: int, beam_si
         i = s - P
         active = s < all_len  # (B,) the hypothesis reaches position s
         c = cursor[:, None]
-        tokens[:, s] = torch.where(active, hist_tok[i].gather(1, c).squeeze(1), 0)
+        tokens[:, s] = torch.where(active, hist_tok[i].gather(1, c).squeeze(1), pad)
         beam = hist_src[i].gather(1, c).squeeze(1)  # (B,) live beam of step s - 1 it extends
         if attention is not None:
             attention[:, s] = torch.where(active[:, None], hist_att[i][flat, beam], 0.0)
@@ -332,7 +425,7 @@ def beam_search(decoder: Any, enc: EncoderOutput, *, bos: int, eos: int, beam_si
             cursor = torch.where(active, hist_pick[i - 1].gather(1, beam[:, None]).squeeze(1), cursor)
     if prefix is not None:
         has = (all_len > 0)[:, None]
-        tokens[:, :P] = torch.where(has, prefix, 0)
+        tokens[:, :P] = torch.where(has, prefix, pad)
         if attention is not None and prefix_att and prefix_att[0] is not None:
             attention[:, :P] = torch.where(has[:, :, None], torch.stack(prefix_att, dim=1).float(), 0.0)
     return DecodeResult(tokens[:, :L], all_len, all_scores.gather(1, best).squeeze(1),

@@ -304,6 +304,7 @@ def run_demo(
 def _run_demo(output: str | os.PathLike, *, minutes: float, num_images: int, seed: int, progress: bool,
               resume: bool, metrics: str, beam_size: int, num_samples: int, attention: bool,
               config: str | os.PathLike | None, overrides: Sequence[str]) -> dict[str, Any]:
+    from seesay.decoding import strategy_from_options
     from seesay.evaluate import evaluate_checkpoint
 
     if num_images < 20:
@@ -336,7 +337,8 @@ def _run_demo(output: str | os.PathLike, *, minutes: float, num_images: int, see
     quiet = _DropSpiceNote()
     metrics_log.addFilter(quiet)
     try:
-        ev = evaluate_checkpoint(best, data_dir, split="test", beam_size=beam_size, max_length=30, metrics=metrics,
+        ev = evaluate_checkpoint(best, data_dir, split="test", strategy=strategy_from_options(beam_size=beam_size),
+                                 max_length=30, metrics=metrics,
                                  output=out / "test_metrics.json", results=out / "test_captions.json",
                                  per_image=out / "test_per_image.json", device="cpu")
         baseline = baseline_scores(data_dir, metrics=metrics)

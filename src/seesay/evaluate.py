@@ -13,6 +13,8 @@ import time
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from seesay.captioner import decode_split, evaluation_lang
+from seesay.decoding import Beam, Strategy
 from seesay.errors import SeesayError
 from seesay.files import write_json_atomic
 
@@ -31,66 +33,14 @@ def _json_id(key: str) -> int | str:
     return int(key) if key.isdigit() and str(int(key)) == key else key
 
 
-def generate_captions(
-    model: Any,
-    vocab: Any,
-    store: Any,
-    *,
-    beam_size: int = 3,
-    max_length: int = 50,
-    batch_size: int = 32,
-    length_penalty: float = 0.0,
-    limit: int | None = None,
-    device: Any = None,
-) -> dict[str, str]:
-    """image id -> caption for the images of a SplitStore (in store order)."""
-    import numpy as np
-    import torch
-
-    n = len(store) if limit is None else min(limit, len(store))
-    ids = store.image_ids
-    out: dict[str, str] = {}
-    for start in range(0, n, batch_size):
-        stop = min(n, start + batch_size)
-        batch = np.ascontiguousarray(np.asarray(store.images[start:stop]).transpose(0, 3, 1, 2))
-        images = torch.from_numpy(batch)
-        if device is not None:
-            images = images.to(device)
-        result = model.generate(
-            images,
-            bos=vocab.start_id,
-            eos=vocab.end_id,
-            max_len=max_length,
-            beam_size=beam_size,
-            length_penalty=length_penalty,
-        )
-        tokens = result.tokens.cpu().tolist()
-        lengths = result.lengths.cpu().tolist()
-        for row, (toks, length) in enumerate(zip(tokens, lengths)):
-            out[str(ids[start + row])] = vocab.decode(toks[:length])
-        log.debug("captioned %d/%d images", stop, n)
-    return out
-
-
-def evaluation_lang(vocab: Any, manifest: dict[str, Any]) -> str:
-    """zh for Chinese datasets (jieba vocabulary or AI Challenger source), else en."""
-    if (
-        getattr(vocab, "tokenizer", None) == "jieba"
-        or str(manifest.get("source", "")).lower() == "aichallenger"
-    ):
-        return "zh"
-    return "en"
-
-
 def evaluate_checkpoint(
     checkpoint: str | Path,
     data: str | Path,
     *,
     split: str = "test",
-    beam_size: int = 3,
+    strategy: Strategy = Beam(3),
     max_length: int = 50,
     batch_size: int = 32,
-    length_penalty: float = 0.0,
     metrics: str = "fast",
     output: str | Path | None = "metrics.json",
     results: str | Path | None = None,
@@ -101,7 +51,10 @@ def evaluate_checkpoint(
     device: str | None = "auto",
     limit: int | None = None,
 ) -> Evaluation:
-    """Caption ``split`` of the prepared dataset ``data`` with ``checkpoint`` and score it."""
+    """Caption ``split`` of the prepared dataset ``data`` with ``checkpoint`` and score it.
+
+    The language is `seesay.captioner.evaluation_lang`'s (the rule training's validation uses)
+    unless ``lang`` names one."""
     import torch
 
     from seesay.checkpoint import load_checkpoint
@@ -111,32 +64,22 @@ def evaluate_checkpoint(
 
     if metrics not in ("fast", "full"):
         raise SeesayError(f"--metrics must be fast or full, not {metrics!r}")
-    if beam_size < 1 or batch_size < 1 or max_length < 1:
-        raise SeesayError("beam size, batch size and max length must be at least 1")
+    if batch_size < 1 or max_length < 1:
+        raise SeesayError("batch size and max length must be at least 1")
     prepared = PreparedData(data)
     store = prepared.split(split)
     from seesay.model import pick_device
 
     dev = pick_device(device)
     ck = load_checkpoint(checkpoint, map_location=dev)
-    vocab = ck.vocab
-    if hasattr(prepared.vocab, "itos") and getattr(vocab, "itos", None) != prepared.vocab.itos:
+    tok = ck.tokenizer
+    if hasattr(prepared.vocab, "itos") and getattr(tok, "itos", None) != prepared.vocab.itos:
         log.warning("the checkpoint's vocabulary differs from %s/vocab.json; using the checkpoint's", data)
     if lang == "auto":
-        lang = evaluation_lang(vocab, prepared.manifest)
+        lang = evaluation_lang(tok, prepared.manifest, store.references)
     t0 = time.perf_counter()
     with torch.inference_mode():
-        captions = generate_captions(
-            ck.model,
-            vocab,
-            store,
-            beam_size=beam_size,
-            max_length=max_length,
-            batch_size=batch_size,
-            length_penalty=length_penalty,
-            limit=limit,
-            device=dev,
-        )
+        captions = decode_split(ck.model, store, strategy, limit=limit, max_len=max_length, batch_size=batch_size)
     decode_s = time.perf_counter() - t0
     all_refs = store.references
     refs = {str(i): list(r) for i, r in zip(store.image_ids, all_refs) if str(i) in captions}

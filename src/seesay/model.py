@@ -1,24 +1,27 @@
-"""CaptionModel: an encoder and a decoder composed, plus the spec that rebuilds them.
+"""CaptionModel: an encoder and a step decoder composed into a captioner (`seesay.captioner`).
 
 # b - images, r - caption rows, t - time
-`spec` = {"encoder": {"name": ..., **kwargs}, "decoder": {"name": ..., "vocab_size": V, **kwargs}}
-is plain JSON, saved in checkpoints; `build_model(spec)` rebuilds the same architecture.
+`spec()` = {"captioner": "encoder_decoder", "encoder": {"name": ..., **kwargs},
+"decoder": {"name": ..., "vocab_size": V, **kwargs}} is plain JSON, saved in checkpoints;
+`build_model(spec)` (or `seesay.registry.build_captioner`) rebuilds the same architecture.
+The model holds its tokenizer and the size its training images were prepared at, so
+`preprocess` and `generate` need nothing else.
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+import json
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from seesay.decoders.base import Decoder, DecoderOutput
-from seesay.decoding import DecodeResult, beam_search, greedy, sample
-from seesay.encoders.base import Encoder, EncoderOutput, Preprocess
+from seesay.decoding import DecodeResult, Greedy, Strategy, decode
+from seesay.encoders.base import Encoder, EncoderOutput
 from seesay.errors import SeesayError
-from seesay.registry import build_decoder, build_encoder
+from seesay.registry import build_decoder, build_encoder, register_captioner, takes_option
 
 
 def pick_device(name: str | torch.device | None = "auto", local_rank: int = 0) -> torch.device:
@@ -29,25 +32,43 @@ def pick_device(name: str | torch.device | None = "auto", local_rank: int = 0) -
         return torch.device("cuda", local_rank)
     return torch.device(name)
 
+
 class CaptionModel(nn.Module):
-    def __init__(self, encoder: Encoder, decoder: Decoder, spec: dict[str, Any] | None = None) -> None:
+    """Encoder + step decoder; implements the captioner contract (see `seesay.captioner`)."""
+
+    def __init__(self, encoder: Encoder, decoder: Decoder, spec: dict[str, Any] | None = None,
+                 tokenizer: Any = None, image_size: int | None = None) -> None:
         super().__init__()
+        from seesay.data.images import ImageLoader
+
         self.encoder = encoder
         self.decoder = decoder
-        self.spec = copy.deepcopy(spec) if spec is not None else {}
+        self._spec = copy.deepcopy(spec) if spec is not None else {}
+        self._spec.setdefault("captioner", "encoder_decoder")
+        self.tokenizer = tokenizer
+        self.image_loader = ImageLoader(image_size)
 
-    @property
-    def preprocess(self) -> Preprocess:
-        return self.encoder.preprocess
+    # -- the captioner contract ----------------------------------------------------------------
+    def spec(self) -> dict[str, Any]:
+        return copy.deepcopy(self._spec)
+
+    def preprocess(self, image: Any) -> Tensor:
+        """Path, bytes, PIL image or array -> uint8 [3, S, S] at the training data's size."""
+        return self.image_loader(image)
+
+    def preprocess_config(self) -> dict[str, Any]:
+        return {"encoder": self.encoder.preprocess.to_dict(), "image_size": self.image_loader.image_size or 0}
 
     def encode(self, images: Tensor) -> EncoderOutput:
         """uint8 [B,3,H,W] (0..255) or float [B,3,H,W] (0..1) images -> EncoderOutput."""
-        x = self.preprocess(images.to(self._device()))
+        x = self.encoder.preprocess(images.to(self._device()))
         return self.encoder(x)
 
-    def forward(self, images: Tensor, tokens: Tensor, lengths: Tensor, image_rows: Tensor | None = None) -> DecoderOutput:
+    def forward(self, src: Tensor | EncoderOutput, tokens: Tensor, lengths: Tensor,
+                image_rows: Tensor | None = None) -> DecoderOutput:
         """Teacher forcing. Each image is encoded once; `image_rows` [R] names the image of each caption row."""
-        return self.forward_features(self.encode(images), tokens, lengths, image_rows)
+        enc = src if isinstance(src, EncoderOutput) else self.encode(src)
+        return self.forward_features(enc, tokens, lengths, image_rows)
 
     def forward_features(self, enc: EncoderOutput, tokens: Tensor, lengths: Tensor,
                          image_rows: Tensor | None = None) -> DecoderOutput:
@@ -56,22 +77,40 @@ class CaptionModel(nn.Module):
         return self.decoder(enc, tokens, lengths)
 
     @torch.no_grad()
-    def generate(self, images_or_enc: Tensor | EncoderOutput, *, bos: int, eos: int, max_len: int = 50,
-                 beam_size: int = 1, length_penalty: float = 0.0, temperature: float | None = None, top_k: int = 0,
-                 top_p: float = 1.0, generator: torch.Generator | None = None) -> DecodeResult:
-        """Caption images (or cached encoder outputs).
+    def generate(self, src: Tensor | EncoderOutput, strategy: Strategy = Greedy(), *, prompt: Any = None,
+                 max_len: int = 50, generator: torch.Generator | None = None) -> DecodeResult:
+        """Caption images (or their `encode` features) with `strategy`; `prompt` (text or ids) is
+        forced at the start of every caption; `max_len` counts tokens after it."""
+        from seesay.captioner import prompt_ids
 
-        Sampling when `temperature` is given (or top_k/top_p filter), otherwise beam search
-        (greedy for beam_size 1).
-        """
-        enc = images_or_enc if isinstance(images_or_enc, EncoderOutput) else self.encode(images_or_enc)
-        if temperature is not None or top_k > 0 or top_p < 1.0:
-            return sample(self.decoder, enc, bos=bos, eos=eos, max_len=max_len, temperature=temperature or 1.0,
-                          top_k=top_k, top_p=top_p, generator=generator)
-        if beam_size <= 1:
-            return greedy(self.decoder, enc, bos=bos, eos=eos, max_len=max_len)
-        return beam_search(self.decoder, enc, bos=bos, eos=eos, beam_size=beam_size, max_len=max_len,
-                           length_penalty=length_penalty)
+        tok = self._require_tokenizer()
+        enc = src if isinstance(src, EncoderOutput) else self.encode(src)
+        ids = prompt_ids(tok, prompt)
+        prefix = torch.tensor(ids, dtype=torch.long, device=enc.grid.device) if ids else None
+        return decode(self.decoder, enc, strategy, bos=tok.bos_id, eos=tok.eos_id, pad=tok.pad_id,
+                      max_len=max_len, prefix=prefix, generator=generator)
+
+    # -- training capabilities -----------------------------------------------------------------
+    def param_groups(self) -> dict[str, list[nn.Parameter]]:
+        return {"decoder": [p for p in self.decoder.parameters() if p.requires_grad],
+                "encoder": [p for p in self.encoder.parameters() if p.requires_grad]}
+
+    def set_fine_tune(self, flag: bool) -> None:
+        self.encoder.set_fine_tune(flag)
+
+    @property
+    def features_trainable(self) -> bool:
+        return self.encoder.is_trainable
+
+    @property
+    def ddp_find_unused_parameters(self) -> bool:
+        return bool(getattr(self.decoder, "ddp_find_unused_parameters", False)
+                    or getattr(self.encoder, "ddp_find_unused_parameters", False))
+
+    def _require_tokenizer(self) -> Any:
+        if self.tokenizer is None:
+            raise SeesayError("this CaptionModel has no tokenizer: pass tokenizer= to build_model (or load a checkpoint)")
+        return self.tokenizer
 
     def _device(self) -> torch.device:
         for p in self.parameters():
@@ -79,11 +118,13 @@ class CaptionModel(nn.Module):
         return torch.device("cpu")
 
 
-def build_model(spec: dict[str, Any], *, glove_itos: Sequence[str] | None = None) -> CaptionModel:
+def build_model(spec: dict[str, Any], *, tokenizer: Any = None, image_size: int | None = None,
+                external_weights: bool = True) -> CaptionModel:
     """Build the encoder and decoder named in `spec`.
 
-    The decoder receives `enc_dim` from the encoder's `out_dim`; `glove_itos` (the vocabulary's
-    id -> word list) is passed to decoders configured with GloVe embeddings.
+    The decoder receives `enc_dim` from the encoder's `out_dim`. `external_weights=False` builds
+    without reading pretrained files (a checkpoint's weights follow): every encoder that takes
+    `weights` gets "none".
     """
     try:
         enc_spec = dict(spec["encoder"])
@@ -94,9 +135,21 @@ def build_model(spec: dict[str, Any], *, glove_itos: Sequence[str] | None = None
         raise SeesayError(f"model spec needs encoder.name and decoder.name ({e!r} missing)") from None
     if "vocab_size" not in dec_spec:
         raise SeesayError("model spec: decoder.vocab_size is required")
+    for legacy in ("glove", "glove_itos"):  # GloVe is applied after construction (layers/glove.py)
+        dec_spec.pop(legacy, None)
+    if not external_weights and takes_option("encoder", enc_name, "weights"):
+        enc_spec["weights"] = "none"
     encoder = build_encoder(enc_name, **enc_spec)
     dec_spec["enc_dim"] = encoder.out_dim
-    if glove_itos is not None and dec_spec.get("glove"):
-        dec_spec["glove_itos"] = list(glove_itos)
     decoder = build_decoder(dec_name, **dec_spec)
-    return CaptionModel(encoder, decoder, spec)
+    if tokenizer is not None and len(tokenizer) != int(dec_spec["vocab_size"]):
+        raise SeesayError(f"the tokenizer has {len(tokenizer)} tokens but the model spec says vocab_size "
+                          f"{dec_spec['vocab_size']}")
+    return CaptionModel(encoder, decoder, json.loads(json.dumps(spec)), tokenizer=tokenizer, image_size=image_size)
+
+
+@register_captioner("encoder_decoder")
+def _build(spec: dict[str, Any], tokenizer: Any, preprocess: dict[str, Any] | None,
+           external_weights: bool) -> CaptionModel:
+    size = (preprocess or {}).get("image_size") or None
+    return build_model(spec, tokenizer=tokenizer, image_size=size, external_weights=external_weights)

@@ -38,6 +38,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from seesay.caption import caption_files
+    from seesay.decoding import strategy_from_options
     from seesay.errors import SeesayError
 
     images = [*args.images, *args.image_flags]
@@ -46,25 +47,26 @@ def run(args: argparse.Namespace) -> int:
     if args.temperature is not None and args.temperature < 0:
         raise SeesayError("--temperature must be >= 0 (0: greedy)")
     greedy = args.temperature == 0  # the Titans extension's convention: temperature 0 is argmax
-    temperature = None if greedy else args.temperature
-    sampling = temperature is not None or args.top_k > 0 or args.top_p < 1.0
-    if (sampling or greedy) and args.beam_size not in (None, 1):
+    sampling = args.temperature is not None or args.top_k > 0 or args.top_p < 1.0
+    if sampling and args.beam_size not in (None, 1):
         raise SeesayError("--beam-size cannot be combined with --temperature/--top-k/--top-p (sampling or greedy)")
     if greedy and (args.top_k > 0 or args.top_p < 1.0):
         raise SeesayError("--temperature 0 (greedy) cannot be combined with --top-k/--top-p")
     if not 0.0 < args.top_p <= 1.0:
         raise SeesayError("--top-p must be in (0, 1]")
-    beam = 1 if (sampling or greedy) else (args.beam_size if args.beam_size is not None else 5)
+    beam = 1 if sampling else (args.beam_size if args.beam_size is not None else 5)
     if beam < 1:
         raise SeesayError("--beam-size must be >= 1")
     if args.length_penalty < 0:
         raise SeesayError("--length-penalty must be >= 0")
     if args.max_length < 1:
         raise SeesayError("--max-length must be >= 1")
-    results = caption_files(args.checkpoint, images, beam_size=beam, max_len=args.max_length,
-                            length_penalty=args.length_penalty, temperature=temperature, top_k=args.top_k,
-                            top_p=args.top_p, batch_size=args.batch_size, device=args.device, seed=args.seed,
-                            prompt=args.prompt)
+    if args.batch_size < 1:
+        raise SeesayError("--batch-size must be >= 1")
+    strategy = strategy_from_options(beam_size=beam, length_penalty=args.length_penalty, temperature=args.temperature,
+                                     top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    results = caption_files(args.checkpoint, images, strategy, max_len=args.max_length,
+                            batch_size=args.batch_size, device=args.device, prompt=args.prompt)
     lines = []
     for r in results:
         if r.error is not None:

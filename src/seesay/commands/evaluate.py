@@ -23,7 +23,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--per-image", default=None, help="also write per-image scores here, worst first")
     p.add_argument("--lang", choices=("auto", "en", "zh"), default="auto",
-                   help="auto: zh for jieba/AI Challenger data, else en")  # fmt: skip
+                   help="auto: the data's language (zh for AI Challenger, jieba or Chinese references), else en")  # fmt: skip
     p.add_argument("--tokenizer", choices=("auto", "python", "java"), default="auto",
                    help="PTB tokenizer for English (auto: Java for --metrics full when java exists)")  # fmt: skip
     p.add_argument("--spice-models", default=None,
@@ -33,17 +33,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from seesay.decoding import strategy_from_options
+    from seesay.errors import SeesayError
     from seesay.evaluate import evaluate_checkpoint
     from seesay.metrics.io import format_report
 
+    if args.beam_size < 1:
+        raise SeesayError("--beam-size must be >= 1")
+    if args.length_penalty < 0:
+        raise SeesayError("--length-penalty must be >= 0")
     ev = evaluate_checkpoint(
         args.checkpoint,
         args.data,
         split=args.split,
-        beam_size=args.beam_size,
+        strategy=strategy_from_options(beam_size=args.beam_size, length_penalty=args.length_penalty),
         max_length=args.max_length,
         batch_size=args.batch_size,
-        length_penalty=args.length_penalty,
         metrics=args.metrics,
         output=args.output,
         results=args.results,

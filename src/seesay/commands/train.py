@@ -19,12 +19,20 @@ _FLAGS: dict[str, tuple[str, str]] = {
     "encoder_lr": ("encoder", "lr"),
     "decoder": ("decoder", "name"),
     "decoder_lr": ("decoder", "lr"),
-    "alpha_c": ("decoder", "alpha_c"),
+    "alpha_c": ("decoder", "alpha_c"),  # not a DecoderConfig field: goes to decoder.options
     "output": ("train", "output"),
     "epochs": ("train", "epochs"),
+    "num_steps": ("train", "num_steps"),
     "batch_size": ("train", "batch_size"),
     "grad_accum": ("train", "grad_accum"),
     "grad_clip": ("train", "grad_clip"),
+    "optimizer": ("train", "optimizer"),
+    "weight_decay": ("train", "weight_decay"),
+    "label_smoothing": ("train", "label_smoothing"),
+    "lr_scheduler": ("train", "lr_scheduler"),
+    "warmup_steps": ("train", "warmup_steps"),
+    "val_interval": ("train", "val_interval"),
+    "save_interval": ("train", "save_interval"),
     "patience": ("train", "patience"),
     "lr_decay_patience": ("train", "lr_decay_patience"),
     "lr_decay": ("train", "lr_decay"),
@@ -72,21 +80,45 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--decoder-lr", "--lr", dest="decoder_lr", type=float, default=S,
                    help="decoder learning rate" + default("decoder", "lr"))
     g.add_argument("--alpha-c", type=float, default=S,
-                   help="doubly-stochastic attention regularisation weight" + default("decoder", "alpha_c"))
+                   help="doubly-stochastic attention regularisation weight, for decoders that take it "
+                        "(soft_attention's default: 1.0; adaptive_attention's: 0)")
     g = p.add_argument_group("training")
     g.add_argument("--output", "--output-dir", dest="output", metavar="RUN_DIR", default=S,
                    help="run directory: best/, last/, metrics.jsonl, tb/" + default("train", "output"))
-    g.add_argument("--epochs", type=int, default=S, help="maximum epochs" + default("train", "epochs"))
+    g.add_argument("--epochs", type=int, default=S,
+                   help="maximum epochs (default: 30; none with --num-steps unless given: then the first limit reached)")
+    g.add_argument("--num-steps", type=int, default=S,
+                   help="train for N optimizer steps, stopping inside an epoch if need be (default: off)")
     g.add_argument("--batch-size", type=int, default=S,
                    help="captions per step and process (with --fine-tune-encoder a batch holds "
                         "batch_size // captions_per_image images with all their captions)" + default("train", "batch_size"))
-    g.add_argument("--grad-accum", type=int, default=S, help="micro-batches per optimizer step" + default("train", "grad_accum"))
+    g.add_argument("--grad-accum", "--accumulation-steps", dest="grad_accum", type=int, default=S,
+                   help="micro-batches per optimizer step" + default("train", "grad_accum"))
     g.add_argument("--grad-clip", type=float, default=S, help="clip the gradient norm (0: off)" + default("train", "grad_clip"))
+    g.add_argument("--optimizer", choices=["adam", "adamw"], default=S,
+                   help="adam (--weight-decay as L2 on the gradient) or adamw (decoupled weight decay)"
+                        + default("train", "optimizer"))
+    g.add_argument("--weight-decay", type=float, default=S, help="weight decay" + default("train", "weight_decay"))
+    g.add_argument("--label-smoothing", type=float, default=S,
+                   help="cross-entropy label smoothing: the target keeps 1 - eps, eps is spread over the vocabulary"
+                        + default("train", "label_smoothing"))
+    g.add_argument("--lr-scheduler", choices=["none", "plateau", "linear", "cosine"], default=S,
+                   help="plateau: x --lr-decay after --lr-decay-patience validations without improvement; "
+                        "linear / cosine: decay to 0 at the last step" + default("train", "lr_scheduler"))
+    g.add_argument("--warmup-steps", type=int, default=S,
+                   help="raise every learning rate linearly from 0 over N optimizer steps (any scheduler)"
+                        + default("train", "warmup_steps"))
+    g.add_argument("--val-interval", type=int, default=S,
+                   help="validate every N optimizer steps (default: after every epoch)")
+    g.add_argument("--save-interval", type=int, default=S,
+                   help="also write a checkpoint RUN_DIR/step-N every N optimizer steps (default: off)")
     g.add_argument("--patience", type=int, default=S,
-                   help="stop after this many epochs without improvement" + default("train", "patience"))
+                   help="stop after this many validations without improvement" + default("train", "patience"))
     g.add_argument("--lr-decay-patience", type=int, default=S,
-                   help="decay learning rates after this many epochs without improvement" + default("train", "lr_decay_patience"))
-    g.add_argument("--lr-decay", type=float, default=S, help="learning-rate decay factor" + default("train", "lr_decay"))
+                   help="plateau: decay learning rates after this many validations without improvement"
+                        + default("train", "lr_decay_patience"))
+    g.add_argument("--lr-decay", type=float, default=S,
+                   help="plateau: learning-rate decay factor" + default("train", "lr_decay"))
     g.add_argument("--select-metric", default=S,
                    help="validation metric for best checkpoint, decay and early stop (Bleu_4, CIDEr, ROUGE_L, ...)"
                         + default("train", "select_metric"))

@@ -9,13 +9,16 @@
 Both are map-style datasets with `__len__`, so `DistributedSampler` shards them; they pickle
 without their memory maps, so any number of DataLoader workers read the store at once.
 `load_images=False` leaves the image out (for decoders trained on cached features, which look
-features up by `image_index`).
+features up by `image_index`). `encoded=(captions [N, C, L], lengths [N, C])` replaces the stored
+token ids (a captioner with a tokenizer of its own re-encodes the references:
+`seesay.train.data.encode_references`).
 
 `collate_captions` gives {"images" uint8 [B,3,S,S], "captions" Long [B,T], "lengths" Long [B],
 "image_index" Long [B], "image_ids"}; `collate_images` gives {"images" uint8 [B,3,S,S],
 "captions" Long [B*C,T], "lengths" Long [B*C], "image_rows" Long [B*C] (which image each caption
 row belongs to), "image_index" Long [B], "image_ids", "references" list[list[str]]}. T is the
-longest caption in the batch; lengths count <start> and <end>. Collation is done in numpy
+longest caption in the batch; lengths count <start> and <end>; rows are padded with `pad_id`
+(bind the tokenizer's with functools.partial). Collation is done in numpy
 (torch.stack/repeat_interleave on small CPU tensors were 20-1000x slower on a busy machine).
 """
 
@@ -43,11 +46,13 @@ def _image_tensor(store: SplitStore, i: int) -> torch.Tensor:
 class CaptionDataset(Dataset):
     """One item per (image, caption) pair; see the module doc."""
 
-    def __init__(self, data: str | os.PathLike | PreparedData, split: str = "train", *, load_images: bool = True) -> None:
+    def __init__(self, data: str | os.PathLike | PreparedData, split: str = "train", *, load_images: bool = True,
+                 encoded: tuple[np.ndarray, np.ndarray] | None = None) -> None:
         self.data, self.store = _split(data, split)
         self.split = split
         self.load_images = load_images
-        self.captions_per_image = self.data.captions_per_image
+        self.captions, self.lengths = encoded if encoded is not None else (None, None)
+        self.captions_per_image = self.data.captions_per_image if encoded is None else int(encoded[0].shape[1])
         self.vocab = self.data.vocab
 
     def __len__(self) -> int:
@@ -57,9 +62,10 @@ class CaptionDataset(Dataset):
         if not 0 <= i < len(self):
             raise IndexError(i)
         img, c = divmod(int(i), self.captions_per_image)
-        n = int(self.store.lengths[img, c])
+        captions = self.store.captions if self.captions is None else self.captions
+        n = int((self.store.lengths if self.lengths is None else self.lengths)[img, c])
         item = {
-            "caption": torch.from_numpy(np.array(self.store.captions[img, c, :n], dtype=np.int64)),
+            "caption": torch.from_numpy(np.array(captions[img, c, :n], dtype=np.int64)),
             "length": n,
             "image_index": img,
             "image_id": self.store.image_ids[img],
@@ -72,11 +78,13 @@ class CaptionDataset(Dataset):
 class ImageCaptionDataset(Dataset):
     """One item per image with all its captions and references; see the module doc."""
 
-    def __init__(self, data: str | os.PathLike | PreparedData, split: str = "val", *, load_images: bool = True) -> None:
+    def __init__(self, data: str | os.PathLike | PreparedData, split: str = "val", *, load_images: bool = True,
+                 encoded: tuple[np.ndarray, np.ndarray] | None = None) -> None:
         self.data, self.store = _split(data, split)
         self.split = split
         self.load_images = load_images
-        self.captions_per_image = self.data.captions_per_image
+        self.captions, self.lengths = encoded if encoded is not None else (None, None)
+        self.captions_per_image = self.data.captions_per_image if encoded is None else int(encoded[0].shape[1])
         self.vocab = self.data.vocab
 
     def __len__(self) -> int:
@@ -86,9 +94,10 @@ class ImageCaptionDataset(Dataset):
         if not 0 <= i < len(self):
             raise IndexError(i)
         i = int(i)
-        lengths = np.array(self.store.lengths[i], dtype=np.int64)
+        captions = self.store.captions if self.captions is None else self.captions
+        lengths = np.array((self.store.lengths if self.lengths is None else self.lengths)[i], dtype=np.int64)
         item = {
-            "captions": torch.from_numpy(np.array(self.store.captions[i, :, : int(lengths.max())], dtype=np.int64)),
+            "captions": torch.from_numpy(np.array(captions[i, :, : int(lengths.max())], dtype=np.int64)),
             "lengths": torch.from_numpy(lengths),
             "image_index": i,
             "image_id": self.store.image_ids[i],
@@ -99,10 +108,10 @@ class ImageCaptionDataset(Dataset):
         return item
 
 
-def _pad(seqs: list[torch.Tensor]) -> torch.Tensor:
+def _pad(seqs: list[torch.Tensor], pad_id: int = 0) -> torch.Tensor:
     arrays = [s.numpy().reshape(1, -1) if s.dim() == 1 else s.numpy() for s in seqs]
     width = max(a.shape[1] for a in arrays)
-    out = np.zeros((sum(a.shape[0] for a in arrays), width), dtype=np.int64)
+    out = np.full((sum(a.shape[0] for a in arrays), width), pad_id, dtype=np.int64)
     r = 0
     for a in arrays:
         out[r:r + a.shape[0], : a.shape[1]] = a
@@ -115,9 +124,9 @@ def _stack_images(batch: list[dict[str, Any]]) -> torch.Tensor:
     return torch.from_numpy(np.stack([b["image"].numpy() for b in batch]))
 
 
-def collate_captions(batch: list[dict[str, Any]]) -> dict[str, Any]:
+def collate_captions(batch: list[dict[str, Any]], pad_id: int = 0) -> dict[str, Any]:
     out: dict[str, Any] = {
-        "captions": _pad([b["caption"] for b in batch]),
+        "captions": _pad([b["caption"] for b in batch], pad_id),
         "lengths": torch.tensor([b["length"] for b in batch], dtype=torch.long),
         "image_index": torch.tensor([b["image_index"] for b in batch], dtype=torch.long),
         "image_ids": [b["image_id"] for b in batch],
@@ -127,10 +136,10 @@ def collate_captions(batch: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def collate_images(batch: list[dict[str, Any]]) -> dict[str, Any]:
+def collate_images(batch: list[dict[str, Any]], pad_id: int = 0) -> dict[str, Any]:
     per = [int(b["captions"].shape[0]) for b in batch]
     out: dict[str, Any] = {
-        "captions": _pad([b["captions"] for b in batch]),
+        "captions": _pad([b["captions"] for b in batch], pad_id),
         "lengths": torch.from_numpy(np.concatenate([b["lengths"].numpy() for b in batch])),
         "image_rows": torch.from_numpy(np.repeat(np.arange(len(batch), dtype=np.int64), per)),
         "image_index": torch.tensor([b["image_index"] for b in batch], dtype=torch.long),

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from seesay.errors import SeesayError, missing_extra
+from seesay.tokenizers import TOKENIZER_FILE, register_tokenizer
 
 PAD, START, END, UNK = "<pad>", "<start>", "<end>", "<unk>"
 SPECIALS = (PAD, START, END, UNK)
@@ -89,7 +90,8 @@ def detokenize(tokens: Sequence[str], kind: str = "word") -> str:
 
 
 class Vocab:
-    """Token <-> id mapping plus the tokenizer it was built with.
+    """Token <-> id mapping plus the tokenizer it was built with; implements the tokenizer
+    contract of `seesay.tokenizers` (`bos_id` is `<start>`, `eos_id` is `<end>`).
 
     `encode(text)` gives ids without `<start>`/`<end>`; `encode(text, add_special=True)` wraps
     them. `decode(ids)` stops at `<end>`, drops `<pad>`/`<start>` and joins the tokens.
@@ -113,6 +115,12 @@ class Vocab:
     start_id = 1
     end_id = 2
     unk_id = 3
+    bos_id = start_id
+    eos_id = end_id
+
+    @property
+    def kind(self) -> str:
+        return self.tokenizer
 
     def __len__(self) -> int:
         return len(self.itos)
@@ -137,6 +145,30 @@ class Vocab:
     def encode(self, text: str, add_special: bool = False) -> list[int]:
         return self.encode_tokens(self.tokenize(text), add_special=add_special)
 
+    def encode_prompt(self, text: str) -> list[int]:
+        """Ids of a caption prompt (no `<start>`/`<end>`).
+
+        Byte and char vocabularies keep the prompt's trailing white space ("This is an image of "
+        must be followed by a word, not by another space); leading white space is dropped and runs
+        of white space become one space, as in the training captions. Word and jieba vocabularies
+        tokenize as in training; words missing from the vocabulary become `<unk>` (logged).
+        """
+        if not text:
+            return []
+        if self.tokenizer in ("byte", "char"):
+            clean = _SPACE_RE.sub(" ", text).lstrip()
+            tokens = [_BYTE_TOKENS[b] for b in clean.encode("utf-8")] if self.tokenizer == "byte" else list(clean)
+        else:
+            tokens = self.tokenize(text)
+        ids = self.encode_tokens(tokens)
+        unknown = [t for t, i in zip(tokens, ids) if i == self.unk_id]
+        if unknown:
+            import logging
+
+            logging.getLogger(__name__).warning("prompt tokens not in the vocabulary (fed as <unk>): %s",
+                                                " ".join(unknown))
+        return ids
+
     def decode_tokens(self, ids: Iterable[int]) -> list[str]:
         """Tokens up to the first `<end>`, without `<pad>`/`<start>`; `<unk>` is kept."""
         out = []
@@ -148,6 +180,9 @@ class Vocab:
                 continue
             out.append(self.itos[i] if 0 <= i < len(self.itos) else UNK)
         return out
+
+    def id_to_token(self, index: int) -> str:
+        return self.itos[index] if 0 <= index < len(self.itos) else UNK
 
     def decode(self, ids: Iterable[int]) -> str:
         return detokenize(self.decode_tokens(ids), self.tokenizer)
@@ -169,6 +204,14 @@ class Vocab:
 
     def save(self, path: str | os.PathLike) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), ensure_ascii=False, indent=0) + "\n", encoding="utf-8")
+
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        """DIR/tokenizer.json ({"type": "seesay-vocab", ...}); see `seesay.tokenizers.load_tokenizer`."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        data = {"type": "seesay-vocab", **self.to_dict()}
+        (directory / TOKENIZER_FILE).write_text(json.dumps(data, ensure_ascii=False, indent=0) + "\n",
+                                                encoding="utf-8")
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Vocab:
@@ -198,3 +241,8 @@ def build_vocab(token_lists: Iterable[Sequence[str]], tokenizer: str = "word", m
                   key=lambda t: (-counts[t], t))
     return Vocab([*SPECIALS, *kept], tokenizer=tokenizer, min_word_freq=min_word_freq,
                  counts={t: counts[t] for t in kept})
+
+
+@register_tokenizer("seesay-vocab")
+def _load_vocab(directory: Path, data: dict[str, Any]) -> Vocab:
+    return Vocab.from_dict(data)

@@ -10,8 +10,6 @@ the returned attention. Words come from W_p(dropout(c_hat + h_t)). h and c start
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 from torch import Tensor, nn
 
@@ -27,13 +25,12 @@ class AdaptiveAttentionDecoder(Decoder):
     has_sentinel = True
 
     def __init__(self, *, vocab_size: int, enc_dim: int, embed_dim: int = 512, attention_dim: int = 512,
-                 decoder_dim: int = 512, dropout: float = 0.5, alpha_c: float = 0.0, glove: str | None = None,
-                 glove_itos: Sequence[str] | None = None) -> None:
+                 decoder_dim: int = 512, dropout: float = 0.5, alpha_c: float = 0.0) -> None:
         super().__init__()
         self.vocab_size = vocab_size
         self.alpha_c = alpha_c
         self.decoder_dim = decoder_dim
-        self.embedding = WordEmbedding(vocab_size, embed_dim, glove=glove, glove_itos=glove_itos)
+        self.embedding = WordEmbedding(vocab_size, embed_dim)
         self.region_proj = nn.Linear(enc_dim, decoder_dim)
         self.global_proj = nn.Linear(enc_dim, embed_dim)
         self.lstm = nn.LSTMCell(2 * embed_dim, decoder_dim)
@@ -88,8 +85,7 @@ class AdaptiveAttentionDecoder(Decoder):
 
 @register_decoder("adaptive_attention")
 def build(*, vocab_size: int, enc_dim: int, embed_dim: int = 512, attention_dim: int = 512, decoder_dim: int = 512,
-          dropout: float = 0.5, alpha_c: float = 0.0, glove: str | None = None,
-          glove_itos: Sequence[str] | None = None) -> AdaptiveAttentionDecoder:
+          dropout: float = 0.5, alpha_c: float = 0.0) -> AdaptiveAttentionDecoder:
     return AdaptiveAttentionDecoder(vocab_size=vocab_size, enc_dim=enc_dim, embed_dim=embed_dim,
                                     attention_dim=attention_dim, decoder_dim=decoder_dim, dropout=dropout,
-                                    alpha_c=alpha_c, glove=glove, glove_itos=glove_itos)
+                                    alpha_c=alpha_c)

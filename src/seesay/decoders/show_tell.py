@@ -7,8 +7,6 @@ and the state after that step is the initial state for the words. No attention.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 from torch import Tensor, nn
 
@@ -21,10 +19,10 @@ from seesay.registry import register_decoder
 
 class ShowTellDecoder(Decoder):
     def __init__(self, *, vocab_size: int, enc_dim: int, embed_dim: int = 512, decoder_dim: int = 512,
-                 dropout: float = 0.5, glove: str | None = None, glove_itos: Sequence[str] | None = None) -> None:
+                 dropout: float = 0.5) -> None:
         super().__init__()
         self.vocab_size = vocab_size
-        self.embedding = WordEmbedding(vocab_size, embed_dim, glove=glove, glove_itos=glove_itos)
+        self.embedding = WordEmbedding(vocab_size, embed_dim)
         self.image_proj = nn.Linear(enc_dim, embed_dim)
         self.image_norm = nn.BatchNorm1d(embed_dim)
         self.lstm = nn.LSTMCell(embed_dim, decoder_dim)
@@ -62,7 +60,6 @@ class ShowTellDecoder(Decoder):
 
 
 @register_decoder("show_tell")
-def build(*, vocab_size: int, enc_dim: int, embed_dim: int = 512, decoder_dim: int = 512, dropout: float = 0.5,
-          glove: str | None = None, glove_itos: Sequence[str] | None = None) -> ShowTellDecoder:
+def build(*, vocab_size: int, enc_dim: int, embed_dim: int = 512, decoder_dim: int = 512, dropout: float = 0.5) -> ShowTellDecoder:
     return ShowTellDecoder(vocab_size=vocab_size, enc_dim=enc_dim, embed_dim=embed_dim, decoder_dim=decoder_dim,
-                           dropout=dropout, glove=glove, glove_itos=glove_itos)
+                           dropout=dropout)

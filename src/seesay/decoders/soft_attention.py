@@ -9,8 +9,6 @@ alpha_c * mean_b (1 - sum_t alpha_bt)^2 is returned as extras["aux_loss"].
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 from torch import Tensor, nn
 
@@ -24,12 +22,11 @@ from seesay.registry import register_decoder
 
 class SoftAttentionDecoder(Decoder):
     def __init__(self, *, vocab_size: int, enc_dim: int, embed_dim: int = 512, attention_dim: int = 512,
-                 decoder_dim: int = 512, dropout: float = 0.5, alpha_c: float = 1.0,
-                 glove: str | None = None, glove_itos: Sequence[str] | None = None) -> None:
+                 decoder_dim: int = 512, dropout: float = 0.5, alpha_c: float = 1.0) -> None:
         super().__init__()
         self.vocab_size = vocab_size
         self.alpha_c = alpha_c
-        self.embedding = WordEmbedding(vocab_size, embed_dim, glove=glove, glove_itos=glove_itos)
+        self.embedding = WordEmbedding(vocab_size, embed_dim)
         self.attention = AdditiveAttention(enc_dim, decoder_dim, attention_dim)
         self.init_h = nn.Linear(enc_dim, decoder_dim)
         self.init_c = nn.Linear(enc_dim, decoder_dim)
@@ -84,8 +81,6 @@ class SoftAttentionDecoder(Decoder):
 
 @register_decoder("soft_attention")
 def build(*, vocab_size: int, enc_dim: int, embed_dim: int = 512, attention_dim: int = 512, decoder_dim: int = 512,
-          dropout: float = 0.5, alpha_c: float = 1.0, glove: str | None = None,
-          glove_itos: Sequence[str] | None = None) -> SoftAttentionDecoder:
+          dropout: float = 0.5, alpha_c: float = 1.0) -> SoftAttentionDecoder:
     return SoftAttentionDecoder(vocab_size=vocab_size, enc_dim=enc_dim, embed_dim=embed_dim, attention_dim=attention_dim,
-                                decoder_dim=decoder_dim, dropout=dropout, alpha_c=alpha_c, glove=glove,
-                                glove_itos=glove_itos)
+                                decoder_dim=decoder_dim, dropout=dropout, alpha_c=alpha_c)

@@ -451,6 +451,9 @@ class TitansState:
 class TitansMACDecoder(Decoder):
     """Image-prefix captioner on titans-pytorch's MemoryAsContextTransformer (see module doc)."""
 
+    # the neural memory's parameters do not all get a gradient in every step: DDP must look for them
+    ddp_find_unused_parameters = True
+
     def __init__(
         self,
         *,

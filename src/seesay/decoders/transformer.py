@@ -17,7 +17,6 @@ the benchmark).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -102,14 +101,13 @@ class DecoderLayer(nn.Module):
 
 class TransformerDecoder(Decoder):
     def __init__(self, *, vocab_size: int, enc_dim: int, d_model: int = 512, heads: int = 8, layers: int = 3,
-                 ff_dim: int = 2048, dropout: float = 0.1, glove: str | None = None,
-                 glove_itos: Sequence[str] | None = None) -> None:
+                 ff_dim: int = 2048, dropout: float = 0.1) -> None:
         super().__init__()
         self.vocab_size = vocab_size
         self.d_model = d_model
         self.use_cache = True
         self.attention_layer = -1  # whose cross-attention step()/forward() return (default: the last)
-        self.embedding = WordEmbedding(vocab_size, d_model, glove=glove, glove_itos=glove_itos)
+        self.embedding = WordEmbedding(vocab_size, d_model)
         self.memory_proj = nn.Linear(enc_dim, d_model)
         self.memory_norm = nn.LayerNorm(d_model)
         self.layers = nn.ModuleList(DecoderLayer(d_model, heads, ff_dim, dropout) for _ in range(layers))
@@ -179,10 +177,9 @@ class TransformerDecoder(Decoder):
 
 @register_decoder("transformer")
 def build(*, vocab_size: int, enc_dim: int, d_model: int = 512, heads: int = 8, layers: int = 3, ff_dim: int = 2048,
-          dropout: float = 0.1, embed_dim: int | None = None, glove: str | None = None,
-          glove_itos: Sequence[str] | None = None) -> TransformerDecoder:
+          dropout: float = 0.1, embed_dim: int | None = None) -> TransformerDecoder:
     """`embed_dim`, when given, is an alias of `d_model` (the word embedding width is the model width)."""
     if embed_dim is not None:
         d_model = embed_dim
     return TransformerDecoder(vocab_size=vocab_size, enc_dim=enc_dim, d_model=d_model, heads=heads, layers=layers,
-                              ff_dim=ff_dim, dropout=dropout, glove=glove, glove_itos=glove_itos)
+                              ff_dim=ff_dim, dropout=dropout)

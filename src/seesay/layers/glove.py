@@ -27,6 +27,25 @@ log = logging.getLogger(__name__)
 PACKAGED = ("6B.50d", "glove-6b-50d", "6b.50d")
 
 
+def init_word_embeddings(model: torch.nn.Module, tokenizer: object, source: str) -> int:
+    """Fill every `WordEmbedding` of a built model from GloVe `source` (after construction, so no
+    vocabulary passes through a constructor); returns the words found. The tokenizer must have a
+    word list (`itos`)."""
+    from seesay.layers.embedding import WordEmbedding
+
+    itos = getattr(tokenizer, "itos", None)
+    if itos is None:
+        raise SeesayError(f"glove={source}: the {type(tokenizer).__name__} tokenizer has no word list to look up")
+    tables = [m.table.weight for m in model.modules() if isinstance(m, WordEmbedding)]
+    if not tables:
+        raise SeesayError(f"glove={source}: this model has no word embedding to initialise")
+    found = 0
+    with torch.no_grad():
+        for weight in tables:
+            found = glove_init(weight, source, list(itos))
+    return found
+
+
 def glove_init(weight: Tensor, source: str, itos: list[str]) -> int:
     """Overwrite rows of `weight` [V, E] for words found in GloVe; returns how many were found.
 

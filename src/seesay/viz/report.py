@@ -231,48 +231,36 @@ def pick_indices(n_total: int, num_images: int, seed: int | None = None) -> list
 
 def decode_split_items(
     model: Any,
-    vocab: Any,
     store: Any,
     indices: Sequence[int],
+    strategy: Any = None,
     *,
-    beam_size: int = 3,
     max_len: int = 50,
-    length_penalty: float = 0.0,
     batch_size: int = 32,
 ) -> list[ReportItem]:
     """Decode the chosen images of a prepared split into `ReportItem`s (scores not yet filled)."""
-    import torch
-
+    from seesay.captioner import decode_batches
+    from seesay.decoding import Beam
     from seesay.viz.visualize import token_words
 
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
     has_att = True
     items: list[ReportItem] = []
     refs_all = store.references
     ids_all = store.image_ids
-    for start in range(0, len(indices), batch_size):
-        idx = list(indices[start : start + batch_size])
-        imgs = np.stack([store.image(i) for i in idx])
-        x = torch.from_numpy(imgs).permute(0, 3, 1, 2).contiguous().to(device)
-        with torch.no_grad():
-            enc = model.encode(x)
-            res = model.generate(enc, bos=vocab.start_id, eos=vocab.end_id, max_len=max_len, beam_size=beam_size,
-                                 length_penalty=length_penalty)
-        att = None if res.attention is None else res.attention.float().cpu().numpy()
-        has_att = has_att and att is not None
-        toks = res.tokens.cpu().tolist()
-        for j, i in enumerate(idx):
-            n = int(res.lengths[j])
-            words = token_words(vocab, toks[j], n)
+    for batch in decode_batches(model, store, strategy or Beam(3), indices=indices, max_len=max_len,
+                                batch_size=batch_size):
+        for j, i in enumerate(batch.indices):
+            c = batch.captions[j]
+            has_att = has_att and c.attention is not None
             items.append(
                 ReportItem(
                     image_id=str(ids_all[i]),
-                    image=imgs[j],
-                    caption=vocab.decode(toks[j][:n]),
+                    image=batch.images[j],
+                    caption=c.caption,
                     references=list(refs_all[i]),
-                    words=words if att is not None else [],
-                    attention=None if att is None else att[j, :n],
-                    grid_hw=tuple(enc.grid_hw),
+                    words=token_words(model.tokenizer, c.tokens) if c.attention is not None else [],
+                    attention=None if c.attention is None else c.attention.numpy(),
+                    grid_hw=c.grid_hw,
                 )
             )
     if not has_att:
@@ -302,14 +290,16 @@ def write_report(
     CIDEr-D) over the images in the report, so CIDEr-D's document frequencies are those of
     these images' references (`seesay evaluate` over a whole split can differ slightly).
     """
+    from seesay.captioner import evaluation_lang
     from seesay.checkpoint import load_checkpoint
     from seesay.data.store import open_prepared
+    from seesay.decoding import strategy_from_options
     from seesay.metrics import compute_scores
     from seesay.viz.visualize import resolve_device
 
     dev = resolve_device(device)
     ckpt = load_checkpoint(checkpoint, map_location=dev) if isinstance(checkpoint, (str, Path)) else checkpoint
-    model, vocab = ckpt.model, ckpt.vocab
+    model = ckpt.model
     model.to(dev).eval()
     data = open_prepared(data_dir)
     store = data.split(split)
@@ -319,10 +309,10 @@ def write_report(
     if len(store) == 0:
         raise SeesayError(f"{data_dir}: split {split!r} has no images")
     indices = pick_indices(len(store), num_images, seed)
-    items = decode_split_items(model, vocab, store, indices, beam_size=beam_size, max_len=max_len,
-                               length_penalty=length_penalty, batch_size=batch_size)
+    strategy = strategy_from_options(beam_size=beam_size, length_penalty=length_penalty)
+    items = decode_split_items(model, store, indices, strategy, max_len=max_len, batch_size=batch_size)
     keys = [str(k) for k in range(len(items))]  # image ids need not be unique across sources
-    lang = "zh" if getattr(vocab, "tokenizer", "word") == "jieba" else "en"
+    lang = evaluation_lang(model.tokenizer, data.manifest, store.references)
     report = compute_scores({k: it.caption for k, it in zip(keys, items)},
                             {k: it.references for k, it in zip(keys, items)}, lang=lang)
     for k, it in zip(keys, items):
@@ -331,11 +321,13 @@ def write_report(
         have = ", ".join(sorted(items[0].scores)) or "none"
         raise SeesayError(f"no per-image {sort_metric!r} score to sort by (have: {have})")
     corpus = {m: v for m, v in report.corpus.items() if v is not None}
-    dec_name = (getattr(model, "spec", {}) or {}).get("decoder", {}).get("name", "?")
-    enc_name = (getattr(model, "spec", {}) or {}).get("encoder", {}).get("name", "?")
+    spec = model.spec()
+    family = spec.get("captioner", "encoder_decoder")
+    model_text = (f"encoder {spec.get('encoder', {}).get('name', '?')}, decoder {spec.get('decoder', {}).get('name', '?')}"
+                  if family == "encoder_decoder" else family)
     info = {
         "checkpoint": str(checkpoint) if isinstance(checkpoint, (str, Path)) else "(in memory)",
-        "model": f"encoder {enc_name}, decoder {dec_name}",
+        "model": model_text,
         "data": f"{data_dir} (split {split}, {len(items)} of {len(store)} images"
         + (f", random sample with seed {seed})" if seed is not None else ", the first ones)"),
         "decoding": f"beam size {beam_size}" + (" (greedy)" if beam_size <= 1 else "") + f", max length {max_len}",

@@ -47,11 +47,10 @@ def infer_grid_hw(num_columns: int, has_sentinel: bool | None = None) -> tuple[i
     raise SeesayError(f"cannot infer a square attention grid from {num_columns} attention columns")
 
 
-def token_words(vocab: Any, tokens: Sequence[int], length: int | None = None) -> list[str]:
+def token_words(tokenizer: Any, tokens: Sequence[int], length: int | None = None) -> list[str]:
     """The generated tokens as words, `<end>` included when it was emitted (it has attention too)."""
-    itos = vocab.itos if hasattr(vocab, "itos") else vocab["itos"]
     ids = [int(t) for t in list(tokens)[: (len(tokens) if length is None else int(length))]]
-    return [itos[i] if 0 <= i < len(itos) else "<unk>" for i in ids]
+    return [tokenizer.id_to_token(i) for i in ids]
 
 
 def save_caption_attention(
@@ -98,21 +97,21 @@ def set_attention_layer(decoder: Any, layer: int | None) -> None:
     decoder.attention_layer = int(layer)
 
 
-def save_attention_maps(output: str | Path, results: Sequence[Any], vocab: Any) -> list[Path]:
+def save_attention_maps(output: str | Path, results: Sequence[Any], tokenizer: Any) -> list[Path]:
     """`seesay caption --attention-map OUT.png`: one figure per captioned image.
 
     `results` are `seesay.caption.CaptionResult`-like objects (image, caption, tokens,
-    attention [L, A] or None, error); `vocab` a Vocab or a checkpoint directory. Files are
+    attention [L, A] or None, error); `tokenizer` a tokenizer or a checkpoint directory. Files are
     named by `attention_map_paths` over all the given images (OUT.png for one image, else
     OUT-<stem>.png), so a failed image does not shift the others' names. Images that failed
     to caption are skipped.
     """
     from seesay.viz.attention import attention_map_paths
 
-    if isinstance(vocab, (str, Path)):
-        from seesay.data.tokenize import Vocab
+    if isinstance(tokenizer, (str, Path)):
+        from seesay.checkpoint import read_tokenizer
 
-        vocab = Vocab.load(Path(vocab) / "vocab.json")
+        tokenizer = read_tokenizer(Path(tokenizer))
     paths = attention_map_paths(output, [r.image for r in results])
     written = []
     for r, path in zip(results, paths):
@@ -121,7 +120,7 @@ def save_attention_maps(output: str | Path, results: Sequence[Any], vocab: Any) 
         att = getattr(r, "attention", None)
         if att is None:
             raise SeesayError("this decoder returns no attention (e.g. show_tell); no attention maps written")
-        words = token_words(vocab, r.tokens)
+        words = token_words(tokenizer, r.tokens)
         written.append(save_caption_attention(path, r.image, words, att, title=r.caption))
     return written
 
@@ -155,38 +154,32 @@ def visualize_image(
     returns (0-based, negative from the end; default: its last layer), for decoders that
     expose an `attention_layer` attribute.
     """
-    import torch
-
+    from seesay.captioner import caption_images
     from seesay.checkpoint import load_checkpoint
     from seesay.data.images import load_image_rgb
+    from seesay.decoding import strategy_from_options
 
     dev = resolve_device(device)
     ckpt = load_checkpoint(checkpoint, map_location=dev) if isinstance(checkpoint, (str, Path)) else checkpoint
-    model, vocab = ckpt.model, ckpt.vocab
+    model = ckpt.model
     model.to(dev).eval()
-    set_attention_layer(model.decoder, layer)
-    size = int(ckpt.preprocess.get("image_size") or model.preprocess.size)
+    decoder = getattr(model, "decoder", model)
+    set_attention_layer(decoder, layer)
     original = load_image_rgb(image_path, None)
-    seen = load_image_rgb(image_path, size)
-    x = torch.from_numpy(np.array(seen, dtype=np.uint8, copy=True)).permute(2, 0, 1)[None].to(dev)
-    with torch.no_grad():
-        enc = model.encode(x)
-        res = model.generate(enc, bos=vocab.start_id, eos=vocab.end_id, max_len=max_len, beam_size=beam_size,
-                             length_penalty=length_penalty)
+    strategy = strategy_from_options(beam_size=beam_size, length_penalty=length_penalty)
+    res = caption_images(model, [image_path], strategy, max_len=max_len)[0]
     if res.attention is None:
-        name = (getattr(model, "spec", {}) or {}).get("decoder", {}).get("name", type(model.decoder).__name__)
+        name = model.spec().get("decoder", {}).get("name", type(decoder).__name__)
         raise SeesayError(f"decoder {name} returns no attention; nothing to visualise")
-    n = int(res.lengths[0])
-    words = token_words(vocab, res.tokens[0].tolist(), n)
-    caption = vocab.decode(res.tokens[0].tolist()[:n])
+    words = token_words(model.tokenizer, res.tokens)
     out = save_caption_attention(
         output,
         original,
         words,
-        res.attention[0, :n],
-        grid_hw=tuple(enc.grid_hw),
-        has_sentinel=bool(getattr(model.decoder, "has_sentinel", False)),
-        title=caption,
+        res.attention,
+        grid_hw=res.grid_hw,
+        has_sentinel=bool(getattr(decoder, "has_sentinel", False)),
+        title=res.caption,
         cols=cols,
     )
-    return Visualized(str(image_path), caption, words, out, float(res.scores[0]))
+    return Visualized(str(image_path), res.caption, words, out, res.score)

@@ -1,0 +1,245 @@
+"""The captioner contract: what code above the model (training, evaluation, captioning, the
+report, the server) may use, and the library functions built only on it.
+
+# b - images, r - caption rows, t - time, v - vocabulary, a - attention columns
+Every model family implements it: `CaptionModel` (an encoder + a step decoder), the Titans
+`MultimodalMAC`, and any future family (a Hugging Face model, a test's bag-of-features model).
+A captioner is an `nn.Module` (weights via state_dict, `.to`, `.train/.eval`) with:
+
+    tokenizer                 the `seesay.tokenizers` contract: encode / decode, special ids, its own
+                              directory in a checkpoint. Nothing above the captioner assumes ids.
+    preprocess(image)         a path, image bytes, a PIL image or an array -> one image tensor [3,H,W],
+                              exactly as in training (the settings are saved with the checkpoint:
+                              `preprocess_config()`). A batch is `torch.stack` of these.
+    encode(images)            images [B,3,H,W] -> features (`EncoderOutput`): what a frozen image
+                              model's feature cache stores.
+    forward(src, tokens, lengths, image_rows=None) -> DecoderOutput
+                              teacher forcing. `src` is images [B,3,H,W] or `encode`'s features;
+                              `tokens` [R,T] are `bos w1 .. wn eos pad..` rows (`lengths` [R] count
+                              bos and eos), `image_rows` [R] names each row's image (None: row i is
+                              image i). logits [R,T-1,V] (logits[:, t] predicts tokens[:, t+1]),
+                              attention [R,T-1,A] where the family has it, extras["aux_loss"] a
+                              family's own regulariser (already weighted).
+    generate(src, strategy=Greedy(), *, prompt=None, max_len=50) -> DecodeResult
+                              `src` as for forward; `strategy` a `seesay.decoding` value; `prompt`
+                              text (or ids) every caption starts with. `max_len` counts the tokens
+                              generated after the prompt.
+    spec()                    plain JSON that rebuilds the architecture offline
+                              (`build_captioner(spec, tokenizer, preprocess)`); spec["captioner"]
+                              names the family (absent: "encoder_decoder").
+    preprocess_config()       plain JSON saved as the checkpoint's preprocess.json.
+
+Optional, for training: `param_groups()` -> {"encoder": [...], "decoder": [...]} (each gets its own
+learning rate; default: every trainable parameter in "decoder"), `set_fine_tune(flag)`,
+`features_trainable` (False lets training cache `encode` once per image), and
+`ddp_find_unused_parameters` (True when some parameters get no gradient in some steps).
+
+The functions below (`caption_images`, `decode_batches`, `decode_split`, `evaluation_lang`) are
+how the applications use a captioner, so there is one copy of each.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Iterator, Sequence
+from typing import Any, NamedTuple, Protocol, runtime_checkable
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from seesay.decoding import DecodeResult, Greedy, Strategy
+from seesay.errors import SeesayError
+
+log = logging.getLogger(__name__)
+
+
+@runtime_checkable
+class Captioner(Protocol):
+    tokenizer: Any
+
+    def preprocess(self, image: Any) -> Tensor: ...
+
+    def encode(self, images: Tensor) -> Any: ...
+
+    def forward(self, src: Any, tokens: Tensor, lengths: Tensor, image_rows: Tensor | None = None) -> Any: ...
+
+    def generate(self, src: Any, strategy: Strategy = Greedy(), *, prompt: Any = None,
+                 max_len: int = 50) -> DecodeResult: ...
+
+    def spec(self) -> dict[str, Any]: ...
+
+    def preprocess_config(self) -> dict[str, Any]: ...
+
+
+def prompt_ids(tokenizer: Any, prompt: Any) -> list[int]:
+    """A prompt as token ids: text through `tokenizer.encode_prompt`, ids (list / tensor) as they are."""
+    if prompt is None:
+        return []
+    if isinstance(prompt, str):
+        return list(tokenizer.encode_prompt(prompt))
+    if isinstance(prompt, Tensor):
+        return [int(i) for i in prompt.reshape(-1).tolist()]
+    return [int(i) for i in prompt]
+
+
+def device_of(module: Any) -> torch.device:
+    for p in module.parameters():
+        return p.device
+    for b in module.buffers():
+        return b.device
+    return torch.device("cpu")
+
+
+# ---------------------------------------------------------------------------------------------
+# Images in, captions out (the server and `seesay caption` call this; no files involved).
+
+
+class Caption(NamedTuple):
+    caption: str
+    tokens: list[int]  # prompt tokens first, no bos, eos included when emitted
+    score: float  # sum of log-probabilities (length-normalised with a beam length penalty)
+    attention: Tensor | None  # (L, A) on the CPU, or None
+    grid_hw: tuple[int, int] | None
+
+
+def results_from(captioner: Any, res: DecodeResult, grid_hw: tuple[int, int] | None) -> list[Caption]:
+    """One `Caption` per row of a DecodeResult."""
+    out = []
+    tokens = res.tokens.cpu().tolist()
+    lengths = res.lengths.cpu().tolist()
+    scores = res.scores.float().cpu().tolist()
+    for i, (row, n) in enumerate(zip(tokens, lengths)):
+        att = None if res.attention is None else res.attention[i, :n].float().cpu()
+        out.append(Caption(captioner.tokenizer.decode(row[:n]), row[:n], float(scores[i]), att, grid_hw))
+    return out
+
+
+@torch.no_grad()
+def caption_images(captioner: Any, images: Sequence[Any] | Tensor, strategy: Strategy = Greedy(), *,
+                   prompt: Any = None, max_len: int = 50, batch_size: int = 16) -> list[Caption]:
+    """Caption images given as paths, bytes, PIL images, arrays or preprocessed tensors.
+
+    Each image goes through `captioner.preprocess`; images of one size are decoded together,
+    `batch_size` at a time. A bad image raises a one-line `SeesayError` (callers that must go on
+    past bad images preprocess first: see `seesay.caption.caption_files`).
+    """
+    if isinstance(images, Tensor) and images.dim() == 4:
+        tensors = list(images)
+    else:
+        tensors = [captioner.preprocess(im) for im in images]
+    device = device_of(captioner)
+    out: list[Caption | None] = [None] * len(tensors)
+    by_shape: dict[tuple[int, ...], list[int]] = {}
+    for i, t in enumerate(tensors):
+        by_shape.setdefault(tuple(t.shape), []).append(i)
+    for rows in by_shape.values():
+        for start in range(0, len(rows), max(batch_size, 1)):
+            chunk = rows[start: start + batch_size]
+            batch = torch.stack([tensors[i] for i in chunk]).to(device)
+            feats = captioner.encode(batch)
+            res = captioner.generate(feats, strategy, prompt=prompt, max_len=max_len)
+            for i, c in zip(chunk, results_from(captioner, res, _grid_hw(feats))):
+                out[i] = c
+    return out  # type: ignore[return-value]
+
+
+def _grid_hw(feats: Any) -> tuple[int, int] | None:
+    hw = getattr(feats, "grid_hw", None)
+    return tuple(int(v) for v in hw) if hw is not None else None
+
+
+# ---------------------------------------------------------------------------------------------
+# A prepared split in, captions out (evaluation, validation during training, the report).
+
+
+class DecodedBatch(NamedTuple):
+    indices: list[int]  # positions in the split
+    images: np.ndarray | None  # uint8 [b, H, W, 3] when read from the store (None with features)
+    captions: list[Caption]
+
+
+@torch.no_grad()
+def decode_batches(captioner: Any, store: Any, strategy: Strategy = Greedy(), *,
+                   indices: Sequence[int] | None = None, features: Any = None, max_len: int = 50,
+                   batch_size: int = 32, prompt: Any = None) -> Iterator[DecodedBatch]:
+    """Decode images of a prepared split (`seesay.data.store.SplitStore`) batch by batch.
+
+    `features` (an object with `.get(index_tensor) -> features`, e.g. the training feature
+    cache) replaces reading and encoding the images. The captioner is put in eval mode and
+    restored afterwards.
+    """
+    idx_all = list(range(len(store))) if indices is None else [int(i) for i in indices]
+    device = device_of(captioner)
+    was_training = captioner.training
+    captioner.eval()
+    try:
+        for start in range(0, len(idx_all), max(batch_size, 1)):
+            idx = idx_all[start: start + batch_size]
+            imgs = None
+            if features is not None:
+                feats = features.get(torch.tensor(idx))
+            else:
+                if idx == list(range(idx[0], idx[0] + len(idx))):
+                    imgs = np.asarray(store.images[idx[0]: idx[0] + len(idx)])
+                else:
+                    imgs = np.stack([np.asarray(store.images[i]) for i in idx])
+                x = torch.from_numpy(np.ascontiguousarray(imgs.transpose(0, 3, 1, 2))).to(device)
+                feats = captioner.encode(x)
+            res = captioner.generate(feats, strategy, prompt=prompt, max_len=max_len)
+            yield DecodedBatch(idx, imgs, results_from(captioner, res, _grid_hw(feats)))
+    finally:
+        captioner.train(was_training)
+
+
+def decode_split(captioner: Any, store: Any, strategy: Strategy = Greedy(), *, limit: int | None = None,
+                 features: Any = None, max_len: int = 50, batch_size: int = 32) -> dict[str, str]:
+    """{image id: caption} for the first `limit` (default: all) images of a prepared split."""
+    n = len(store) if limit is None else min(int(limit), len(store))
+    ids = store.image_ids
+    out: dict[str, str] = {}
+    for batch in decode_batches(captioner, store, strategy, indices=range(n), features=features,
+                                max_len=max_len, batch_size=batch_size):
+        for i, c in zip(batch.indices, batch.captions):
+            out[str(ids[i])] = c.caption
+        log.debug("captioned %d/%d images", batch.indices[-1] + 1, n)
+    return out
+
+
+_CJK = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\u3040-\u30ff\uac00-\ud7af]")
+
+
+def evaluation_lang(tokenizer: Any = None, manifest: dict[str, Any] | None = None,
+                    references: Sequence[Sequence[str]] | None = None) -> str:
+    """The language captions are scored in ("zh" or "en"): the one rule for validation,
+    `seesay evaluate` and the report.
+
+    In order: the prepared data's manifest "lang" when it names one; "zh" for AI Challenger data
+    or a jieba tokenizer; "zh" when most characters of the references (the first 200 images)
+    are Chinese, Japanese or Korean; else "en".
+    """
+    manifest = manifest or {}
+    lang = manifest.get("lang")
+    if isinstance(lang, str) and lang in ("zh", "en"):
+        return lang
+    source = manifest.get("source")
+    fmt = source.get("format") if isinstance(source, dict) else source
+    if str(fmt or "").lower() == "aichallenger":
+        return "zh"
+    if getattr(tokenizer, "kind", getattr(tokenizer, "tokenizer", None)) == "jieba":
+        return "zh"
+    if references is not None:
+        text = "".join(r for refs in list(references)[:200] for r in refs)
+        letters = [c for c in text if not c.isspace() and c.isalnum()]
+        if letters and sum(1 for c in letters if _CJK.match(c)) > len(letters) / 2:
+            return "zh"
+    return "en"
+
+
+def require_captioner(obj: Any, where: str = "model") -> None:
+    """One-line error when `obj` lacks part of the captioner contract."""
+    missing = [a for a in ("tokenizer", "preprocess", "encode", "generate", "spec", "preprocess_config",
+                           "state_dict") if not hasattr(obj, a)]
+    if missing:
+        raise SeesayError(f"{where}: {type(obj).__name__} is not a captioner (missing {', '.join(missing)})")
