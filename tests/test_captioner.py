@@ -345,7 +345,7 @@ def test_evaluation_language_rule():
 APPLICATIONS = ("seesay.train", "seesay.evaluate", "seesay.caption", "seesay.viz", "seesay.commands",
                 "seesay.cli", "seesay.demo")
 LIBRARY = ("model.py", "captioner.py", "decoding.py", "checkpoint.py", "registry.py", "tokenizers.py", "config.py",
-           "multimodal.py", "errors.py", "files.py", "encoders", "decoders", "layers", "data", "metrics")
+           "multimodal.py", "errors.py", "files.py", "progress.py", "encoders", "decoders", "layers", "data", "metrics")
 
 
 def test_library_never_imports_applications():

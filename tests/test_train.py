@@ -9,26 +9,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import TINY_DECODERS, TINY_ENCODERS
 from seesay.config import Config, apply_overrides, load_config
 from seesay.errors import SeesayError
 from seesay.registry import list_decoders, list_encoders
 
-TINY_ENCODERS = {
-    "small_cnn": {"width": 8, "encoded_size": 4, "image_size": 32},
-    "resnet18": {"weights": "none", "encoded_size": 2, "image_size": 32},
-    "resnet50": {"weights": "none", "encoded_size": 2, "image_size": 32},
-    "resnet101": {"weights": "none", "encoded_size": 2, "image_size": 32},
-    "efficientnet_lite0": {"weights": "none", "encoded_size": 2, "image_size": 32},
-    "vit": {"image_size": 32, "patch_size": 8, "dim": 16, "depth": 1, "heads": 2, "mlp_dim": 32, "dropout": 0.0},
-}
-TINY_DECODERS = {
-    "show_tell": {"embed_dim": 16, "decoder_dim": 16, "dropout": 0.0},
-    "soft_attention": {"embed_dim": 16, "attention_dim": 16, "decoder_dim": 16, "dropout": 0.0},
-    "adaptive_attention": {"embed_dim": 16, "attention_dim": 16, "decoder_dim": 16, "dropout": 0.0},
-    "transformer": {"d_model": 16, "heads": 2, "layers": 1, "ff_dim": 32, "dropout": 0.0},
-    "titans_mac": {"dim": 16, "depth": 1, "heads": 2, "dim_head": 8, "num_image_tokens": 2,
-                   "num_persist_mem_tokens": 1, "num_longterm_mem_tokens": 1, "max_len": 12},
-}
 DEC_SMALL = ["--set", "decoder.embed_dim=16", "--set", "decoder.attention_dim=16", "--set", "decoder.decoder_dim=16",
              "--set", "decoder.dropout=0.0", "--set", "encoder.width=8", "--set", "encoder.encoded_size=4",
              "--set", "encoder.image_size=32"]
@@ -68,8 +53,6 @@ def test_every_encoder_decoder_learns(encoder, decoder):
     from seesay.model import build_model
     from seesay.train.objectives import token_cross_entropy as caption_loss
 
-    if encoder not in TINY_ENCODERS or decoder not in TINY_DECODERS:
-        pytest.skip(f"no tiny settings for {encoder}/{decoder}")
     torch.manual_seed(0)
     spec = {"encoder": {"name": encoder, **TINY_ENCODERS[encoder]},
             "decoder": {"name": decoder, **TINY_DECODERS[decoder], "vocab_size": 11}}

@@ -2,6 +2,14 @@
 
 `import seesay` is cheap: names below are resolved on first use, so nothing heavy (torch,
 Java, titans, wandb) is imported until it is needed.
+
+Two layers, imports going one way (tests/test_captioner.py::test_library_never_imports_applications):
+
+- the library: `captioner` (the contract every model family implements, and the functions built on
+  it), `model`, `multimodal`, `decoding`, `encoders/`, `decoders/`, `layers/`, `tokenizers`,
+  `checkpoint`, `registry`, `data/`, `metrics/`, `config`, `progress`, `files`, `errors`;
+- the applications, which use the library and nothing below the captioner contract: `train/`,
+  `evaluate`, `caption`, `viz/`, `demo`, `commands/` and `cli`.
 """
 
 from __future__ import annotations
@@ -24,6 +32,11 @@ _LAZY = {
     "MultimodalMAC": "seesay.multimodal",
     "ImageProcessor": "seesay.multimodal",
     "CaptionModel": "seesay.model",
+    "Captioner": "seesay.captioner",
+    "caption_images": "seesay.captioner",
+    "Greedy": "seesay.decoding",
+    "Beam": "seesay.decoding",
+    "Sample": "seesay.decoding",
     "build_model": "seesay.model",
     "load_checkpoint": "seesay.checkpoint",
     "save_checkpoint": "seesay.checkpoint",

@@ -10,7 +10,13 @@ A checkpoint is a directory (RUN_DIR/best, RUN_DIR/last):
                         epoch, step, best score (state.safetensors + state.json)
 
 It is written into a temporary directory beside the target and renamed over it, so a reader
-never sees a half-written checkpoint even if training is killed while saving.
+never sees a half-written checkpoint even if training is killed while saving. The replacement
+is three renames: `.NAME.tmp-X` (being written) -> `.NAME.new-X` (complete) once every file is
+written and flushed; NAME -> `.NAME.old-X`; `.NAME.new-X` -> NAME; then the old one is removed.
+A kill at any point leaves a complete checkpoint in some form; `recover_checkpoint(path)` (run
+by `load_checkpoint` and before training resumes) puts the newest complete one back at NAME and
+removes the leftovers. Files get the usual permissions (0666 / 0777 less the umask), like every
+other file seesay writes.
 
 Checkpoints written before the tokenizer had its own directory hold `vocab.json` instead; they
 still load. Any captioner family loads (`seesay.registry.build_captioner` on the spec).
@@ -22,6 +28,7 @@ must never import `seesay.train`.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import uuid
@@ -33,6 +40,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from seesay.errors import SeesayError
+
+log = logging.getLogger(__name__)
 
 MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
@@ -136,14 +145,79 @@ def _state_dict_for_saving(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
 
 
+def _leftovers(final: Path, kind: str) -> list[Path]:
+    """`.NAME.<kind>-*` siblings of `final`, newest first."""
+    found = [p for p in final.parent.glob(f".{final.name}.{kind}-*") if p.is_dir()]
+    return sorted(found, key=lambda p: p.stat().st_mtime_ns, reverse=True)
+
+
+def _fsync_tree(directory: Path) -> None:
+    """Flush every file (and the directories) of a finished checkpoint to disk before it is renamed
+    into place, so a power cut cannot leave a renamed but empty file."""
+    for p in sorted(directory.rglob("*")):
+        if p.is_file():
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
+    for d in [directory, *[p for p in directory.rglob("*") if p.is_dir()]]:
+        try:
+            fd = os.open(d, os.O_RDONLY)
+        except OSError:  # pragma: no cover - platforms without directory fds
+            continue
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _set_permissions(directory: Path) -> None:
+    """0666 / 0777 less the umask for everything in a checkpoint (some writers create 0600 files),
+    so shared group directories on clusters work."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(directory, 0o777 & ~mask)
+    for p in directory.rglob("*"):
+        os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~mask)
+
+
 def _atomic_replace(tmp: Path, final: Path) -> None:
+    tag = uuid.uuid4().hex[:8]
+    new = final.parent / f".{final.name}.new-{tag}"
+    os.replace(tmp, new)  # 1: complete, under a name recovery trusts
     old = None
     if final.exists():
-        old = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:8]}"
-        os.replace(final, old)
-    os.replace(tmp, final)
+        old = final.parent / f".{final.name}.old-{tag}"
+        os.replace(final, old)  # 2
+    os.replace(new, final)  # 3
     if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)  # 4
+
+
+def recover_checkpoint(path: str | Path) -> Path | None:
+    """Finish or undo a checkpoint replacement that was interrupted (see the module doc).
+
+    The newest complete copy (`.NAME.new-*`, else NAME, else `.NAME.old-*`) ends up at NAME;
+    incomplete `.NAME.tmp-*` and superseded copies are removed. Returns NAME when a checkpoint
+    exists afterwards, else None. Safe to call at any time when no save is running.
+    """
+    final = Path(path)
+    if not final.parent.is_dir():
+        return None
+    new, old = _leftovers(final, "new"), _leftovers(final, "old")
+    if new:
+        if final.exists():
+            aside = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:8]}"
+            os.replace(final, aside)
+            old.insert(0, aside)
+        os.replace(new[0], final)
+        log.warning("%s: completed an interrupted checkpoint save (kept the newer copy)", final)
+    elif not final.exists() and old:
+        os.replace(old[0], final)
+        old = old[1:]
+        log.warning("%s: restored the previous checkpoint after an interrupted save", final)
+    for leftover in [*new[1:], *old, *_leftovers(final, "tmp")]:
+        if leftover.exists():
+            shutil.rmtree(leftover, ignore_errors=True)
+    return final if final.exists() else None
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -188,6 +262,8 @@ def save_checkpoint(
         (tmp / PREPROCESS_FILE).write_text(json.dumps(preprocess, indent=2))
         if train_state is not None:
             save_tree(tmp / TRAIN_STATE_DIR, train_state)
+        _set_permissions(tmp)
+        _fsync_tree(tmp)
         _atomic_replace(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -233,6 +309,8 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     from seesay.registry import build_captioner
 
     path = Path(path)
+    if not path.is_dir():
+        recover_checkpoint(path)  # a save interrupted between its renames
     config, tokenizer, preprocess = read_checkpoint_files(path)
     spec = config.get("model")
     if not isinstance(spec, dict):

@@ -47,6 +47,7 @@ from seesay.train.data import (
     MixedBatches,
     SkippingSampler,
     encode_references,
+    end_data_workers,
     read_text_data,
     worker_leaves_signals_to_trainer,
 )
@@ -327,6 +328,11 @@ def train_captioner(cfg: Config) -> Any:
             _prepare_if_needed(cfg)
         cfg.data.path = _broadcast_path(cfg.data.path)
         run_dir = Path(cfg.train.output)
+        if cfg.train.resume and dist.is_main:
+            from seesay.train.resume import resume_point
+
+            resume_point(run_dir)  # an interrupted checkpoint save is finished or undone first
+        barrier()
         if dist.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
         # same seed on every rank: identical initial weights (DDP also broadcasts them)
@@ -352,7 +358,15 @@ def train_captioner(cfg: Config) -> Any:
             if encoder is not None and not encoder.is_trainable and getattr(encoder, "pretrained", True) is False:
                 log.warning("the %s encoder has random weights and is frozen: its features carry little; "
                             "pass --fine-tune-encoder (or pretrained weights)", cfg.encoder.name)
-        state = fit(task, cfg.train, dist, run_dir, config_dict)
+        try:
+            state = fit(task, cfg.train, dist, run_dir, config_dict)
+        except BaseException:
+            # an error mid-epoch (disk full, out of memory, a second Ctrl-C): the data workers
+            # ignore SIGTERM, so end them here or the process would wait for them at exit forever
+            ended = end_data_workers()
+            if ended:
+                log.debug("ended %d data loader workers after an error", ended)
+            raise
         if dist.is_main:
             if state.best_step >= 0:
                 log.info("done: best %s %.4f at epoch %g (step %d); checkpoints in %s/best and %s/last",

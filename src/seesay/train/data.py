@@ -83,9 +83,30 @@ def encode_references(store: Any, tokenizer: Any, max_len: int, captions_per_ima
 
 def worker_leaves_signals_to_trainer(worker_id: int) -> None:
     """DataLoader workers ignore Ctrl-C and SIGTERM (a terminal or a scheduler sends them to every
-    process): the training process finishes its step, saves and stops, and then ends them."""
+    process): the training process finishes its step, saves and stops, and then ends them.
+
+    Because they ignore SIGTERM, multiprocessing's exit handler (terminate = SIGTERM, then join)
+    cannot end them: a run that fails must end them itself (`end_data_workers`), or it waits
+    for them forever."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def end_data_workers(timeout_s: float = 5.0) -> int:
+    """Kill this process's multiprocessing children (the DataLoader workers) after an error: they
+    ignore SIGTERM, so without this the interpreter's exit would wait for them forever. Returns
+    how many were ended."""
+    import multiprocessing
+
+    children = multiprocessing.active_children()
+    for child in children:
+        try:
+            child.kill()  # SIGKILL: cannot be ignored
+        except (OSError, ValueError):  # pragma: no cover - already gone
+            pass
+    for child in children:
+        child.join(timeout_s)
+    return len(children)
 
 
 class SkippingSampler(Sampler):

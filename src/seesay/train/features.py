@@ -76,10 +76,10 @@ def build_feature_cache(
     grid_mm = pooled_mm = None
     grid_hw = None
     bar = None
-    if progress:
-        from tqdm.auto import tqdm
+    if progress:  # a bar on a terminal, a plain line every 30 s in logs
+        from seesay.progress import progress as progress_display
 
-        bar = tqdm(total=n, desc="encoding images once", unit="img", leave=False)
+        bar = progress_display(n, desc="encoding images once", unit="img")
     try:
         for start in range(0, n, batch_size):
             batch = np.array(images[start:start + batch_size])  # a writable copy

@@ -244,11 +244,11 @@ class _Trainer:
             n_batches = min(n_batches, cfg.max_steps_per_epoch * cfg.grad_accum)
         self.n_batches = n_batches
         bar = None
-        if self.main and cfg.progress:
-            from tqdm.auto import tqdm
+        if self.main and cfg.progress:  # a bar on a terminal, a plain line every 30 s in logs
+            from seesay.progress import progress
 
-            bar = tqdm(total=n_batches, initial=start, desc=f"epoch {epoch + 1}/{self.max_epochs or '-'}",
-                       unit="batch", leave=False, dynamic_ncols=True)
+            bar = progress(n_batches, initial=start, desc=f"epoch {epoch + 1}/{self.max_epochs or '-'}",
+                           unit="batch")
         self.optimizer.zero_grad(set_to_none=True)
         outcome = "end"
         try:

@@ -45,8 +45,10 @@ class LoopState:
 
 def load_last(last_dir: Path, task: Any, main: bool) -> tuple[LoopState, dict[str, Any] | None]:
     """The loop state and train state of RUN_DIR/last, its weights loaded into the task (before
-    DDP broadcasts rank 0's); a fresh state when there is no RUN_DIR/last yet."""
+    DDP broadcasts rank 0's); a fresh state when the run has no checkpoint in any form yet.
+    (`resume_point` has already finished or undone an interrupted save of RUN_DIR/last.)"""
     if not (last_dir / "train_state").is_dir():
+        check_nothing_to_resume(last_dir.parent)
         if main:
             log.info("--resume: no %s yet, starting from scratch", last_dir)
         return LoopState(), None
@@ -97,3 +99,24 @@ def restore(saved: dict[str, Any], dist: DistInfo, *, optimizer: torch.optim.Opt
                     merged[k] = [old[0] + s, old[1] + n]
             window.load_state_dict(merged)
     return float(saved.get("window_seconds", saved.get("epoch_seconds")) or 0.0)
+
+
+def resume_point(run_dir: Path) -> None:
+    """Before a resume reads RUN_DIR/last (rank 0): finish or undo a checkpoint save that a kill
+    interrupted between its renames (`seesay.checkpoint.recover_checkpoint`), for last/ and best/."""
+    from seesay.checkpoint import recover_checkpoint
+
+    for name in ("last", "best"):
+        recover_checkpoint(run_dir / name)
+
+
+def check_nothing_to_resume(run_dir: Path) -> None:
+    """--resume with no usable RUN_DIR/last: refuse (one line) when the run holds a checkpoint in any
+    other form, instead of silently starting from scratch over it."""
+    last = run_dir / "last"
+    found = [p for p in (last, run_dir / "best") if p.exists()]
+    found += sorted(run_dir.glob(".last.*")) + sorted(run_dir.glob(".best.*"))
+    if found:
+        raise SeesayError(f"--resume: {last} has no training state, but {run_dir} holds "
+                          f"{', '.join(p.name for p in found)}; refusing to start from scratch over it "
+                          f"(resume needs RUN_DIR/last/train_state; use another --output to start over)")
