@@ -35,6 +35,7 @@ def _cfg(data_dir, out, **train) -> Config:
     cfg = Config()
     cfg.data.path, cfg.data.workers = str(data_dir), 0
     cfg.encoder.name, cfg.encoder.options = "small_cnn", dict(TINY_ENCODERS["small_cnn"])
+    cfg.encoder.fine_tune = False  # frozen unless a test says otherwise (the default, auto, would train it)
     cfg.decoder.name, cfg.decoder.options = "soft_attention", dict(TINY_DECODERS["soft_attention"])
     cfg.train.output, cfg.train.batch_size, cfg.train.epochs = str(out), 20, 2
     cfg.train.progress, cfg.train.tensorboard, cfg.train.device = False, False, "cpu"

@@ -12,7 +12,10 @@ knowing about it.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
+import logging
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,6 +23,8 @@ from typing import Any
 import yaml
 
 from seesay.errors import SeesayError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -41,8 +46,10 @@ class DataConfig:
 class EncoderConfig:
     name: str = "small_cnn"
     weights: str | None = None  # e.g. "imagenet", "pretrained", "none", or a local file
-    fine_tune: bool = False
-    lr: float = 1e-4  # used only with fine_tune
+    # train the encoder too; None (auto): train encoders without pretrained weights (a frozen random
+    # encoder's features carry little), keep pretrained ones frozen (their features are cached)
+    fine_tune: bool | None = None
+    lr: float = 1e-4  # used only when the encoder trains
     options: dict[str, Any] = field(default_factory=dict)  # builder keyword arguments
 
 
@@ -130,6 +137,9 @@ _SECTIONS = {"data": DataConfig, "encoder": EncoderConfig, "decoder": DecoderCon
              "captioner": CaptionerConfig}
 
 
+_TRI_STATE = {("encoder", "fine_tune")}  # bool fields whose None default means "auto"
+
+
 def _coerce(value: Any, current: Any, where: str) -> Any:
     """Make YAML/CLI values fit the field they replace (ints for floats, strings for paths)."""
     if isinstance(current, bool) and not isinstance(value, bool):
@@ -169,11 +179,16 @@ def merge_into(cfg: Config, d: dict[str, Any], source: str = "config") -> Config
             if key == "options" and "options" in names:
                 obj.options.update(value or {})
             elif key in names:
-                setattr(obj, key, _coerce(value, getattr(obj, key), where))
-            elif "options" in names:
+                current = getattr(obj, key)
+                if (section, key) in _TRI_STATE and value is not None and not isinstance(value, bool):
+                    current = False  # parse "true"/"false" like any bool field
+                setattr(obj, key, _coerce(value, current, where))
+            elif "options" in names:  # a family's option: checked against its builder (check_model_options)
                 obj.options[key] = value
             else:
-                raise SeesayError(f"{where}: unknown key (known: {', '.join(sorted(names))})")
+                close = difflib.get_close_matches(key, sorted(names), n=1)
+                hint = f"did you mean {close[0]!r}? " if close else ""
+                raise SeesayError(f"{where}: unknown key ({hint}known: {', '.join(sorted(names))})")
     return cfg
 
 
@@ -211,6 +226,7 @@ def parse_override(item: str) -> tuple[list[str], Any]:
 
 
 def apply_overrides(cfg: Config, items: list[str]) -> Config:
+    """Apply `--set section.key=value` items in order (unknown sections and fields: one line each)."""
     for item in items or []:
         parts, value = parse_override(item)
         nested: Any = value
@@ -225,3 +241,118 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     if path is not None:
         merge_into(cfg, load_yaml(path), source=str(path))
     return apply_overrides(cfg, overrides or [])
+
+
+# -- checks before any data is read ---------------------------------------------------------------
+
+
+def override_option_keys(items: list[str], section: str) -> set[str]:
+    """The `section.options` keys that `--set` items set explicitly (`decoder.embed_dim=8`,
+    `decoder.options.embed_dim=8` or `decoder.options={embed_dim: 8}`)."""
+    keys: set[str] = set()
+    for item in items or []:
+        parts, value = parse_override(item)
+        if parts[0] != section:
+            continue
+        if parts[1] == "options":
+            if len(parts) > 2:
+                keys.add(parts[2])
+            elif isinstance(value, dict):
+                keys.update(str(k) for k in value)
+        else:
+            keys.add(parts[1])
+    return keys
+
+
+def _builder(kind: str, name: str) -> Any:
+    """The registered builder of encoder/decoder `name`, or None."""
+    from seesay import registry
+
+    table = registry._load(f"{kind}s")  # the registry's own table, filled by the family packages
+    return table.get(name)
+
+
+def drop_foreign_options(cfg: Config, recipe: Config, explicit: dict[str, set[str]]) -> dict[str, list[str]]:
+    """When the command line changes a recipe's encoder or decoder family (`--encoder`, `--set
+    encoder.name=`), drop the recipe's options for its own family that the new builder does not
+    take (`width` of small_cnn when switching to efficientnet_lite0), and log them on one line.
+    Options the new family also takes stay, and so do the `explicit` ones (set on the command
+    line: those are checked against the new family, and refused if it does not take them).
+    Returns {section: dropped option names}."""
+    from seesay.registry import builder_options
+
+    dropped: dict[str, list[str]] = {}
+    for kind in ("encoder", "decoder"):
+        now, before = getattr(cfg, kind), getattr(recipe, kind)
+        builder = _builder(kind, now.name) if now.name != before.name else None
+        if builder is None:  # the same family, or an unknown one (check_model_options says so)
+            continue
+        takes = builder_options(builder)[0]
+        gone = sorted(k for k in before.options if k in now.options and k not in takes
+                      and k not in explicit.get(kind, set()))
+        for k in gone:
+            del now.options[k]
+        if gone:
+            dropped[kind] = gone
+            log.info("%s %s replaces the recipe's %s: dropped the recipe's %s options %s (%s does not take them)",
+                     kind, now.name, before.name, before.name, ", ".join(gone), now.name)
+    return dropped
+
+
+def check_model_options(cfg: Config) -> None:
+    """Unknown encoder/decoder/captioner families and options their builders do not take, as one
+    line before any data is read (the builders would refuse them only once the model is built)."""
+    from seesay import registry
+
+    if cfg.captioner.family != "encoder_decoder":
+        names = registry.list_captioners()
+        if cfg.captioner.family not in names:
+            raise SeesayError(f"captioner.family: unknown captioner family {cfg.captioner.family!r}; "
+                              f"choose one of: {', '.join(names)}")
+        return
+    for kind, section, listing in (("encoder", cfg.encoder, registry.list_encoders),
+                                   ("decoder", cfg.decoder, registry.list_decoders)):
+        builder = _builder(kind, section.name)
+        if builder is None:
+            raise SeesayError(f"--{kind} {section.name}: unknown {kind}; choose one of: {', '.join(listing())}")
+        options = dict(section.options)
+        if kind == "encoder" and section.weights is not None:
+            options["weights"] = section.weights
+        registry.check_options(kind, section.name, options, builder)
+
+
+# (section, field, flag, lowest allowed, whether the lowest itself is refused, whether None is allowed)
+_RANGES = (
+    ("data", "workers", "--workers", 0, False, False),
+    ("data", "val_max_images", "--val-max-images", 1, False, True),
+    ("data", "text_ratio", "--set data.text_ratio", 0, False, False),
+    ("encoder", "lr", "--encoder-lr", 0, True, False),
+    ("decoder", "lr", "--decoder-lr", 0, True, False),
+    ("train", "batch_size", "--batch-size", 1, False, False),
+    ("train", "val_beam_size", "--val-beam-size", 1, False, False),
+    ("train", "val_max_len", "--set train.val_max_len", 1, False, False),
+    ("train", "max_minutes", "--max-minutes", 0, True, True),
+    ("train", "max_steps_per_epoch", "--max-steps-per-epoch", 1, False, True),
+    ("train", "patience", "--patience", 1, False, False),
+    ("train", "lr_decay", "--lr-decay", 0, True, False),
+    ("train", "weight_decay", "--weight-decay", 0, False, False),
+    ("train", "log_every", "--set train.log_every", 1, False, False),
+)
+_INTEGER_FIELDS = {"workers", "val_max_images", "batch_size", "val_beam_size", "val_max_len", "max_steps_per_epoch",
+                   "patience", "log_every"}
+
+
+def check_ranges(cfg: Config) -> None:
+    """One line for a value outside its range (a zero batch size, a negative learning rate or
+    worker count, a zero time budget), before any data is read or model built. The loop's own
+    settings (epochs, steps, grad_accum, select_metric, ...) are `seesay.train.settings.check_config`'s."""
+    for section, name, flag, low, exclusive, optional in _RANGES:
+        value = getattr(getattr(cfg, section), name)
+        if value is None and optional:
+            continue
+        integer = name in _INTEGER_FIELDS
+        ok = (not isinstance(value, bool) and isinstance(value, int if integer else (int, float))
+              and math.isfinite(value) and (value > low if exclusive else value >= low))
+        if not ok:
+            raise SeesayError(f"{flag} ({section}.{name}) must be {'an integer' if integer else 'a number'} "
+                              f"{'>' if exclusive else '>='} {low}{' (or unset)' if optional else ''}, not {value!r}")

@@ -66,22 +66,26 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("data")
     g.add_argument("--data", metavar="DATA_DIR", default=S, help="a prepared dataset (`seesay prepare`)")
     g.add_argument("--coco-dir", metavar="DIR", default=S,
-                   help="raw COCO directory: prepared into DIR/prepared when needed, then used as --data")
+                   help="raw COCO directory: prepared into RUN_DIR/data when needed (DIR is only read), "
+                        "then used as --data; other runs can pass --data RUN_DIR/data")
     g.add_argument("--workers", type=int, default=S, help="DataLoader worker processes" + default("data", "workers"))
     g.add_argument("--val-max-images", type=int, default=S, help="validate on the first N val images only (default: all)")
     g = p.add_argument_group("model")
     g.add_argument("--encoder", default=S, help="encoder name (see docs/encoders.md)" + default("encoder", "name"))
     g.add_argument("--encoder-weights", default=S, help="imagenet | pretrained | none | PATH (encoder's default if unset)")
     g.add_argument("--fine-tune-encoder", action="store_true", default=S,
-                   help="train the encoder too (its later blocks for pretrained CNNs); otherwise its features are "
+                   help="train the encoder too (its later blocks for pretrained CNNs); default: auto, i.e. encoders "
+                        "without pretrained weights train, pretrained ones stay frozen and their features are "
                         "computed once per image and cached")
+    g.add_argument("--freeze-encoder", dest="fine_tune_encoder", action="store_false", default=S,
+                   help="keep the encoder frozen even without pretrained weights")
     g.add_argument("--encoder-lr", type=float, default=S, help="encoder learning rate" + default("encoder", "lr"))
     g.add_argument("--decoder", default=S, help="decoder name (see docs/models.md)" + default("decoder", "name"))
     g.add_argument("--decoder-lr", "--lr", dest="decoder_lr", type=float, default=S,
                    help="decoder learning rate" + default("decoder", "lr"))
     g.add_argument("--alpha-c", type=float, default=S,
                    help="doubly-stochastic attention regularisation weight, for decoders that take it "
-                        "(soft_attention's default: 1.0; adaptive_attention's: 0)")
+                        "(default 0; Xu et al. used 1.0 on 14x14 grids)")
     g = p.add_argument_group("training")
     g.add_argument("--output", "--output-dir", dest="output", metavar="RUN_DIR", default=S,
                    help="run directory: best/, last/, metrics.jsonl, tb/" + default("train", "output"))
@@ -125,7 +129,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--val-beam-size", type=int, default=S,
                    help="beam size of validation decoding (1: greedy)" + default("train", "val_beam_size"))
     g.add_argument("--seed", type=int, default=S, help="random seed" + default("train", "seed"))
-    g.add_argument("--device", default=S, help="auto | cpu | cuda" + default("train", "device"))
+    g.add_argument("--device", default=S, help="auto | cpu | cuda | cuda:N | mps" + default("train", "device"))
     g.add_argument("--amp", action="store_true", default=S, help="mixed precision on CUDA (float16 + GradScaler)")
     g.add_argument("--amp-dtype", choices=["float16", "bfloat16"], default=S,
                    help="autocast dtype with --amp" + default("train", "amp_dtype"))
@@ -154,7 +158,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def build_config(args: argparse.Namespace) -> Any:
-    from seesay.config import Config, apply_overrides, is_pairs_config, load_yaml, merge_into
+    """Defaults < the recipe < --set < flags. A family changed on the command line (--encoder,
+    --decoder, --set encoder.name=...) loses the recipe's options its builder does not take."""
+    import copy
+
+    from seesay.config import (
+        Config,
+        apply_overrides,
+        drop_foreign_options,
+        is_pairs_config,
+        load_yaml,
+        merge_into,
+        override_option_keys,
+    )
 
     cfg = Config()
     if args.config:
@@ -168,10 +184,15 @@ def build_config(args: argparse.Namespace) -> Any:
                     merge_into(cfg, {section: {field: recipe[key]}}, source=args.config)
         else:
             merge_into(cfg, recipe, source=args.config)
+    recipe_cfg = copy.deepcopy(cfg)
     apply_overrides(cfg, args.overrides)
     for dest, (section, field) in _FLAGS.items():
         if hasattr(args, dest):
             merge_into(cfg, {section: {field: getattr(args, dest)}}, source=f"--{dest.replace('_', '-')}")
+    explicit = {kind: override_option_keys(args.overrides, kind) for kind in ("encoder", "decoder")}
+    if hasattr(args, "alpha_c"):
+        explicit["decoder"].add("alpha_c")
+    drop_foreign_options(cfg, recipe_cfg, explicit)
     if cfg.train.grad_clip is not None and cfg.train.grad_clip <= 0:
         cfg.train.grad_clip = None
     return cfg

@@ -22,7 +22,7 @@ from seesay.registry import register_decoder
 
 class SoftAttentionDecoder(Decoder):
     def __init__(self, *, vocab_size: int, enc_dim: int, embed_dim: int = 512, attention_dim: int = 512,
-                 decoder_dim: int = 512, dropout: float = 0.5, alpha_c: float = 1.0) -> None:
+                 decoder_dim: int = 512, dropout: float = 0.5, alpha_c: float = 0.0) -> None:
         super().__init__()
         self.vocab_size = vocab_size
         self.alpha_c = alpha_c
@@ -79,8 +79,10 @@ class SoftAttentionDecoder(Decoder):
         return reorder_rows(state, index)
 
 
+# alpha_c 0 by default: Xu et al.'s 1.0 asks every grid cell for a total attention of 1 over the caption,
+# which spreads each word's attention on grids with more cells than words (docs/visualize.md, docs/demo.md)
 @register_decoder("soft_attention")
 def build(*, vocab_size: int, enc_dim: int, embed_dim: int = 512, attention_dim: int = 512, decoder_dim: int = 512,
-          dropout: float = 0.5, alpha_c: float = 1.0) -> SoftAttentionDecoder:
+          dropout: float = 0.5, alpha_c: float = 0.0) -> SoftAttentionDecoder:
     return SoftAttentionDecoder(vocab_size=vocab_size, enc_dim=enc_dim, embed_dim=embed_dim, attention_dim=attention_dim,
                                 decoder_dim=decoder_dim, dropout=dropout, alpha_c=alpha_c)

@@ -116,7 +116,14 @@ class CaptionTask:
             model.tokenizer = self.tokenizer
         model = model.to(self.device)
         if hasattr(model, "set_fine_tune"):
-            model.set_fine_tune(cfg.encoder.fine_tune)
+            fine_tune = cfg.encoder.fine_tune
+            if fine_tune is None:  # auto: a random encoder must learn, a pretrained one stays frozen
+                encoder = getattr(model, "encoder", None)
+                fine_tune = encoder is not None and getattr(encoder, "pretrained", True) is False
+                if fine_tune and self.dist.is_main:
+                    log.info("the %s encoder has no pretrained weights: training it with the decoder "
+                             "(encoder.fine_tune auto; set it to false to keep it frozen)", cfg.encoder.name)
+            model.set_fine_tune(bool(fine_tune))
         last = self.run_dir / "last" / "model.safetensors"
         if cfg.train.resume and last.is_file():  # before features: a frozen encoder's cache key uses its weights
             model.load_state_dict(read_weights(last, device=str(self.device)))
@@ -278,14 +285,22 @@ class CaptionTask:
 
 
 def _prepare_if_needed(cfg: Config) -> None:
-    """--coco-dir and Titans-style pairs configs: prepare the data once, then train on it."""
+    """--coco-dir and Titans-style pairs configs: prepare the data once into RUN_DIR/data (the raw
+    dataset folder is only read), then train on it."""
     from seesay.data.prepare import prepare_dataset
 
     if cfg.data.path is None and cfg.data.coco_dir is not None:
-        target = Path(cfg.data.coco_dir) / "prepared"
-        if not (target / "manifest.json").is_file():
-            log.info("preparing COCO from %s into %s", cfg.data.coco_dir, target)
-            prepare_dataset("coco", target, coco_dir=cfg.data.coco_dir)
+        target = Path(cfg.train.output) / "data"
+        legacy = Path(cfg.data.coco_dir) / "prepared"  # where older versions prepared it
+        if not (target / "manifest.json").is_file() and (legacy / "manifest.json").is_file():
+            target = legacy
+            log.info("using the COCO data prepared earlier in %s", target)
+        elif not (target / "manifest.json").is_file():
+            log.info("preparing COCO from %s into %s (other runs can use it with --data %s)", cfg.data.coco_dir,
+                     target, target)
+            prepare_dataset("coco", target, coco_dir=cfg.data.coco_dir, progress=cfg.train.progress)
+        else:
+            log.info("using the COCO data prepared in %s", target)
         cfg.data.path = str(target)
     if cfg.data.path is None and cfg.data.pairs_config is not None:
         from seesay.config import load_yaml
@@ -296,7 +311,8 @@ def _prepare_if_needed(cfg: Config) -> None:
         if not (target / "manifest.json").is_file():
             log.info("preparing image/text pairs from %s into %s", cfg.data.pairs_config, target)
             prepare_dataset("pairs", target, annotations=base / pairs["annotations_file"],
-                            images=base / pairs["image_dir"], min_word_freq=int(pairs.get("min_word_freq", 1)))
+                            images=base / pairs["image_dir"], min_word_freq=int(pairs.get("min_word_freq", 1)),
+                            progress=cfg.train.progress)
         cfg.data.path = str(target)
     if cfg.data.path is None:
         raise SeesayError("no training data: pass --data DATA_DIR (a prepared dataset) or --coco-dir DIR")
@@ -320,8 +336,13 @@ def train_captioner(cfg: Config) -> Any:
     from seesay.train.loop import check_config, fit
     from seesay.train.state import seed_everything
 
-    check_config(cfg.train)  # before features are computed, which can take long
-    dist = setup_distributed(cfg.train.device)
+    from seesay.config import check_model_options, check_ranges
+
+    # every setting a user can get wrong, as one line before data is prepared or features computed
+    check_config(cfg.train)  # the loop's settings; the metric names default to CaptionTask.metric_names'
+    check_ranges(cfg)
+    check_model_options(cfg)
+    dist = setup_distributed(cfg.train.device)  # --device cuda without a GPU: one line too
     try:
         _resolve_pairs_text(cfg)
         if dist.is_main:
@@ -368,9 +389,12 @@ def train_captioner(cfg: Config) -> Any:
                 log.debug("ended %d data loader workers after an error", ended)
             raise
         if dist.is_main:
-            if state.best_step >= 0:
+            if state.best_step >= 0 and (run_dir / "best").is_dir():
                 log.info("done: best %s %.4f at epoch %g (step %d); checkpoints in %s/best and %s/last",
                          cfg.train.select_metric, state.best_score, state.best_epoch, state.best_step, run_dir, run_dir)
+            elif state.val_step >= 0:  # validated, but the metric never gave a score to keep (NaN, ...)
+                log.info("done: no best/ checkpoint (no validation gave a usable %s); the last state is in %s/last",
+                         cfg.train.select_metric, run_dir)
             else:
                 log.info("done: no validation ran; the last state is in %s/last", run_dir)
         barrier()  # a normal end: no rank tears the process group down while another still uses it
