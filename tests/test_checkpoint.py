@@ -113,3 +113,29 @@ def test_tree_round_trip_optimizer_and_rng():
     for k in s1["state"]:
         for name, v in s1["state"][k].items():
             assert torch.equal(v, s2["state"][k][name])
+
+
+def test_bad_checkpoint_files_are_one_line_naming_the_file(tmp_path):
+    """A pickle renamed to model.safetensors is refused, never unpickled; a garbage tokenizer and a
+    tokenizer that does not match the model's vocabulary size name their files."""
+    model, vocab = _model(), _vocab()
+    path = save_checkpoint(tmp_path / "ck", model=model, tokenizer=vocab, config={})
+    good = (path / "model.safetensors").read_bytes()
+    torch.save(model.state_dict(), path / "model.safetensors")  # a pickle
+    with pytest.raises(SeesayError, match="model.safetensors: not a readable safetensors file") as e:
+        load_checkpoint(path)
+    assert "\n" not in str(e.value)
+    (path / "model.safetensors").write_bytes(good)
+    tok = path / "tokenizer" / "tokenizer.json"
+    tok.write_text("{not json")
+    with pytest.raises(SeesayError, match="tokenizer.json: unreadable tokenizer"):
+        load_checkpoint(path)
+    tok.write_text(json.dumps({"type": "seesay-vocab", "itos": ["a", "b"]}))
+    with pytest.raises(SeesayError, match="tokenizer.json: vocabulary must start with"):
+        load_checkpoint(path)
+    from seesay.data.tokenize import Vocab
+
+    small = Vocab(["<pad>", "<start>", "<end>", "<unk>", "w0"])
+    small.save_pretrained(path / "tokenizer")
+    with pytest.raises(SeesayError, match="tokenizer has 5 tokens but the model spec says vocab_size 12"):
+        load_checkpoint(path)
