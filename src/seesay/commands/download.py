@@ -52,7 +52,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--retry-delay", type=float, default=2.0, help="first retry delay in seconds, doubled on each retry"
     )
     parser.add_argument("--timeout", type=float, default=60.0, help="network timeout in seconds")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument(
+        "--allow-file-urls",
+        action="store_true",
+        help="let --manifest/--mirror use file:// URLs (a local copy); only http(s) is fetched otherwise",
+    )
+    parser.add_argument(
+        "--no-progress", action="store_true", help="no progress display (bars on a terminal, log lines otherwise)"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -72,6 +79,7 @@ def run(args: argparse.Namespace) -> int:
         retry_delay=args.retry_delay,
         timeout=args.timeout,
         progress=not args.no_progress,
+        allow_file_urls=args.allow_file_urls,
     )
     print(summary)
     return 0

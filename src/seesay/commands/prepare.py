@@ -31,7 +31,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="fail when more than this fraction of the images are bad")
     p.add_argument("--seed", type=int, default=0, help="seed for filling images that have too few captions")
     p.add_argument("--overwrite", action="store_true", help="replace an existing DATA_DIR built from other inputs")
-    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.add_argument("--allow-outside-images", action="store_true",
+                   help="accept image paths that lead outside --images (../, absolute paths, symlinks out); "
+                        "by default such images are skipped unopened")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress display (a bar on a terminal, periodic log lines otherwise)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -42,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
         keep_restval=args.keep_restval, min_word_freq=args.min_word_freq, max_len=args.max_len,
         captions_per_image=args.captions_per_image, image_size=args.image_size, tokenizer=args.tokenizer,
         workers=args.workers, max_skip_fraction=args.max_skip_fraction, progress=not args.no_progress,
-        seed=args.seed, overwrite=args.overwrite,
+        seed=args.seed, overwrite=args.overwrite, allow_outside_images=args.allow_outside_images,
     )
     print(summary_line(manifest, args.output))
     return 0

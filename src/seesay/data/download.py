@@ -2,6 +2,13 @@
 
 Only the standard library talks HTTP (urllib), so there is no extra dependency.
 
+URLs
+    Only http and https URLs are fetched (built-in lists, `--manifest` entries, `--mirror`);
+    `file://`, `ftp://` and any other scheme are refused with one line naming the manifest
+    entry, since urllib would otherwise copy any local file (`file:///etc/passwd`) into the
+    output directory. `allow_file_urls` (`--allow-file-urls`) lets `file://` URLs through, for a
+    local copy of the archives; other schemes stay refused.
+
 Downloads
     Each file is written to `NAME.part` beside its final name and renamed only once it is
     complete and verified (size, and MD5 where known). An interrupted download — a dropped
@@ -52,6 +59,7 @@ from pathlib import Path
 
 from seesay.errors import SeesayError
 from seesay.files import write_json_atomic
+from seesay.progress import progress as progress_display
 
 log = logging.getLogger(__name__)
 
@@ -125,6 +133,18 @@ def dataset_files(name: str, splits: Iterable[str] | None = None) -> list[Remote
     raise SeesayError(f"unknown dataset {name!r}; choose from {', '.join(DATASETS)}")
 
 
+def check_url(url: str, where: str, *, allow_file_urls: bool = False) -> None:
+    """Refuse a URL whose scheme is not http(s) (or file, with `allow_file_urls`)."""
+    scheme = urllib.parse.urlsplit(url).scheme.lower()
+    allowed = ("http", "https", "file") if allow_file_urls else ("http", "https")
+    if scheme in allowed:
+        return
+    shown = f"{scheme}://" if scheme else "no scheme"
+    hint = "; --allow-file-urls lets file:// URLs through" if scheme == "file" else ""
+    raise SeesayError(f"{where}: refusing URL {url!r} ({shown}): only http:// and https:// URLs are "
+                      f"downloaded{hint}")
+
+
 def with_mirror(files: Sequence[RemoteFile], mirror: str | None) -> list[RemoteFile]:
     """Replace each URL's base (everything before the file name) with `mirror`."""
     if not mirror:
@@ -133,8 +153,9 @@ def with_mirror(files: Sequence[RemoteFile], mirror: str | None) -> list[RemoteF
     return [RemoteFile(f"{base}/{f.name}", f.size, f.md5) for f in files]
 
 
-def load_manifest(path: str | os.PathLike) -> list[RemoteFile]:
-    """Read a manifest: a JSON list of {"url": str, "size": int|null, "md5": str|null}."""
+def load_manifest(path: str | os.PathLike, *, allow_file_urls: bool = False) -> list[RemoteFile]:
+    """Read a manifest: a JSON list of {"url": str, "size": int|null, "md5": str|null} (http(s) URLs;
+    file:// too with `allow_file_urls`)."""
     p = Path(path)
     try:
         data = json.loads(p.read_text(encoding="utf-8"))
@@ -151,6 +172,7 @@ def load_manifest(path: str | os.PathLike) -> list[RemoteFile]:
         where = f"{p}: entry {i}"
         if not isinstance(item, dict) or not isinstance(item.get("url"), str):
             raise SeesayError(f"{where}: needs a string 'url'")
+        check_url(item["url"], where, allow_file_urls=allow_file_urls)
         size, md5 = item.get("size"), item.get("md5")
         if size is not None and (not isinstance(size, int) or isinstance(size, bool) or size < 0):
             raise SeesayError(f"{where}: 'size' must be a non-negative integer or null")
@@ -196,19 +218,11 @@ def md5_of(path: Path, *, progress: bool = False) -> str:
 
 
 def _bar(total: int | None, desc: str, progress: bool, initial: int = 0):
-    from tqdm import tqdm
-
-    return tqdm(
-        total=total,
-        initial=initial,
-        desc=desc,
-        unit="B",
-        unit_scale=True,
-        unit_divisor=1024,
-        disable=not progress,
-        leave=True,
-        dynamic_ncols=True,
-    )
+    """Bytes progress: a bar on a terminal, periodic log lines otherwise (`seesay.progress`)."""
+    bar = progress_display(total, desc=desc, unit="B", initial=initial, enabled=progress, leave=True)
+    if hasattr(bar, "unit_scale"):  # a tqdm bar: KiB/MiB rather than raw byte counts
+        bar.unit_scale, bar.unit_divisor = True, 1024
+    return bar
 
 
 def _human(n: int | None) -> str:
@@ -249,8 +263,12 @@ def fetch(
     retry_delay: float = 2.0,
     timeout: float = 60.0,
     progress: bool = True,
+    allow_file_urls: bool = False,
 ) -> Path:
-    """Download `f` into `output` (resuming, retrying, verifying); return the final path."""
+    """Download `f` into `output` (resuming, retrying, verifying); return the final path.
+
+    Only http(s) URLs (and file:// with `allow_file_urls`) are fetched."""
+    check_url(f.url, f.name or f.url, allow_file_urls=allow_file_urls)
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
     dest = out / f.name
@@ -440,10 +458,16 @@ def _corrupt(archive: Path, why: str) -> SeesayError:
     return SeesayError(f"{archive}: archive is corrupt ({why}); delete it and run again to download it anew")
 
 
+def _count(items: list, desc: str, progress: bool):
+    """Iterate `items` with a per-item progress display (bar or periodic log lines)."""
+    with progress_display(len(items), desc=desc, unit="file", enabled=progress) as bar:
+        for item in items:
+            yield item
+            bar.update(1)
+
+
 def extract_archive(archive: str | os.PathLike, output: str | os.PathLike, *, progress: bool = True) -> bool:
     """Safely extract a zip/tar archive into `output`; False when already extracted earlier."""
-    from tqdm import tqdm
-
     archive, out = Path(archive), Path(output)
     out.mkdir(parents=True, exist_ok=True)
     root = out.resolve()
@@ -480,9 +504,7 @@ def extract_archive(archive: str | os.PathLike, output: str | os.PathLike, *, pr
                 raise _corrupt(archive, str(e)) from None
             if bad is not None:
                 raise _corrupt(archive, f"bad CRC in member {bad!r}")
-            for info, target in tqdm(
-                list(zip(infos, targets)), desc=f"extract {archive.name}", unit="file", disable=not progress
-            ):
+            for info, target in _count(list(zip(infos, targets)), f"extract {archive.name}", progress):
                 if info.is_dir():
                     target.mkdir(parents=True, exist_ok=True)
                     continue
@@ -512,12 +534,7 @@ def extract_archive(archive: str | os.PathLike, output: str | os.PathLike, *, pr
                         src = tf.extractfile(m)
                         while src.read(_CHUNK):
                             pass
-                for m, target in tqdm(
-                    list(zip(members, targets)),
-                    desc=f"extract {archive.name}",
-                    unit="file",
-                    disable=not progress,
-                ):
+                for m, target in _count(list(zip(members, targets)), f"extract {archive.name}", progress):
                     if m.isdir():
                         target.mkdir(parents=True, exist_ok=True)
                         continue
@@ -614,15 +631,21 @@ def download_dataset(
     retry_delay: float = 2.0,
     timeout: float = 60.0,
     progress: bool = True,
+    allow_file_urls: bool = False,
 ) -> str:
     """Download (and with `extract`, unpack) dataset `name` into `output`; return a summary.
 
-    `manifest` replaces the built-in file list; `mirror` replaces each URL's base.
+    `manifest` replaces the built-in file list; `mirror` replaces each URL's base. Only http(s)
+    URLs are fetched unless `allow_file_urls` (then file:// too); others are refused up front.
     """
     out = Path(output)
     if name == "aichallenger" and manifest is None:
         return aichallenger_instructions(out)
-    files = load_manifest(manifest) if manifest is not None else dataset_files(name, splits)
+    if mirror:
+        check_url(mirror, "--mirror", allow_file_urls=allow_file_urls)
+    # with a mirror, the manifest's own URLs only name the files (fetch checks the mirror's URLs)
+    files = (load_manifest(manifest, allow_file_urls=allow_file_urls or bool(mirror)) if manifest is not None
+             else dataset_files(name, splits))
     files = with_mirror(files, mirror)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -652,7 +675,8 @@ def download_dataset(
         if (state / f"{f.name}.extracted").exists() and (extract or not (out / f.name).exists()):
             lines.append(f"{f.name}: already extracted")
             continue
-        path = fetch(f, out, retries=retries, retry_delay=retry_delay, timeout=timeout, progress=progress)
+        path = fetch(f, out, retries=retries, retry_delay=retry_delay, timeout=timeout, progress=progress,
+                     allow_file_urls=allow_file_urls)
         if extract and _archive_kind(path) is not None:
             extract_archive(path, out, progress=progress)
             if not keep_archives:

@@ -19,6 +19,12 @@ Formats (see docs/data.md):
 - ``aichallenger``: `[{"image_id": "x.jpg", "caption": [...]}]` (AI Challenger 2017), split as
   for pairs unless entries carry a "split".
 
+Every image of a Karpathy file must have a `split` (train, val, test or restval): an image
+without one is refused with one line (it used to join train, which can leak test images into
+training). Readers set `Record.root`, the folder the image must stay inside (`--images`, or the
+COCO image folder): `seesay prepare` skips an image whose path resolves outside it (`../`,
+absolute paths, symlinks leading out) without opening it; see `outside_root`.
+
 Deterministic split (pairs, aichallenger): images are ordered by the MD5 of their file name;
 the first 5% (at least one image when there are 3 or more) go to val, the next 5% (same rule)
 to test, the rest to train. It does not depend on the order of the file or on the machine.
@@ -46,6 +52,7 @@ class Record:
     sentences: list[str]
     extra: dict[str, Any] = field(default_factory=dict)
     blank_captions: int = 0  # blank sentences the reader dropped (counted in the manifest)
+    root: str | None = None  # the folder `image_path` must resolve inside (None: not confined)
 
     @classmethod
     def from_any(cls, r: Any) -> Record:
@@ -80,6 +87,18 @@ def load_json(path: str | os.PathLike) -> Any:
         return json.loads(text)
     except json.JSONDecodeError as e:
         raise SeesayError(f"{path}: malformed JSON at line {e.lineno} column {e.colno} (char {e.pos}): {e.msg}") from None
+
+
+def outside_root(image_path: str | os.PathLike, root: str | os.PathLike) -> str | None:
+    """None when `image_path` resolves (symlinks followed) inside `root`, else where it resolves to.
+
+    Only path names and links are inspected (lstat/readlink): the image itself is never opened.
+    """
+    real_root = os.path.realpath(root)
+    real = os.path.realpath(image_path)
+    if real == real_root or real.startswith(real_root.rstrip(os.sep) + os.sep):
+        return None
+    return real
 
 
 def _bad(path: Path, what: str) -> SeesayError:
@@ -127,12 +146,13 @@ def read_karpathy(annotations: str | os.PathLike, images: str | os.PathLike, *, 
     if not isinstance(data, dict) or not isinstance(data.get("images"), list):
         raise _bad(path, 'not a Karpathy split file (expected {"images": [...]})')
     root = Path(images)
+    _require_splits(path, data["images"])
     records = []
     for i, img in enumerate(data["images"]):
         where = f"images[{i}]"
         if not isinstance(img, dict) or "filename" not in img:
             raise _bad(path, f"{where}: missing 'filename'")
-        split = img.get("split", "train")
+        split = img["split"]
         if split == "restval" and not keep_restval:
             split = "train"
         sents = img.get("sentences", [])
@@ -144,16 +164,35 @@ def read_karpathy(annotations: str | os.PathLike, images: str | os.PathLike, *, 
                 if "raw" in s:
                     raw.append(s["raw"])
                 elif "tokens" in s:
+                    if not isinstance(s["tokens"], list) or not all(isinstance(t, str) for t in s["tokens"]):
+                        raise _bad(path, f"{where}: 'tokens' must be a list of strings")
                     raw.append(" ".join(s["tokens"]))
             else:
                 raw.append(s)
         fp = img.get("filepath") or ""
+        if not isinstance(img["filename"], str) or not img["filename"] or not isinstance(fp, str):
+            raise _bad(path, f"{where}: 'filename' and 'filepath' must be strings")
         image_path = root / fp / img["filename"]
         image_id = str(img["cocoid"]) if "cocoid" in img else str(img["filename"])
         extra = {k: v for k, v in img.items() if k not in _KARPATHY_KNOWN}
         sentences, blank = _clean(raw, path, where)
-        records.append(Record(str(image_path), image_id, str(split), sentences, extra, blank))
+        records.append(Record(str(image_path), image_id, str(split), sentences, extra, blank, str(root)))
     return records
+
+
+def _require_splits(path: Path, images: list[Any]) -> None:
+    """Refuse a Karpathy file in which some image has no (string) `split`.
+
+    Defaulting such images to train (as seesay once did) can leak test images into training.
+    """
+    missing = [i for i, img in enumerate(images)
+               if isinstance(img, dict) and not (isinstance(img.get("split"), str) and img["split"])]
+    if missing:
+        first = images[missing[0]]
+        name = first.get("filename", first.get("cocoid", "?"))
+        raise _bad(path, f"images[{missing[0]}] ({name}) has no 'split' ({len(missing)} of {len(images)} images "
+                         "have none); give every image a split (train, val, test or restval), or use --format "
+                         "pairs, which splits images without one deterministically")
 
 
 # -- coco ----------------------------------------------------------------------------------------
@@ -172,6 +211,12 @@ def _coco_annotations(path: Path) -> tuple[list[dict], dict[int, list[str]]]:
     for j, im in enumerate(data["images"]):
         if not isinstance(im, dict) or "id" not in im or "file_name" not in im:
             raise _bad(path, f"images[{j}]: needs 'id' and 'file_name'")
+        if not isinstance(im["file_name"], str) or not im["file_name"]:
+            raise _bad(path, f"images[{j}]: 'file_name' must be a non-empty string")
+        try:
+            int(im["id"])
+        except (TypeError, ValueError):
+            raise _bad(path, f"images[{j}]: 'id' must be an integer") from None
     return data["images"], by_image
 
 
@@ -185,11 +230,16 @@ def read_coco(coco_dir: str | os.PathLike, *, keep_restval: bool = False) -> lis
             kd = load_json(cand)
             if not isinstance(kd, dict) or not isinstance(kd.get("images"), list):
                 raise _bad(cand, 'not a Karpathy split file (expected {"images": [...]})')
+            _require_splits(cand, kd["images"])
             karpathy_split = {}
-            for img in kd["images"]:
+            for j, img in enumerate(kd["images"]):
                 if isinstance(img, dict) and "cocoid" in img:
-                    s = img.get("split", "train")
-                    karpathy_split[int(img["cocoid"])] = "train" if s == "restval" and not keep_restval else s
+                    s = img["split"]
+                    try:
+                        cocoid = int(img["cocoid"])
+                    except (TypeError, ValueError):
+                        raise _bad(cand, f"images[{j}]: 'cocoid' must be an integer") from None
+                    karpathy_split[cocoid] = "train" if s == "restval" and not keep_restval else s
             break
     records: list[Record] = []
     found = False
@@ -212,7 +262,8 @@ def read_coco(coco_dir: str | os.PathLike, *, keep_restval: bool = False) -> lis
             iid = int(im["id"])
             extra = {"cocoid": iid, "coco_split": sub}
             sentences, blank = _clean(caps.get(iid, []), ann, f"image {iid}")
-            records.append(Record(str(root / sub / im["file_name"]), str(iid), split, sentences, extra, blank))
+            records.append(Record(str(root / sub / im["file_name"]), str(iid), split, sentences, extra, blank,
+                                  str(root / sub)))
     if not found:
         raise SeesayError(f"{root}: no annotations/captions_train2014.json or annotations/captions_val2014.json")
     return records
@@ -226,7 +277,7 @@ def _grouped(path: Path, items: list[tuple[str, tuple[list[str], int], str | Non
     for name, (texts, blank), split, extra in items:
         rec = groups.get(name)
         if rec is None:
-            rec = groups[name] = Record(str(root / name), name, split or "train", [], extra)
+            rec = groups[name] = Record(str(root / name), name, split or "train", [], extra, 0, str(root))
             order.append(name)
         elif split is not None and rec.split != split:
             raise _bad(path, f"image {name!r} is given two splits ({rec.split!r} and {split!r})")
@@ -248,6 +299,8 @@ def read_pairs(annotations: str | os.PathLike, images: str | os.PathLike) -> lis
     for i, it in enumerate(data):
         if not isinstance(it, dict) or "image" not in it or "text" not in it:
             raise _bad(path, f'item {i}: needs "image" and "text"')
+        if not isinstance(it["image"], str) or not it["image"]:
+            raise _bad(path, f'item {i}: "image" must be a non-empty string (a file name under --images)')
         extra = {k: v for k, v in it.items() if k not in ("image", "text", "split")}
         split = it.get("split")
         items.append((str(it["image"]), _clean(it["text"], path, f"item {i}"),
@@ -266,6 +319,8 @@ def read_aichallenger(annotations: str | os.PathLike, images: str | os.PathLike)
     for i, it in enumerate(data):
         if not isinstance(it, dict) or "image_id" not in it or "caption" not in it:
             raise _bad(path, f'item {i}: needs "image_id" and "caption"')
+        if not isinstance(it["image_id"], str) or not it["image_id"]:
+            raise _bad(path, f'item {i}: "image_id" must be a non-empty string (a file name under --images)')
         extra = {k: v for k, v in it.items() if k not in ("image_id", "caption", "split")}
         split = it.get("split")
         items.append((str(it["image_id"]), _clean(it["caption"], path, f"item {i}"),

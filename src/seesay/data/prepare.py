@@ -17,11 +17,21 @@ How it runs:
   listed in ``skipped.jsonl``; when more than ``max_skip_fraction`` of the images are bad the
   run stops with an error (the list is left in ``DATA_DIR.partial/skipped.jsonl``). When some
   images are skipped, each split's array is rewritten once without their rows.
+- Image paths from an annotation file must resolve inside ``--images`` (``--coco-dir``'s image
+  folders for COCO): ``../x.jpg``, absolute paths elsewhere and symlinks leading out are
+  skipped as "path outside --images" without being opened, unless ``allow_outside_images``.
+- Writing errors (a full disk, a quota) stop the run with one line; what is done stays in
+  ``DATA_DIR.partial`` and the same command resumes it.
+- ``DATA_DIR.lock`` records the owner's pid and host; a lock left by a killed run (its owner no
+  longer runs) is taken over with a log line, a live one refuses a second run.
+- Progress is `seesay.progress.progress`: a bar on a terminal, periodic log lines otherwise,
+  nothing with ``progress=False``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import logging
@@ -29,6 +39,7 @@ import multiprocessing as mp
 import os
 import random
 import shutil
+import socket
 import sys
 from collections import Counter
 from collections.abc import Iterator
@@ -37,11 +48,12 @@ from typing import Any
 
 import numpy as np
 
-from seesay.data.formats import FORMATS, Record, read_records, records_fingerprint
+from seesay.data.formats import FORMATS, Record, outside_root, read_records, records_fingerprint
 from seesay.data.images import read_image
 from seesay.data.tokenize import TOKENIZERS, Vocab, build_vocab, tokenize
 from seesay.errors import SeesayError
 from seesay.files import write_text_atomic
+from seesay.progress import progress as progress_display
 
 log = logging.getLogger(__name__)
 
@@ -66,12 +78,29 @@ def _reason_kind(reason: str) -> str:
     return reason.split(" (")[0]
 
 
+def _write_error(e: OSError, partial: Path) -> SeesayError:
+    """One line for a failed write; the partial build is kept, so the same command resumes."""
+    where = e.filename or partial
+    full = {errno.ENOSPC: "no space left on device", getattr(errno, "EDQUOT", -1): "disk quota exceeded"}
+    if e.errno in full:
+        why, then = full[e.errno], "free some space"
+    else:
+        why, then = f"cannot write ({e.strerror or e})", "fix that"
+    return SeesayError(f"{where}: {why} (while preparing {partial}); what is done is kept: "
+                       f"{then} and run the same command again to resume")
+
+
 def summary_line(manifest: dict[str, Any], output: str | os.PathLike) -> str:
     splits = manifest["splits"]
     parts = " / ".join(f"{s} {v['images']}" for s, v in splits.items())
     total = sum(v["images"] for v in splits.values())
-    line = f"prepared {total} images ({parts}), skipped {manifest['skipped']}"
-    if manifest["skipped"] or manifest.get("no_caption_images"):
+    bad, no_caption = manifest["skipped"], manifest.get("no_caption_images", 0)
+    line = f"prepared {total} images ({parts}), skipped {bad}"
+    if no_caption:
+        without = f"without a caption of 1 to {manifest['max_len']} tokens"
+        line = (f"prepared {total} images ({parts}), skipped {bad} bad images and {no_caption} {without}" if bad
+                else f"prepared {total} images ({parts}), skipped {no_caption} images {without}")
+    if bad or no_caption:
         line += f": see {Path(output) / 'skipped.jsonl'}"
     why = []
     if manifest.get("empty_captions"):
@@ -85,13 +114,16 @@ def summary_line(manifest: dict[str, Any], output: str | os.PathLike) -> str:
 
 # -- worker side ---------------------------------------------------------------------------------
 def _process_chunk(task: tuple) -> tuple[str, int, list]:
-    split, k, file, offset, row_bytes, start, paths, size = task
+    split, k, file, offset, row_bytes, start, items, size = task
     statuses = []
     fd = os.open(file, os.O_WRONLY)
     try:
-        for j, path in enumerate(paths):
+        for j, (path, root, flag) in enumerate(items):
             pos = offset + (start + j) * row_bytes
+            real = outside_root(path, root) if root is not None else None
             try:
+                if real is not None:  # never opened
+                    raise SeesayError(f"{path}: path outside {flag} (resolves to {real})")
                 arr, wh = read_image(path, size)
             except SeesayError as e:
                 msg = str(e)
@@ -146,29 +178,29 @@ def _tokenize_all(records: list[Record], kind: str, pool: Any) -> list[list[list
     return out
 
 
-def _open_images_file(path: Path, n: int, size: int) -> tuple[int, int, bool]:
+def _open_images_file(path: Path, n: int, size: int) -> tuple[int, int, bool, bool]:
     """Preallocate (or reuse) a split's uint8 [n,size,size,3] .npy.
 
     Returns (header offset, bytes per row, whether the file was already compacted by an
-    interrupted finalize, in which case no row may be written any more).
+    interrupted finalize, in which case no row may be written any more, whether the file is new).
     """
     row_bytes = size * size * 3
     if path.exists():
         try:
-            arr = np.load(path, mmap_mode="r")
+            arr = np.load(path, mmap_mode="r", allow_pickle=False)
             ok = arr.dtype == np.uint8 and arr.shape[1:] == (size, size, 3) and arr.shape[0] <= n
             offset, rows = arr.offset, arr.shape[0]
             del arr
             if ok:
-                return offset, row_bytes, rows < n
-        except (ValueError, OSError):
+                return offset, row_bytes, rows < n, False
+        except (ValueError, OSError, EOFError):
             pass
         path.unlink()
     arr = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=(n, size, size, 3))
     offset = arr.offset
     arr.flush()
     del arr
-    return offset, row_bytes, False
+    return offset, row_bytes, False, True
 
 
 def _compact(path: Path, good: list[int], size: int) -> None:
@@ -193,26 +225,92 @@ def _select_captions(kept: list[list[str]], n: int, seed: int, split: str, image
     return kept + [rng.choice(kept) for _ in range(n - len(kept))]
 
 
+def _start_time(pid: int) -> str | None:
+    """The process's start time in clock ticks (Linux), to tell a live owner from a reused pid."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _owner_alive(owner: dict[str, Any]) -> bool:
+    """Whether the process recorded in a lock still runs (unknowable on another host: assume it does)."""
+    pid = owner.get("pid")
+    if owner.get("host") != socket.gethostname():
+        return True
+    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # it exists, under another user
+    except OSError:
+        return False
+    started = owner.get("started")
+    return started is None or _start_time(pid) in (None, started)
+
+
+def _read_owner(fd: int) -> dict[str, Any] | None:
+    try:
+        owner = json.loads(os.pread(fd, 4096, 0).decode("utf-8") or "null")
+    except (OSError, ValueError):
+        return None
+    return owner if isinstance(owner, dict) else None
+
+
+def _describe(owner: dict[str, Any] | None) -> str:
+    return f"pid {owner.get('pid')} on {owner.get('host')}" if owner else "owner unknown"
+
+
 @contextlib.contextmanager
 def _exclusive(out: Path) -> Iterator[None]:
-    """Refuse a second `seesay prepare` writing the same DATA_DIR at the same time (POSIX flock)."""
+    """Refuse a second `seesay prepare` writing the same DATA_DIR at the same time.
+
+    `DATA_DIR.lock` is held with flock (POSIX) and records {"pid", "host", "started"}. A lock file
+    left by a killed run is free (the kernel dropped its flock) and its owner is gone: it is taken
+    over with a log line. The pid check also covers file systems that do not enforce flock.
+    """
     try:
         import fcntl
-    except ImportError:  # pragma: no cover - not POSIX: no lock
-        yield
-        return
+    except ImportError:  # pragma: no cover - not POSIX: the pid record alone
+        fcntl = None  # type: ignore[assignment]
     lock = out.with_name(out.name + ".lock")
     lock.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(lock, os.O_CREAT | os.O_RDWR, 0o644)
-    try:
+    me = {"pid": os.getpid(), "host": socket.gethostname(), "started": _start_time(os.getpid())}
+    while True:
+        fd = os.open(lock, os.O_CREAT | os.O_RDWR, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            raise SeesayError(f"{out}: another seesay prepare is writing it (lock {lock})") from None
+            if fcntl is not None:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except OSError:
+                    raise SeesayError(f"{out}: another seesay prepare is writing it ({_describe(_read_owner(fd))}; "
+                                      f"lock {lock})") from None
+                try:  # the previous owner may have removed the file meanwhile: lock the current one
+                    same = os.path.samestat(os.fstat(fd), os.stat(lock))
+                except FileNotFoundError:
+                    same = False
+                if not same:
+                    os.close(fd)
+                    continue
+            old = _read_owner(fd)
+            if old is not None and (old.get("pid"), old.get("host")) != (me["pid"], me["host"]):
+                if _owner_alive(old) and (fcntl is None or old.get("host") == me["host"]):
+                    raise SeesayError(f"{out}: another seesay prepare is writing it ({_describe(old)}; lock {lock})")
+                log.info("removing stale lock %s (left by %s, which no longer runs)", lock, _describe(old))
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, _dumps(me).encode("utf-8"), 0)
+        except BaseException:
+            os.close(fd)
+            raise
+        break
+    try:
         yield
+    finally:
         with contextlib.suppress(OSError):
             lock.unlink()
-    finally:
         os.close(fd)
 
 
@@ -222,6 +320,8 @@ def _check_output(out: Path, fingerprint: str, overwrite: bool) -> dict[str, Any
         try:
             old = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
         except (OSError, ValueError):
+            old = {}
+        if not isinstance(old, dict):
             old = {}
         if old.get("fingerprint") == fingerprint and not overwrite:
             return old
@@ -241,6 +341,8 @@ def _start_partial(partial: Path, fingerprint: str, chunk_size: int) -> None:
             plan = json.loads(plan_path.read_text(encoding="utf-8"))
         except (OSError, ValueError):
             plan = {}
+        if not isinstance(plan, dict):
+            plan = {}
         if plan.get("fingerprint") != fingerprint or plan.get("chunk_size") != chunk_size:
             log.info("discarding %s (built from other inputs or options)", partial)
             shutil.rmtree(partial)
@@ -251,36 +353,43 @@ def _start_partial(partial: Path, fingerprint: str, chunk_size: int) -> None:
         write_text_atomic(plan_path, _dumps({"fingerprint": fingerprint, "chunk_size": chunk_size}))
 
 
+def _chunk_statuses(marker: Path, n: int) -> list | None:
+    """A done chunk's statuses [[ok, reason, [w, h]], ...], or None when the marker is missing or bad."""
+    try:
+        st = json.loads(marker.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(st, list) or len(st) != n or not all(isinstance(x, list) and len(x) == 3 for x in st):
+        return None
+    return st
+
+
 def _process_images(partial: Path, recs: list[Record], members: dict[str, list[int]], *, image_size: int,
                     chunk_size: int, pool: Any, progress: bool, stop_after: int | None,
-                    hard_stop: bool) -> dict[tuple[str, int], list]:
+                    hard_stop: bool, allow_outside: bool = False,
+                    root_flag: str = "--images") -> dict[tuple[str, int], list]:
     """Process every chunk not done yet; returns the per-image statuses of every chunk."""
-    from tqdm import tqdm
-
     tasks, statuses = [], {}
     total = done_images = 0
     for s, idx in members.items():
         (partial / s).mkdir(exist_ok=True)
         img_file = partial / s / "images.npy"
-        offset, row_bytes, compacted = _open_images_file(img_file, len(idx), image_size)
+        offset, row_bytes, compacted, fresh = _open_images_file(img_file, len(idx), image_size)
+        if fresh:  # rows recorded as done in an older file are gone with it
+            for old in (partial / "chunks").glob(f"{s}-*.json"):
+                old.unlink()
         for k, start in enumerate(range(0, len(idx), chunk_size)):
             part = idx[start:start + chunk_size]
             total += len(part)
-            marker = partial / "chunks" / f"{s}-{k:06d}.json"
-            if marker.is_file():
-                try:
-                    st = json.loads(marker.read_text(encoding="utf-8"))
-                except (OSError, ValueError):
-                    st = None
-                # a chunk with bad images is tried again (they may have been repaired meanwhile)
-                if st is not None and len(st) == len(part) and (compacted or all(x[0] for x in st)):
-                    statuses[(s, k)] = st
-                    done_images += len(part)
-                    continue
-            tasks.append((s, k, str(img_file), offset, row_bytes, start, [recs[i].image_path for i in part],
-                          image_size))
-    bar = tqdm(total=total, initial=done_images, unit="img", desc="prepare", disable=not progress,
-               dynamic_ncols=True)
+            st = _chunk_statuses(partial / "chunks" / f"{s}-{k:06d}.json", len(part))
+            # a chunk with bad images is tried again (they may have been repaired meanwhile)
+            if st is not None and (compacted or all(x[0] for x in st)):
+                statuses[(s, k)] = st
+                done_images += len(part)
+                continue
+            items = [(recs[i].image_path, None if allow_outside else recs[i].root, root_flag) for i in part]
+            tasks.append((s, k, str(img_file), offset, row_bytes, start, items, image_size))
+    bar = progress_display(total, desc="prepare", unit="img", initial=done_images, enabled=progress)
     try:
         results = (pool.imap_unordered(_process_chunk, tasks) if pool is not None and len(tasks) > 1
                    else map(_process_chunk, tasks))
@@ -293,7 +402,7 @@ def _process_images(partial: Path, recs: list[Record], members: dict[str, list[i
                     os._exit(3)
                 raise PrepareInterrupted(f"stopped after {n_done} chunks (testing hook); run again to resume")
     except OSError as e:
-        raise SeesayError(f"{partial}: cannot write ({e.strerror or e})") from None
+        raise _write_error(e, partial) from None
     finally:
         bar.close()
     return statuses
@@ -356,6 +465,7 @@ def prepare_dataset(
     seed: int = 0,
     records: Any = None,
     overwrite: bool = False,
+    allow_outside_images: bool = False,
     _chunk_size: int = CHUNK_SIZE,
     _stop_after_chunks: int | None = None,
 ) -> dict[str, Any]:
@@ -364,6 +474,8 @@ def prepare_dataset(
     `records` (an iterable of `Record`s or dicts with image/image_path, image_id, split,
     sentences, extra) replaces reading `fmt` from files. `tokenizer=None` means jieba for
     aichallenger and word otherwise. `--images` defaults to the annotation file's folder.
+    Image paths from annotation files must resolve inside `--images` (COCO: `coco_dir/train2014`,
+    `coco_dir/val2014`); others are skipped unopened unless `allow_outside_images`.
     """
     # -- options and records ----------------------------------------------------------------------
     if fmt is not None and fmt not in FORMATS:
@@ -385,6 +497,7 @@ def prepare_dataset(
     out = Path(output)
     partial = out.with_name(out.name + ".partial")
 
+    where_images = "the records' image paths"
     if records is not None:
         recs = [Record.from_any(r) for r in records]
         source: dict[str, Any] = {"format": fmt or "records"}
@@ -399,6 +512,13 @@ def prepare_dataset(
         for k, v in (("annotations", annotations), ("images", images), ("coco_dir", coco_dir)):
             if v is not None:
                 source[k] = str(v)
+        if fmt == "coco":
+            where_images = f"{coco_dir}/train2014 and val2014 (check --coco-dir)"
+        elif images is None and annotations is not None:
+            where_images = (f"{annotations.parent} (the folder of --annotations, as --images was not given): "
+                            "give the image folder with --images DIR")
+        else:
+            where_images = f"{images} (--images): check --images and the file names in {annotations}"
     if not recs:
         raise SeesayError("the dataset has no images")
     for r in recs:
@@ -408,24 +528,40 @@ def prepare_dataset(
     options = {"format_version": FORMAT_VERSION, "image_size": image_size, "max_len": max_len,
                "captions_per_image": captions_per_image, "tokenizer": tokenizer,
                "min_word_freq": int(min_word_freq), "seed": int(seed), "source": source}
+    if allow_outside_images:  # only when set, so datasets prepared before the option keep their fingerprint
+        options["allow_outside_images"] = True
     fingerprint = hashlib.sha256((records_fingerprint(recs) + ":" + _dumps(options)).encode("utf-8")).hexdigest()
-    with _exclusive(out):
-        done = _check_output(out, fingerprint, overwrite)
-        if done is not None:
-            log.info("%s is already prepared with these inputs and options", out)
-            return done
-        _start_partial(partial, fingerprint, _chunk_size)
-        return _build(recs, partial, out, options, fingerprint, workers=workers, tokenizer=tokenizer,
-                      max_len=max_len, captions_per_image=captions_per_image, image_size=image_size,
-                      min_word_freq=int(min_word_freq), max_skip_fraction=float(max_skip_fraction),
-                      seed=int(seed), progress=progress, chunk_size=_chunk_size,
-                      stop_after_chunks=_stop_after_chunks)
+    try:
+        with _exclusive(out):
+            done = _check_output(out, fingerprint, overwrite)
+            if done is not None:
+                log.info("%s is already prepared with these inputs and options", out)
+                return done
+            _start_partial(partial, fingerprint, _chunk_size)
+            return _build(recs, partial, out, options, fingerprint, workers=workers, tokenizer=tokenizer,
+                          max_len=max_len, captions_per_image=captions_per_image, image_size=image_size,
+                          min_word_freq=int(min_word_freq), max_skip_fraction=float(max_skip_fraction),
+                          seed=int(seed), progress=progress, chunk_size=_chunk_size,
+                          stop_after_chunks=_stop_after_chunks, allow_outside=bool(allow_outside_images),
+                          root_flag="--coco-dir" if fmt == "coco" and records is None else "--images",
+                          where_images=where_images)
+    except OSError as e:  # writing failed (disk full, quota, permissions): one line, the partial build kept
+        raise _write_error(e, partial) from None
+
+
+def _missing_hint(reasons: Counter[str], total: int, where_images: str) -> str:
+    """A pointer to the image folder when (nearly) every image is missing, else ""."""
+    missing = reasons.get("file not found", 0)
+    if total and missing >= max(1, 0.9 * total):
+        return f"; {missing} of {total} images were not found under {where_images}"
+    return ""
 
 
 def _build(recs: list[Record], partial: Path, out: Path, options: dict[str, Any], fingerprint: str, *,
            workers: int, tokenizer: str, max_len: int, captions_per_image: int, image_size: int,
            min_word_freq: int, max_skip_fraction: float, seed: int, progress: bool, chunk_size: int,
-           stop_after_chunks: int | None) -> dict[str, Any]:
+           stop_after_chunks: int | None, allow_outside: bool = False, root_flag: str = "--images",
+           where_images: str = "the records' image paths") -> dict[str, Any]:
     _chunk_size, _stop_after_chunks = chunk_size, stop_after_chunks
 
     # -- tokens and images (in parallel) ----------------------------------------------------------
@@ -452,7 +588,8 @@ def _build(recs: list[Record], partial: Path, out: Path, options: dict[str, Any]
                 members[r.split].append(i)
         statuses = _process_images(partial, recs, members, image_size=image_size, chunk_size=_chunk_size,
                                    pool=pool, progress=progress, stop_after=stop_after,
-                                   hard_stop=_stop_after_chunks is None)
+                                   hard_stop=_stop_after_chunks is None, allow_outside=allow_outside,
+                                   root_flag=root_flag)
     finally:
         if pool is not None:
             pool.terminate()
@@ -480,16 +617,23 @@ def _build(recs: list[Record], partial: Path, out: Path, options: dict[str, Any]
                               "reason": f"no caption of 1 to {max_len} tokens"})
     write_text_atomic(partial / "skipped.jsonl", "".join(_dumps(x) + "\n" for x in skipped_lines))
     n_bad, total = sum(reasons.values()), sum(len(v) for v in members.values())
+    hint = _missing_hint(reasons, total, where_images)
     if total and n_bad / total > max_skip_fraction:
         raise SeesayError(
             f"{n_bad} of {total} images ({100 * n_bad / total:.1f}%) are bad, more than --max-skip-fraction "
             f"{max_skip_fraction}; see {partial / 'skipped.jsonl'} ("
-            + ", ".join(f"{k}: {v}" for k, v in sorted(reasons.items())) + ")")
+            + ", ".join(f"{k}: {v}" for k, v in sorted(reasons.items())) + ")" + hint)
+    if hint:
+        log.warning("%s", hint[2:])
+    if reasons.get(f"path outside {root_flag}"):
+        log.warning("%d images were skipped because their path leads outside %s (see %s; "
+                    "--allow-outside-images lets them through)", reasons[f"path outside {root_flag}"], root_flag,
+                    out / "skipped.jsonl")
 
     # -- vocabulary, captions, references; then publish ------------------------------------------------
     good_rows = {s: [i for i, f in zip(members[s], ok[s]) if f] for s in split_names}
     if not good_rows.get("train"):
-        raise SeesayError("the dataset has no usable training images (split 'train' is empty)")
+        raise SeesayError("the dataset has no usable training images (split 'train' is empty)" + hint)
     vocab = build_vocab((t for i in good_rows["train"] for t in kept[i]), tokenizer, min_word_freq)
     vocab.save(partial / "vocab.json")
     for s in split_names:

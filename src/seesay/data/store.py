@@ -11,7 +11,10 @@ Layout of DATA_DIR::
     <split>/references.jsonl  {"image_id", "references": [every raw sentence]} per image, in order
     <split>/meta.jsonl     {"index", "image_id", "image", "extra": {..., "orig_size": [w, h]}}
 
-Arrays are memory-mapped read-only (`np.load(mmap_mode="r")`) on first use in each process;
+Arrays are memory-mapped read-only (`np.load(mmap_mode="r", allow_pickle=False)`: never
+unpickled) on first use in each process, and checked (dtype, dimensions, rows); a truncated,
+object-dtype or otherwise wrong file is a one-line `SeesayError` naming it. A `manifest.json`
+that is not a JSON object with a `splits` object is refused the same way.
 a `SplitStore` pickles without them, so DataLoader workers (any number) each map the files
 themselves and read concurrently.
 """
@@ -40,6 +43,9 @@ def _read_jsonl(path: Path) -> list[Any]:
         raise SeesayError(f"{path}: malformed JSON line ({e.msg})") from None
 
 
+_ARRAYS = {"images.npy": (np.uint8, 4), "captions.npy": (np.int32, 3), "lengths.npy": (np.int32, 2)}
+
+
 class SplitStore:
     """One split of a prepared dataset: images, encoded captions, references, meta."""
 
@@ -55,10 +61,28 @@ class SplitStore:
 
     def _load(self, name: str) -> np.ndarray:
         path = self.dir / name
+        dtype, ndim = _ARRAYS[name]
         try:
-            return np.load(path, mmap_mode="r")
+            arr = np.load(path, mmap_mode="r", allow_pickle=False)
         except FileNotFoundError:
             raise SeesayError(f"{path}: file not found (incomplete prepared dataset?)") from None
+        except IsADirectoryError:
+            raise SeesayError(f"{path}: is a directory, expected a .npy file") from None
+        except (ValueError, OSError, EOFError) as e:
+            why = str(e).splitlines()[0] if str(e) else type(e).__name__
+            if "object" in why.lower() or "pickle" in why.lower():
+                why = f"holds Python objects, which seesay never unpickles ({why})"
+            elif "mmap length" in why or "truncated" in why.lower() or isinstance(e, EOFError):
+                why = f"truncated ({why})"
+            raise SeesayError(f"{path}: not a valid prepared array: {why}; prepare the dataset again") from None
+        if not isinstance(arr, np.ndarray) or arr.dtype != dtype or arr.ndim != ndim:
+            got = f"{arr.dtype} {tuple(arr.shape)}" if isinstance(arr, np.ndarray) else type(arr).__name__
+            raise SeesayError(f"{path}: expected a {np.dtype(dtype).name} array with {ndim} dimensions, got {got}; "
+                              "prepare the dataset again")
+        if self._n is not None and arr.shape[0] != self._n:
+            raise SeesayError(f"{path}: {arr.shape[0]} rows, but manifest.json says {self._n} images; "
+                              "prepare the dataset again")
+        return arr
 
     @cached_property
     def images(self) -> np.ndarray:
@@ -92,6 +116,14 @@ class SplitStore:
     def captions_per_image(self) -> int:
         return int(self.captions.shape[1])
 
+    def check(self) -> SplitStore:
+        """Open (map) and check the three arrays now, so a damaged file is reported before any work."""
+        images, captions, lengths = self.images, self.captions, self.lengths
+        if not (images.shape[0] == captions.shape[0] == lengths.shape[0]) or captions.shape[1] != lengths.shape[1]:
+            raise SeesayError(f"{self.dir}: images.npy {tuple(images.shape)}, captions.npy {tuple(captions.shape)} "
+                              f"and lengths.npy {tuple(lengths.shape)} do not match; prepare the dataset again")
+        return self
+
     def __len__(self) -> int:
         if self._n is None:
             self._n = int(self.lengths.shape[0])
@@ -123,9 +155,15 @@ class PreparedData:
             self.manifest: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
         except ValueError as e:
             raise SeesayError(f"{path}: malformed JSON ({e})") from None
+        except OSError as e:
+            raise SeesayError(f"{path}: cannot read ({e.strerror or e})") from None
+        if not isinstance(self.manifest, dict):
+            raise SeesayError(f"{path}: expected a JSON object, got {type(self.manifest).__name__}; "
+                              "prepare the dataset again")
         version = self.manifest.get("format_version")
         if version != 1:
             raise SeesayError(f"{path}: prepared with format version {version}, this seesay reads version 1")
+        _check_manifest(path, self.manifest)
 
     @cached_property
     def vocab(self) -> Vocab:
@@ -146,13 +184,32 @@ class PreparedData:
     def split(self, name: str) -> SplitStore:
         if name not in self.manifest["splits"]:
             raise SeesayError(f"{self.root}: no split {name!r} (has {', '.join(self.splits)})")
-        return SplitStore(self.root, name, int(self.manifest["splits"][name]["images"]))
+        return SplitStore(self.root, name, int(self.manifest["splits"][name]["images"])).check()
 
     def skipped(self) -> list[dict[str, Any]]:
         return _read_jsonl(self.root / "skipped.jsonl")
 
     def __repr__(self) -> str:
         return f"PreparedData({str(self.root)!r}, splits={self.manifest['splits']})"
+
+
+def _is_count(v: Any, low: int = 0) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= low
+
+
+def _check_manifest(path: Path, m: dict[str, Any]) -> None:
+    """The fields readers rely on, so a damaged manifest is one line rather than a KeyError later."""
+    splits = m.get("splits")
+    if not isinstance(splits, dict) or not splits:
+        raise SeesayError(f"{path}: 'splits' must be a non-empty object; prepare the dataset again")
+    for name, v in splits.items():
+        if not isinstance(v, dict) or not _is_count(v.get("images")):
+            raise SeesayError(f"{path}: splits.{name} needs a non-negative integer 'images'; prepare the dataset again")
+        if not name or any(c in name for c in "/\\") or name in (".", ".."):
+            raise SeesayError(f"{path}: bad split name {name!r}")
+    for key in ("image_size", "captions_per_image"):
+        if not _is_count(m.get(key), 1):
+            raise SeesayError(f"{path}: {key!r} must be a positive integer; prepare the dataset again")
 
 
 def open_prepared(root: str | os.PathLike) -> PreparedData:

@@ -376,7 +376,7 @@ def _splits(num_images: int, seed: int, val_fraction: float, test_fraction: floa
     n_test = int(round(num_images * test_fraction))
     n_val = int(round(num_images * val_fraction))
     if n_test + n_val > num_images:
-        raise SeesayError(f"val_fraction + test_fraction must leave room for train ({num_images} images)")
+        raise SeesayError(f"--val-fraction + --test-fraction must leave room for train ({num_images} images)")
     order = list(range(num_images))
     random.Random(f"seesay-shapes-split/{seed}").shuffle(order)
     split = ["train"] * num_images
@@ -425,11 +425,11 @@ def make_shapes(
     `background`; top level `held_out_pairs` lists the (colour, shape) pairs absent from train.
     """
     if num_images < 1:
-        raise SeesayError(f"num_images must be at least 1, got {num_images}")
+        raise SeesayError(f"--num-images must be at least 1, got {num_images}")
     if image_size < 32:
-        raise SeesayError(f"image_size must be at least 32 pixels, got {image_size}")
+        raise SeesayError(f"--image-size must be at least 32 pixels, got {image_size}")
     if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1):
-        raise SeesayError("val_fraction and test_fraction must be in [0, 1)")
+        raise SeesayError(f"--val-fraction and --test-fraction must be in [0, 1), got {val_fraction} and {test_fraction}")
     out = Path(output)
     image_dir = out / IMAGE_DIR
     try:
@@ -449,7 +449,11 @@ def make_shapes(
         if re.fullmatch(r"\d{6,}\.png", stale.name) and int(stale.stem) >= num_images:
             stale.unlink()
     jobs = [(i, seed, splits[i], forced[i], image_size, str(image_dir)) for i in range(num_images)]
-    results = [_make_one(j) for j in jobs]
+    try:
+        results = [_make_one(j) for j in jobs]
+    except OSError as e:  # a full disk, a quota, permissions: one line, not a traceback
+        raise SeesayError(f"{e.filename or image_dir}: cannot write ({e.strerror or e}); "
+                          "free some space and run again (finished images are rewritten identically)") from None
 
     images = []
     sentid = 0
@@ -480,7 +484,10 @@ def make_shapes(
         "images": images,
     }
     path = out / JSON_NAME
-    write_json_atomic(path, data, ensure_ascii=False)
+    try:
+        write_json_atomic(path, data, ensure_ascii=False)
+    except OSError as e:
+        raise SeesayError(f"{path}: cannot write ({e.strerror or e})") from None
     log.debug("wrote %d shapes images to %s", num_images, out)
     return path
 
