@@ -45,6 +45,22 @@ TINY_DECODERS: dict[str, dict[str, Any]] = {
 }
 
 
+def prepared_shapes(root: Any, *, num_images: int = 24, seed: int = 0, image_size: int = 32,
+                    val_fraction: float = 0.25, test_fraction: float = 0.0) -> Any:
+    """ROOT/data: the built-in shapes drawn into ROOT/raw and prepared (word tokens, every word kept)."""
+    from pathlib import Path
+
+    from seesay.data.prepare import prepare_dataset
+    from seesay.data.synth import make_shapes
+
+    root = Path(root)
+    ann = make_shapes(root / "raw", num_images=num_images, seed=seed, image_size=image_size,
+                      val_fraction=val_fraction, test_fraction=test_fraction)
+    prepare_dataset("karpathy", root / "data", annotations=ann, images=root / "raw", image_size=image_size,
+                    min_word_freq=1, workers=1, progress=False)
+    return root / "data"
+
+
 def _tiny_config(table: dict[str, dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
     if name not in table:
         pytest.fail(f"{kind} {name!r} is registered but has no tiny config: add it to TINY_{kind.upper()}S "

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+from conftest import prepared_shapes
 from seesay import cli
 from seesay.captioner import caption_images, decode_split, evaluation_lang, require_captioner
 from seesay.decoders.base import DecoderOutput
@@ -152,13 +153,8 @@ def _build_bag(spec: dict, tokenizer, preprocess, external_weights: bool) -> Bag
 
 @pytest.fixture(scope="module")
 def shapes(tmp_path_factory):
-    from seesay.data.prepare import prepare_dataset
-    from seesay.data.synth import make_shapes
-
     root = tmp_path_factory.mktemp("bag")
-    ann = make_shapes(root / "raw", num_images=60, seed=3, image_size=32, val_fraction=0.2, test_fraction=0.2)
-    prepare_dataset("karpathy", root / "data", annotations=ann, images=root / "raw", image_size=32,
-                    min_word_freq=1, workers=1, progress=False)
+    prepared_shapes(root, num_images=60, seed=3, val_fraction=0.2, test_fraction=0.2)
     return root
 
 

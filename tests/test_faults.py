@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import prepared_shapes
 from seesay import checkpoint as ck_mod
 from seesay.checkpoint import load_checkpoint, load_train_state, recover_checkpoint, save_checkpoint
 from seesay.data.tokenize import SPECIALS, Vocab
@@ -152,14 +153,7 @@ def test_sigkill_at_random_moments_never_loses_the_checkpoint(tmp_path):
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-    from seesay.data.prepare import prepare_dataset
-    from seesay.data.synth import make_shapes
-
-    root = tmp_path_factory.mktemp("faults")
-    ann = make_shapes(root / "raw", num_images=40, seed=0, image_size=32, val_fraction=0.2, test_fraction=0.0)
-    prepare_dataset("karpathy", root / "data", annotations=ann, images=root / "raw", image_size=32,
-                    min_word_freq=1, workers=1, progress=False)
-    return root / "data"
+    return prepared_shapes(tmp_path_factory.mktemp("faults"), num_images=40, seed=0, val_fraction=0.2)
 
 
 SMALL = ["--set", "encoder.width=8", "--set", "encoder.encoded_size=2", "--set", "encoder.image_size=32",

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import TINY_DECODERS, TINY_ENCODERS
+from conftest import TINY_DECODERS, TINY_ENCODERS, prepared_shapes
 from seesay.config import Config, apply_overrides, load_config
 from seesay.errors import SeesayError
 from seesay.registry import list_decoders, list_encoders
@@ -21,14 +21,7 @@ DEC_SMALL = ["--set", "decoder.embed_dim=16", "--set", "decoder.attention_dim=16
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-    from seesay.data.prepare import prepare_dataset
-    from seesay.data.synth import make_shapes
-
-    root = tmp_path_factory.mktemp("shapes")
-    ann = make_shapes(root / "raw", num_images=24, seed=0, image_size=32, val_fraction=0.25, test_fraction=0.0)
-    prepare_dataset("karpathy", root / "data", annotations=ann, images=root / "raw", image_size=32,
-                    min_word_freq=1, workers=1, progress=False)
-    return root / "data"
+    return prepared_shapes(tmp_path_factory.mktemp("shapes"), num_images=24, seed=0, val_fraction=0.25)
 
 
 def _cfg(data_dir, out, **train) -> Config:

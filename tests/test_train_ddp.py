@@ -11,11 +11,13 @@ import sys
 import pytest
 from safetensors.torch import load_file
 
+from conftest import prepared_shapes
 from seesay.checkpoint import load_train_state
 
 # Adam turns float-rounding differences of near-zero gradients into full-size steps, so the
 # comparison runs one short epoch at a small learning rate (differences grow with lr x steps).
-ARGS = ["--encoder", "small_cnn", "--decoder", "soft_attention", "--epochs", "1", "--workers", "0", "--lr", "1e-4",
+ARGS = ["--encoder", "small_cnn", "--freeze-encoder", "--decoder", "soft_attention", "--epochs", "1", "--workers", "0",
+        "--lr", "1e-4",
         "--device", "cpu", "--no-progress", "--seed", "5",
         "--set", "encoder.width=8", "--set", "encoder.encoded_size=4", "--set", "encoder.image_size=32",
         # no dropout: the two runs draw different random numbers; the frozen CNN's BatchNorm stays in eval mode
@@ -25,14 +27,7 @@ ARGS = ["--encoder", "small_cnn", "--decoder", "soft_attention", "--epochs", "1"
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-    from seesay.data.prepare import prepare_dataset
-    from seesay.data.synth import make_shapes
-
-    root = tmp_path_factory.mktemp("shapes_ddp")
-    ann = make_shapes(root / "raw", num_images=24, seed=1, image_size=32, val_fraction=0.25, test_fraction=0.0)
-    prepare_dataset("karpathy", root / "data", annotations=ann, images=root / "raw", image_size=32,
-                    min_word_freq=1, workers=1, progress=False)
-    return root / "data"
+    return prepared_shapes(tmp_path_factory.mktemp("shapes_ddp"), num_images=24, seed=1, val_fraction=0.25)
 
 
 def _env() -> dict[str, str]:

@@ -17,6 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from conftest import prepared_shapes
 from seesay.checkpoint import load_train_state, save_tree
 from seesay.config import Config, TrainConfig
 from seesay.errors import SeesayError
@@ -370,14 +371,7 @@ def test_command_line_flags(tmp_path, capsys):
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-    from seesay.data.prepare import prepare_dataset
-    from seesay.data.synth import make_shapes
-
-    root = tmp_path_factory.mktemp("shapes")
-    ann = make_shapes(root / "raw", num_images=24, seed=0, image_size=32, val_fraction=0.25, test_fraction=0.0)
-    prepare_dataset("karpathy", root / "data", annotations=ann, images=root / "raw", image_size=32,
-                    min_word_freq=1, workers=1, progress=False)
-    return root / "data"
+    return prepared_shapes(tmp_path_factory.mktemp("shapes"), num_images=24, seed=0, val_fraction=0.25)
 
 
 def _cfg(data_dir, out, **train) -> Config:
