@@ -428,3 +428,32 @@ def test_max_length_not_above_the_prompt_is_refused():
         with pytest.raises(SeesayError, match=f"max_length={bad} counts the prompt's 21 tokens"):
             model.generate(prompt, images=x, image_positions=pos, max_length=bad, temperature=0)
     assert model.generate(prompt, images=x, image_positions=pos, max_length=22, temperature=0).shape == (1, 1)
+
+
+def test_multimodal_mac_trains_and_captions_through_the_cli(tmp_path, capsys):
+    """`seesay train --set captioner.family=multimodal_mac`: the family brings its byte tokenizer (the
+    dataset's word captions are re-encoded with it), trains its random ViT (auto), saves a checkpoint
+    that `seesay caption` loads."""
+    import json
+
+    from conftest import prepared_shapes
+    from seesay import cli
+
+    data = prepared_shapes(tmp_path, num_images=20)
+    opts = {"image_size": 32, "patch_size": 8, "vision_dim": 16, "vision_depth": 1, "vision_heads": 2,
+            "vision_mlp_dim": 32, "num_tokens": 256, "text_dim": 16, "depth": 2, "segment_len": 64,
+            "num_image_tokens": 4, "heads": 2, "dim_head": 8}
+    sets = [x for k, v in opts.items() for x in ("--set", f"captioner.{k}={v}")]
+    run = tmp_path / "run"
+    rc = cli.main(["train", "--data", str(data), "--output", str(run), "--set", "captioner.family=multimodal_mac",
+                   *sets, "--epochs", "1", "--batch-size", "20", "--workers", "0", "--device", "cpu", "--no-progress",
+                   "--set", "train.val_max_len=6", "--set", "train.tensorboard=false"])
+    assert rc == 0
+    assert not (run / "features").exists()  # the random ViT trained (in the loop), not cached frozen
+    assert json.loads((run / "best" / "config.json").read_text())["model"]["captioner"] == "multimodal_mac"
+    assert json.loads((run / "best" / "tokenizer" / "tokenizer.json").read_text())["type"] == "seesay-bytes"
+    capsys.readouterr()
+    image = sorted((tmp_path / "raw" / "images").glob("*.png"))[0]
+    rc = cli.main(["caption", "--checkpoint", str(run / "best"), str(image), "--beam-size", "2", "--max-length", "6",
+                   "--device", "cpu"])
+    assert rc == 0 and capsys.readouterr().out.strip() != ""

@@ -31,7 +31,8 @@ A captioner is an `nn.Module` (weights via state_dict, `.to`, `.train/.eval`) wi
 
 Optional, for training: `param_groups()` -> {"encoder": [...], "decoder": [...]} (each gets its own
 learning rate; default: every trainable parameter in "decoder"), `set_fine_tune(flag)`,
-`features_trainable` (False lets training cache `encode` once per image), and
+`features_trainable` (False lets training cache `encode` once per image), `image_model_pretrained`
+(False: training's default trains the image model, since random frozen features carry little), and
 `ddp_find_unused_parameters` (True when some parameters get no gradient in some steps).
 
 The functions below (`caption_images`, `decode_batches`, `decode_split`, `evaluation_lang`) are

@@ -569,6 +569,12 @@ class MultimodalMAC(nn.Module):
     def features_trainable(self) -> bool:
         return any(p.requires_grad for p in self.vision_encoder.parameters())
 
+    @property
+    def image_model_pretrained(self) -> bool:
+        """Whether the vision encoder came with pretrained weights (training's auto fine-tuning
+        trains it when not)."""
+        return bool(getattr(self.vision_encoder, "pretrained", False))
+
     # ---- the token-level API (the Titans multimodal extension's interface) ----
     def _layout(self, tokens: Tensor, images: Tensor | None, image_positions: Tensor | None):
         """Expand image markers to K placeholders. Returns (ids [B,T'], lengths [B], image tokens
@@ -749,7 +755,9 @@ class MultimodalMAC(nn.Module):
 def _build(spec: dict[str, Any], tokenizer: Any, preprocess: dict[str, Any] | None,
            external_weights: bool) -> MultimodalMAC:
     """`MultimodalMAC(**spec)` without "captioner"; a checkpoint's tokenizer and image settings
-    replace the defaults. `external_weights` has no effect: the ViT is built without pretrained files."""
+    replace the defaults. Any other tokenizer (a prepared dataset's word vocabulary, when
+    `seesay train --set captioner.family=multimodal_mac` builds one) is not used: the model keeps
+    its own byte tokenizer, and training re-encodes the captions with it. `external_weights` has no effect: the ViT is built without pretrained files."""
     options = {k: v for k, v in spec.items() if k != "captioner"}
     if "vision_encoder" in options:
         raise SeesayError("multimodal_mac spec: vision_encoder (a module) cannot come from a spec")
@@ -760,7 +768,7 @@ def _build(spec: dict[str, Any], tokenizer: Any, preprocess: dict[str, Any] | No
             model.image_processor = ImageProcessor(int(proc["image_size"]), proc["mean"], proc["std"])
         except (KeyError, TypeError, ValueError) as e:
             raise SeesayError(f"multimodal_mac: bad image_processor settings {proc!r} ({e})") from None
-    if tokenizer is not None:
+    if tokenizer is not None and isinstance(tokenizer, ByteTokenizer):  # a checkpoint's own tokenizer
         if len(tokenizer) != model.num_tokens:
             raise SeesayError(f"multimodal_mac: the tokenizer has {len(tokenizer)} ids but the spec says "
                               f"num_tokens {model.num_tokens}")

@@ -117,12 +117,11 @@ class CaptionTask:
         model = model.to(self.device)
         if hasattr(model, "set_fine_tune"):
             fine_tune = cfg.encoder.fine_tune
-            if fine_tune is None:  # auto: a random encoder must learn, a pretrained one stays frozen
-                encoder = getattr(model, "encoder", None)
-                fine_tune = encoder is not None and getattr(encoder, "pretrained", True) is False
+            if fine_tune is None:  # auto: a random image model must learn, a pretrained one stays frozen
+                fine_tune = getattr(model, "image_model_pretrained", True) is False
                 if fine_tune and self.dist.is_main:
-                    log.info("the %s encoder has no pretrained weights: training it with the decoder "
-                             "(encoder.fine_tune auto; set it to false to keep it frozen)", cfg.encoder.name)
+                    log.info("the image model has no pretrained weights: training it with the rest "
+                             "(encoder.fine_tune auto; --freeze-encoder keeps it frozen)")
             model.set_fine_tune(bool(fine_tune))
         last = self.run_dir / "last" / "model.safetensors"
         if cfg.train.resume and last.is_file():  # before features: a frozen encoder's cache key uses its weights
