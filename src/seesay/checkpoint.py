@@ -290,7 +290,14 @@ def read_checkpoint_files(path: str | Path) -> tuple[dict[str, Any], Any, dict[s
         if not isinstance(data, dict):
             raise SeesayError(f"{path / name}: expected a JSON object, not {type(data).__name__}")
         out.append(data)
-    return out[0], read_tokenizer(path), out[1]
+    preprocess = out[1]
+    size = preprocess.get("image_size", 0)
+    if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+        raise SeesayError(f"{path / PREPROCESS_FILE}: image_size must be an integer >= 0, not {size!r}")
+    if "encoder" in preprocess and not isinstance(preprocess["encoder"], dict):
+        raise SeesayError(f"{path / PREPROCESS_FILE}: encoder must be an object, "
+                          f"not {type(preprocess['encoder']).__name__}")
+    return out[0], read_tokenizer(path), preprocess
 
 
 def read_tokenizer(path: Path) -> Any:

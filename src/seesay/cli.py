@@ -1,8 +1,11 @@
 """`seesay <verb>`: each verb lives in `seesay/commands/<verb>.py`.
 
 A command module defines `HELP` (one line), `add_arguments(parser)` (every flag with a help
-text; defaults are shown automatically) and `run(args) -> int`, which calls one library
-function. Command modules import the library inside `run`, so `seesay --help` stays fast.
+text; defaults are shown automatically, so a help text says "(default: ...)" itself only when
+the parser's default is not what the user should read, e.g. None or a path computed later) and
+`run(args) -> int`, which calls one library function. Command modules import the library inside
+`run`, so `seesay --help` stays fast. A `SeesayError` ends the verb with one line,
+`seesay <verb>: error: <message>`, and exit status 2.
 """
 
 from __future__ import annotations
@@ -30,7 +33,14 @@ VERBS = (
 
 
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    pass
+    """Appends "(default: X)" to a flag's help unless the help states its default itself, the
+    flag is required, or X is None (which tells a user nothing)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        help_text = action.help or ""
+        if "(default" in help_text or action.required or action.default is None:
+            return help_text
+        return super()._get_help_string(action)
 
 
 def _available_commands() -> dict[str, object]:

@@ -266,10 +266,9 @@ def override_option_keys(items: list[str], section: str) -> set[str]:
 
 def _builder(kind: str, name: str) -> Any:
     """The registered builder of encoder/decoder `name`, or None."""
-    from seesay import registry
+    from seesay.registry import get_builder
 
-    table = registry._load(f"{kind}s")  # the registry's own table, filled by the family packages
-    return table.get(name)
+    return get_builder(kind, name)
 
 
 def drop_foreign_options(cfg: Config, recipe: Config, explicit: dict[str, set[str]]) -> dict[str, list[str]]:
@@ -314,7 +313,8 @@ def check_model_options(cfg: Config) -> None:
                                    ("decoder", cfg.decoder, registry.list_decoders)):
         builder = _builder(kind, section.name)
         if builder is None:
-            raise SeesayError(f"--{kind} {section.name}: unknown {kind}; choose one of: {', '.join(listing())}")
+            raise SeesayError(f"unknown {kind} {section.name!r} (--{kind}, {kind}.name); "
+                              f"choose one of: {', '.join(listing())}")
         options = dict(section.options)
         if kind == "encoder" and section.weights is not None:
             options["weights"] = section.weights

@@ -16,7 +16,6 @@ from typing import Any, NamedTuple
 from seesay.captioner import decode_split, evaluation_lang
 from seesay.decoding import Beam, Strategy
 from seesay.errors import SeesayError
-from seesay.files import write_json_atomic
 
 log = logging.getLogger("seesay.evaluate")
 
@@ -42,7 +41,7 @@ def evaluate_checkpoint(
     max_length: int = 50,
     batch_size: int = 32,
     metrics: str = "fast",
-    output: str | Path | None = "metrics.json",
+    output: str | Path | None = None,
     results: str | Path | None = None,
     per_image: str | Path | None = None,
     lang: str = "auto",
@@ -54,23 +53,27 @@ def evaluate_checkpoint(
     """Caption ``split`` of the prepared dataset ``data`` with ``checkpoint`` and score it.
 
     The language is `seesay.captioner.evaluation_lang`'s (the rule training's validation uses)
-    unless ``lang`` names one."""
+    unless ``lang`` names one. Files are written only where ``output`` (metrics.json),
+    ``results`` and ``per_image`` say; they are checked before any decoding, and if writing still
+    fails at the end the captions are saved to the temp folder (the error says where)."""
     import torch
 
     from seesay.checkpoint import load_checkpoint
     from seesay.data.store import PreparedData
+    from seesay.files import check_outputs, write_json_or_keep
     from seesay.metrics import compute_scores
-    from seesay.metrics.io import per_image_rows, write_metrics, write_per_image
+    from seesay.metrics.io import metrics_body, per_image_rows
+    from seesay.model import pick_device
 
     if metrics not in ("fast", "full"):
         raise SeesayError(f"--metrics must be fast or full, not {metrics!r}")
-    if batch_size < 1 or max_length < 1:
-        raise SeesayError("batch size and max length must be at least 1")
+    for flag, value in (("--batch-size", batch_size), ("--max-length", max_length), ("--limit", limit)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise SeesayError(f"{flag} must be an integer >= 1, not {value!r}")
+    check_outputs({"--output": output, "--results": results, "--per-image": per_image})
+    dev = pick_device(device)
     prepared = PreparedData(data)
     store = prepared.split(split)
-    from seesay.model import pick_device
-
-    dev = pick_device(device)
     ck = load_checkpoint(checkpoint, map_location=dev)
     tok = ck.tokenizer
     if hasattr(prepared.vocab, "itos") and getattr(tok, "itos", None) != prepared.vocab.itos:
@@ -92,11 +95,13 @@ def evaluate_checkpoint(
         decode_s,
         time.perf_counter() - t0 - decode_s,
     )
-    if results:
-        rows = [{"image_id": _json_id(k), "caption": c} for k, c in captions.items()]
-        write_json_atomic(results, rows, indent=1, ensure_ascii=False)
-    if output:
-        write_metrics(output, report)
-    if per_image:
-        write_per_image(per_image, per_image_rows(report, captions, refs))
+    rows = [{"image_id": _json_id(k), "caption": c} for k, c in captions.items()]
+    safe_in = None  # once the results file is written, the captions are safe there
+    for path, make, dumps in ((results, lambda: rows, dict(indent=1, ensure_ascii=False)),
+                              (output, lambda: metrics_body(report), dict(indent=2)),
+                              (per_image, lambda: per_image_rows(report, captions, refs),
+                               dict(indent=1, ensure_ascii=False))):
+        if path:
+            write_json_or_keep(path, make(), keep=rows, what="the captions", safe_in=safe_in, **dumps)
+            safe_in = safe_in or (path if path is results else None)
     return Evaluation(report, captions, refs, time.perf_counter() - t0)

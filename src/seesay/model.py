@@ -23,14 +23,33 @@ from seesay.encoders.base import Encoder, EncoderOutput
 from seesay.errors import SeesayError
 from seesay.registry import build_decoder, build_encoder, register_captioner, takes_option
 
+_DEVICE_TYPES = ("cpu", "cuda", "mps")
+
 
 def pick_device(name: str | torch.device | None = "auto", local_rank: int = 0) -> torch.device:
-    """"auto" (or None) is CUDA when available, else CPU; bare "cuda" means this process's GPU."""
+    """"auto" (or None) is CUDA when available, else CPU; bare "cuda" means this process's GPU.
+
+    A device that is not there (`--device cuda` without a GPU, cuda:3 on a machine with two) or
+    a name torch does not know is one line up front, not a driver error once work has started."""
     if name is None or name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda":
-        return torch.device("cuda", local_rank)
-    return torch.device(name)
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, TypeError, ValueError):
+        dev = None
+    if dev is None or dev.type not in _DEVICE_TYPES:
+        raise SeesayError(f"--device {name}: unknown device (use auto, cpu, cuda, cuda:N or mps)")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise SeesayError(f"--device {name}: no CUDA GPU is available (torch.cuda.is_available() is False)")
+        index = local_rank if dev.index is None else dev.index
+        if index >= torch.cuda.device_count():
+            raise SeesayError(f"--device {name}: there is no CUDA GPU {index} "
+                              f"(this machine has {torch.cuda.device_count()})")
+        return torch.device("cuda", index)
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise SeesayError(f"--device {name}: no Apple MPS device is available")
+    return dev
 
 
 class CaptionModel(nn.Module):
@@ -101,6 +120,11 @@ class CaptionModel(nn.Module):
     @property
     def features_trainable(self) -> bool:
         return self.encoder.is_trainable
+
+    @property
+    def image_model_pretrained(self) -> bool:
+        """Whether the encoder came with pretrained weights (training's auto fine-tuning trains it when not)."""
+        return bool(getattr(self.encoder, "pretrained", True))
 
     @property
     def ddp_find_unused_parameters(self) -> bool:

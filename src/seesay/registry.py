@@ -96,6 +96,11 @@ def check_options(kind: str, name: str, options: dict[str, Any], builder: Callab
                           f"(its options: {', '.join(sorted(names)) or 'none'})")
 
 
+def get_builder(kind: str, name: str) -> Callable[..., Any] | None:
+    """The registered builder of encoder/decoder `name` (`kind` "encoder" or "decoder"), or None."""
+    return _load(f"{kind}s").get(name)
+
+
 def takes_option(kind: str, name: str, option: str) -> bool:
     """Whether the registered `kind` ("encoder"/"decoder") `name` takes keyword `option`."""
     table = _load(f"{kind}s")

@@ -29,7 +29,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-length", type=int, default=50,
                    help="maximum caption length in tokens (not counting the --prompt tokens)")
     p.add_argument("--batch-size", type=int, default=16, help="images decoded together")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     p.add_argument("--output", default=None, help="write captions to this file instead of standard output")
     p.add_argument("--json", action="store_true", help="JSON lines: {image, caption, score}")
     p.add_argument("--attention-map", default=None, metavar="OUT.png",
@@ -40,6 +40,7 @@ def run(args: argparse.Namespace) -> int:
     from seesay.caption import caption_files
     from seesay.decoding import strategy_from_options
     from seesay.errors import SeesayError
+    from seesay.files import check_outputs
 
     images = [*args.images, *args.image_flags]
     if not images:
@@ -54,6 +55,8 @@ def run(args: argparse.Namespace) -> int:
         raise SeesayError("--temperature 0 (greedy) cannot be combined with --top-k/--top-p")
     if not 0.0 < args.top_p <= 1.0:
         raise SeesayError("--top-p must be in (0, 1]")
+    if args.top_k < 0:
+        raise SeesayError(f"--top-k must be >= 0 (0: all words), not {args.top_k}")
     beam = 1 if sampling else (args.beam_size if args.beam_size is not None else 5)
     if beam < 1:
         raise SeesayError("--beam-size must be >= 1")
@@ -63,6 +66,7 @@ def run(args: argparse.Namespace) -> int:
         raise SeesayError("--max-length must be >= 1")
     if args.batch_size < 1:
         raise SeesayError("--batch-size must be >= 1")
+    check_outputs({"--output": args.output, "--attention-map": args.attention_map})  # before any decoding
     strategy = strategy_from_options(beam_size=beam, length_penalty=args.length_penalty, temperature=args.temperature,
                                      top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     results = caption_files(args.checkpoint, images, strategy, max_len=args.max_length,

@@ -17,7 +17,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=32, help="images per decoding batch")
     p.add_argument("--metrics", choices=("fast", "full"), default="fast",
                    help="fast: BLEU-1..4, ROUGE-L, CIDEr-D without Java; full: also METEOR and SPICE")  # fmt: skip
-    p.add_argument("--output", default="metrics.json", help="corpus scores (JSON)")
+    p.add_argument("--output", default=None, metavar="METRICS_JSON",
+                   help="corpus scores (JSON) (default: RUN_DIR/eval-SPLIT/metrics.json beside the checkpoint, "
+                        "e.g. runs/sat/eval-test/metrics.json for --checkpoint runs/sat/best)")
     p.add_argument(
         "--results", default=None, help='also write the captions here as [{"image_id", "caption"}]'
     )
@@ -28,7 +30,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="PTB tokenizer for English (auto: Java for --metrics full when java exists)")  # fmt: skip
     p.add_argument("--spice-models", default=None,
                    help="directory with the Stanford CoreNLP 3.6.0 jars for SPICE (or SEESAY_SPICE_MODELS)")  # fmt: skip
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     p.add_argument("--limit", type=int, default=None, help="caption only the first N images of the split")
 
 
@@ -39,9 +41,10 @@ def run(args: argparse.Namespace) -> int:
     from seesay.metrics.io import format_report
 
     if args.beam_size < 1:
-        raise SeesayError("--beam-size must be >= 1")
+        raise SeesayError(f"--beam-size must be >= 1, not {args.beam_size}")
     if args.length_penalty < 0:
-        raise SeesayError("--length-penalty must be >= 0")
+        raise SeesayError(f"--length-penalty must be >= 0, not {args.length_penalty}")
+    output = args.output or default_output(args.checkpoint, args.split)
     ev = evaluate_checkpoint(
         args.checkpoint,
         args.data,
@@ -50,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
         max_length=args.max_length,
         batch_size=args.batch_size,
         metrics=args.metrics,
-        output=args.output,
+        output=output,
         results=args.results,
         per_image=args.per_image,
         lang=args.lang,
@@ -60,6 +63,15 @@ def run(args: argparse.Namespace) -> int:
         limit=args.limit,
     )
     print(format_report(ev.report))
-    written = [x for x in (args.output, args.results, args.per_image) if x]
+    written = [str(x) for x in (output, args.results, args.per_image) if x]
     print(f"{len(ev.captions)} images in {ev.seconds:.1f} s; wrote {', '.join(written)}")
     return 0
+
+
+def default_output(checkpoint: str, split: str) -> str:
+    """RUN_DIR/eval-SPLIT/metrics.json for a checkpoint RUN_DIR/<name> (never the working directory)."""
+    from pathlib import Path
+
+    ck = Path(checkpoint)
+    run_dir = ck.parent if ck.name not in ("", ".", "..") else ck.resolve().parent
+    return str(run_dir / f"eval-{split}" / "metrics.json")

@@ -16,8 +16,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from seesay.errors import SeesayError
+    from seesay.files import check_output
     from seesay.viz.curves import plot_runs
 
+    if args.cols < 1:
+        raise SeesayError(f"--cols must be >= 1, not {args.cols}")
+    check_output(args.output)
     out = plot_runs(args.runs, args.output, labels=args.labels, title=args.title, cols=args.cols)
     print(f"wrote {out}")
     return 0

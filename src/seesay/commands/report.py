@@ -20,7 +20,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sort-metric", default="CIDEr", help="per-image score that ranks the images (worst half first, then best)")
     parser.add_argument("--batch-size", type=int, default=32, help="images decoded at once")
     parser.add_argument("--title", default=None, help="page title (default: 'seesay report: SPLIT split')")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
 
 
 def run(args: argparse.Namespace) -> int:

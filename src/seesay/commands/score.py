@@ -34,13 +34,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         help="directory with stanford-corenlp-3.6.0.jar and -models.jar for SPICE (or set SEESAY_SPICE_MODELS)",
     )
-    p.add_argument("--output", default="metrics.json", help="where to write the corpus scores")
+    p.add_argument("--output", default=None, metavar="METRICS_JSON",
+                   help="where to write the corpus scores (default: beside the results file, "
+                        "RESULTS.metrics.json: captions.json -> captions.metrics.json)")
     p.add_argument("--per-image", default=None, help="also write per-image scores here, worst first")
 
 
 def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from seesay.metrics.io import format_report, score_files
 
+    output = args.output or str(Path(args.results).with_suffix(".metrics.json"))
     report = score_files(
         args.results,
         args.references,
@@ -49,9 +54,9 @@ def run(args: argparse.Namespace) -> int:
         lang=args.lang,
         tokenizer=args.tokenizer,
         spice_models=args.spice_models,
-        output=args.output,
+        output=output,
         per_image=args.per_image,
     )
     print(format_report(report))
-    print(f"wrote {args.output}" + (f" and {args.per_image}" if args.per_image else ""))
+    print(f"wrote {output}" + (f" and {args.per_image}" if args.per_image else ""))
     return 0

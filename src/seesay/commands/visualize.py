@@ -18,7 +18,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--layer", type=int, default=None,
                         help="transformer/titans: which layer's cross-attention (averaged over heads) to draw; "
                         "0-based, negative from the end (default: the last layer)")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
 
 
 def run(args: argparse.Namespace) -> int:

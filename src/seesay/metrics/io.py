@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from seesay.errors import SeesayError
-from seesay.files import write_json_atomic
+from seesay.files import check_outputs, write_json_atomic, write_json_or_keep
 from seesay.metrics.core import METRIC_KEYS, ScoreReport, compute_scores
 
 log = logging.getLogger("seesay.metrics")
@@ -162,10 +162,14 @@ def _clean(v: float | None) -> float | None:
     return None if v is None or (isinstance(v, float) and math.isnan(v)) else float(v)
 
 
+def metrics_body(report: ScoreReport) -> dict[str, float | None]:
+    """metrics.json's content: keys Bleu_1..4, METEOR, ROUGE_L, CIDEr, SPICE (null when not computed)."""
+    return {k: _clean(report.corpus.get(k)) for k in METRIC_KEYS}
+
+
 def write_metrics(path: str | Path, report: ScoreReport) -> None:
     """metrics.json: the corpus scores, keys Bleu_1..4, METEOR, ROUGE_L, CIDEr, SPICE (null when not computed)."""
-    body = {k: _clean(report.corpus.get(k)) for k in METRIC_KEYS}
-    write_json_atomic(path, body, indent=2)
+    write_json_atomic(path, metrics_body(report), indent=2)
 
 
 def per_image_rows(
@@ -184,6 +188,9 @@ def per_image_rows(
 
 def write_per_image(path: str | Path, rows: list[dict[str, Any]]) -> None:
     write_json_atomic(path, rows, indent=1, ensure_ascii=False)
+
+
+# -- output files: refused up front when they cannot be written; the work kept when writing fails --
 
 
 def format_report(report: ScoreReport) -> str:
@@ -207,15 +214,22 @@ def score_files(
     output: str | Path | None = None,
     per_image: str | Path | None = None,
 ) -> ScoreReport:
-    """Score a COCO-format results file against a reference file (what ``seesay score`` does)."""
+    """Score a COCO-format results file against a reference file (what ``seesay score`` does).
+
+    The output files are checked before scoring; if writing them still fails, the scores are
+    saved to the temp folder and the error says where."""
+    check_outputs({"--output": output, "--per-image": per_image})
     results = load_results(results_path)
     refs = load_references(references_path, split)
     matched = match_results(results, refs, path=str(results_path))
     report = compute_scores(
         matched, refs.captions, full=full, lang=lang, spice_models=spice_models, tokenizer=tokenizer
     )
+    body = metrics_body(report)
+    rows = per_image_rows(report, matched, refs.captions) if per_image else None
+    keep = {"metrics": body, **({"per_image": rows} if rows is not None else {})}
     if output:
-        write_metrics(output, report)
+        write_json_or_keep(output, body, keep=keep, what="the scores", indent=2)
     if per_image:
-        write_per_image(per_image, per_image_rows(report, matched, refs.captions))
+        write_json_or_keep(per_image, rows, keep=keep, what="the scores", indent=1, ensure_ascii=False)
     return report

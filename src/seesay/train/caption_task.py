@@ -331,16 +331,17 @@ def _resolve_pairs_text(cfg: Config) -> None:
 
 def train_captioner(cfg: Config) -> Any:
     """Train a captioner as `cfg` says; returns the loop's final state. Handles torchrun DDP."""
+    from seesay.config import check_model_options, check_ranges
+    from seesay.files import check_output_dir
     from seesay.train.distributed import barrier, cleanup_distributed, setup_distributed
     from seesay.train.loop import check_config, fit
     from seesay.train.state import seed_everything
-
-    from seesay.config import check_model_options, check_ranges
 
     # every setting a user can get wrong, as one line before data is prepared or features computed
     check_config(cfg.train)  # the loop's settings; the metric names default to CaptionTask.metric_names'
     check_ranges(cfg)
     check_model_options(cfg)
+    check_output_dir(cfg.train.output)
     dist = setup_distributed(cfg.train.device)  # --device cuda without a GPU: one line too
     try:
         _resolve_pairs_text(cfg)

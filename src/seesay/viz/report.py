@@ -32,6 +32,7 @@ from seesay.files import write_text_atomic
 log = logging.getLogger(__name__)
 
 SCORE_ORDER = ("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr", "SPICE")
+PER_IMAGE_METRICS = ("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "ROUGE_L", "CIDEr")  # what the fast path scores
 
 
 @dataclass
@@ -294,9 +295,17 @@ def write_report(
     from seesay.checkpoint import load_checkpoint
     from seesay.data.store import open_prepared
     from seesay.decoding import strategy_from_options
+    from seesay.files import check_output
     from seesay.metrics import compute_scores
-    from seesay.viz.visualize import resolve_device
+    from seesay.viz.visualize import check_decoding, resolve_device
 
+    if isinstance(num_images, bool) or not isinstance(num_images, int) or num_images < 0:
+        raise SeesayError(f"--num-images must be an integer >= 0 (0: the whole split), not {num_images!r}")
+    check_decoding(beam_size=beam_size, max_len=max_len, length_penalty=length_penalty, batch_size=batch_size)
+    if sort_metric not in PER_IMAGE_METRICS:
+        raise SeesayError(f"--sort-metric {sort_metric!r} is not a per-image score (use one of "
+                          f"{', '.join(PER_IMAGE_METRICS)})")
+    check_output(output)
     dev = resolve_device(device)
     ckpt = load_checkpoint(checkpoint, map_location=dev) if isinstance(checkpoint, (str, Path)) else checkpoint
     model = ckpt.model

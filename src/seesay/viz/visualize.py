@@ -126,14 +126,19 @@ def save_attention_maps(output: str | Path, results: Sequence[Any], tokenizer: A
 
 
 def resolve_device(device: str | None) -> Any:
-    import torch
+    """`seesay.model.pick_device`: auto, cpu, cuda, cuda:N, mps; one line when it is not there."""
+    from seesay.model import pick_device
 
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        return torch.device(device)
-    except RuntimeError as e:
-        raise SeesayError(f"unknown device {device!r} ({e})") from None
+    return pick_device(device)
+
+
+def check_decoding(*, beam_size: int, max_len: int, length_penalty: float = 0.0, batch_size: int = 1) -> None:
+    """One line for decoding settings that cannot work, before a checkpoint is loaded."""
+    for flag, value in (("--beam-size", beam_size), ("--max-length", max_len), ("--batch-size", batch_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise SeesayError(f"{flag} must be an integer >= 1, not {value!r}")
+    if not length_penalty >= 0:
+        raise SeesayError(f"--length-penalty must be >= 0, not {length_penalty!r}")
 
 
 def visualize_image(
@@ -158,14 +163,19 @@ def visualize_image(
     from seesay.checkpoint import load_checkpoint
     from seesay.data.images import load_image_rgb
     from seesay.decoding import strategy_from_options
+    from seesay.files import check_output
 
+    check_decoding(beam_size=beam_size, max_len=max_len, length_penalty=length_penalty)
+    if isinstance(cols, bool) or not isinstance(cols, int) or cols < 1:
+        raise SeesayError(f"--cols must be an integer >= 1, not {cols!r}")
+    check_output(output)
     dev = resolve_device(device)
+    original = load_image_rgb(image_path, None)  # a bad image: one line before the checkpoint loads
     ckpt = load_checkpoint(checkpoint, map_location=dev) if isinstance(checkpoint, (str, Path)) else checkpoint
     model = ckpt.model
     model.to(dev).eval()
     decoder = getattr(model, "decoder", model)
     set_attention_layer(decoder, layer)
-    original = load_image_rgb(image_path, None)
     strategy = strategy_from_options(beam_size=beam_size, length_penalty=length_penalty)
     res = caption_images(model, [image_path], strategy, max_len=max_len)[0]
     if res.attention is None:
