@@ -203,7 +203,10 @@ def test_an_error_mid_epoch_with_workers_ends_the_run(data_dir, tmp_path):
         proc.communicate()
         pytest.fail("seesay train hung after an error mid-epoch with DataLoader workers")
     assert proc.returncode not in (0, None)
-    assert "File too large" in err or "file too large" in err.lower()
+    assert "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith(f"seesay train: error: {out / 'last'}: cannot write the checkpoint") and "File too large" in last
+    assert proc.returncode == 2
     # no worker outlived it
     left = subprocess.run(["pgrep", "-f", str(out)], capture_output=True, text=True).stdout.split()
     assert left == []
@@ -219,3 +222,21 @@ def test_recover_checkpoint_without_anything_is_none(tmp_path):
     assert recover_checkpoint(tmp_path / "last") is None
     with pytest.raises(SeesayError, match="no such checkpoint"):
         load_checkpoint(tmp_path / "last")
+
+
+def test_an_os_error_anywhere_is_one_line(tmp_path, monkeypatch, capsys):
+    """A disk-full (or any I/O) error that reaches the command line is one line with the file and the
+    reason, exit 2, never a traceback."""
+    import errno
+
+    from seesay import cli
+    from seesay.data import synth
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "raw" / "images" / "000001.png"))
+
+    monkeypatch.setattr(synth, "make_shapes", full)
+    rc = cli.main(["synth", "shapes", "--output", str(tmp_path / "raw"), "--num-images", "5"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2
+    assert err == [f"seesay synth: error: {tmp_path / 'raw' / 'images' / '000001.png'}: No space left on device"]

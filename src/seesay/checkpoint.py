@@ -252,7 +252,10 @@ def save_checkpoint(
     if preprocess is None:
         preprocess = model.preprocess_config()
     tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
+    try:
+        tmp.mkdir()
+    except OSError as e:
+        raise SeesayError(f"{path}: cannot write the checkpoint ({e.strerror or e})") from None
     try:
         save_file(_state_dict_for_saving(model), str(tmp / MODEL_FILE), metadata={"format": "pt"})
         config = dict(config or {})
@@ -265,8 +268,13 @@ def save_checkpoint(
         _set_permissions(tmp)
         _fsync_tree(tmp)
         _atomic_replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        # disk full, a file size or quota limit: one line, and the previous checkpoint stays as it was
+        if isinstance(e, OSError) or type(e).__name__ == "SafetensorError":
+            reason = getattr(e, "strerror", None) or str(e).splitlines()[0]
+            kept = f"; the previous {path.name}/ is kept" if path.exists() else ""
+            raise SeesayError(f"{path}: cannot write the checkpoint ({reason}){kept}") from None
         raise
     return path
 

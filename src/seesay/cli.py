@@ -85,6 +85,10 @@ def main(argv: list[str] | None = None) -> int:
     except SeesayError as e:
         print(f"seesay {args.verb}: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # disk full, a quota, a folder removed mid-run: the file and the reason, no traceback
+        where = f"{e.filename}: " if getattr(e, "filename", None) else ""
+        print(f"seesay {args.verb}: error: {where}{e.strerror or e}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(f"seesay {args.verb}: interrupted", file=sys.stderr)
         return 130

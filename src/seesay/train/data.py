@@ -97,7 +97,12 @@ def end_data_workers(timeout_s: float = 5.0) -> int:
     ignore SIGTERM, so without this the interpreter's exit would wait for them forever. Returns
     how many were ended."""
     import multiprocessing
+    import threading
 
+    if threading.current_thread() is threading.main_thread():
+        # torch's SIGCHLD handler would turn the workers' ends into a second error ("DataLoader
+        # worker is killed by signal") raised over the one being reported
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     children = multiprocessing.active_children()
     for child in children:
         try:
