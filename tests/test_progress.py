@@ -44,3 +44,28 @@ def test_disabled_prints_nothing_and_terminal_gets_tqdm(monkeypatch, caplog):
 @pytest.mark.parametrize("stream,expected", [(io.StringIO(), False)])
 def test_is_terminal(stream, expected):
     assert P.is_terminal(stream) is expected
+
+
+def test_decoding_a_split_reports_progress_in_logs(tmp_path, caplog, monkeypatch):
+    import torch
+
+    from conftest import prepared_shapes
+    from seesay.captioner import decode_split
+    from seesay.data.store import open_prepared
+    from seesay.model import build_model
+
+    monkeypatch.setattr(P, "is_terminal", lambda stream=None: False)
+    data = open_prepared(prepared_shapes(tmp_path, num_images=12))
+    torch.manual_seed(0)
+    model = build_model({"encoder": {"name": "small_cnn", "width": 8, "encoded_size": 2, "image_size": 32},
+                         "decoder": {"name": "show_tell", "vocab_size": len(data.vocab), "embed_dim": 8,
+                                     "decoder_dim": 8}}, tokenizer=data.vocab, image_size=32).eval()
+    store = data.split("train")
+    caplog.set_level(logging.INFO, logger="seesay.progress")
+    out = decode_split(model, store, max_len=4, batch_size=4, progress=True)
+    assert len(out) == len(store)
+    assert [r.getMessage().split(",")[0] for r in caplog.records] == [
+        f"captioning: {len(store)}/{len(store)} img (100%)"]
+    caplog.clear()
+    decode_split(model, store, max_len=4, batch_size=4)  # off by default (validation inside training)
+    assert caplog.records == []

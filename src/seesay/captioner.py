@@ -164,14 +164,17 @@ class DecodedBatch(NamedTuple):
 @torch.no_grad()
 def decode_batches(captioner: Any, store: Any, strategy: Strategy = Greedy(), *,
                    indices: Sequence[int] | None = None, features: Any = None, max_len: int = 50,
-                   batch_size: int = 32, prompt: Any = None) -> Iterator[DecodedBatch]:
+                   batch_size: int = 32, prompt: Any = None, progress: bool = False) -> Iterator[DecodedBatch]:
     """Decode images of a prepared split (`seesay.data.store.SplitStore`) batch by batch.
 
     `features` (an object with `.get(index_tensor) -> features`, e.g. the training feature
     cache) replaces reading and encoding the images. The captioner is put in eval mode and
-    restored afterwards.
+    restored afterwards. `progress`: a bar on a terminal, a plain line every 30 s in logs.
     """
+    from seesay.progress import progress as progress_display
+
     idx_all = list(range(len(store))) if indices is None else [int(i) for i in indices]
+    bar = progress_display(len(idx_all), desc="captioning", unit="img", enabled=progress)
     device = device_of(captioner)
     was_training = captioner.training
     captioner.eval()
@@ -189,19 +192,22 @@ def decode_batches(captioner: Any, store: Any, strategy: Strategy = Greedy(), *,
                 x = torch.from_numpy(np.ascontiguousarray(imgs.transpose(0, 3, 1, 2))).to(device)
                 feats = captioner.encode(x)
             res = captioner.generate(feats, strategy, prompt=prompt, max_len=max_len)
+            bar.update(len(idx))
             yield DecodedBatch(idx, imgs, results_from(captioner, res, _grid_hw(feats)))
     finally:
+        bar.close()
         captioner.train(was_training)
 
 
 def decode_split(captioner: Any, store: Any, strategy: Strategy = Greedy(), *, limit: int | None = None,
-                 features: Any = None, max_len: int = 50, batch_size: int = 32) -> dict[str, str]:
+                 features: Any = None, max_len: int = 50, batch_size: int = 32, progress: bool = False
+                 ) -> dict[str, str]:
     """{image id: caption} for the first `limit` (default: all) images of a prepared split."""
     n = len(store) if limit is None else min(int(limit), len(store))
     ids = store.image_ids
     out: dict[str, str] = {}
     for batch in decode_batches(captioner, store, strategy, indices=range(n), features=features,
-                                max_len=max_len, batch_size=batch_size):
+                                max_len=max_len, batch_size=batch_size, progress=progress):
         for i, c in zip(batch.indices, batch.captions):
             out[str(ids[i])] = c.caption
         log.debug("captioned %d/%d images", batch.indices[-1] + 1, n)

@@ -49,6 +49,7 @@ def evaluate_checkpoint(
     spice_models: str | None = None,
     device: str | None = "auto",
     limit: int | None = None,
+    progress: bool = False,
 ) -> Evaluation:
     """Caption ``split`` of the prepared dataset ``data`` with ``checkpoint`` and score it.
 
@@ -82,7 +83,8 @@ def evaluate_checkpoint(
         lang = evaluation_lang(tok, prepared.manifest, store.references)
     t0 = time.perf_counter()
     with torch.inference_mode():
-        captions = decode_split(ck.model, store, strategy, limit=limit, max_len=max_length, batch_size=batch_size)
+        captions = decode_split(ck.model, store, strategy, limit=limit, max_len=max_length, batch_size=batch_size,
+                                progress=progress)
     decode_s = time.perf_counter() - t0
     all_refs = store.references
     refs = {str(i): list(r) for i, r in zip(store.image_ids, all_refs) if str(i) in captions}

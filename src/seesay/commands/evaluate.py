@@ -32,6 +32,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="directory with the Stanford CoreNLP 3.6.0 jars for SPICE (or SEESAY_SPICE_MODELS)")  # fmt: skip
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     p.add_argument("--limit", type=int, default=None, help="caption only the first N images of the split")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress display (a bar on a terminal, a line every 30 s in logs)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -48,6 +50,7 @@ def run(args: argparse.Namespace) -> int:
     ev = evaluate_checkpoint(
         args.checkpoint,
         args.data,
+        progress=not args.no_progress,
         split=args.split,
         strategy=strategy_from_options(beam_size=args.beam_size, length_penalty=args.length_penalty),
         max_length=args.max_length,

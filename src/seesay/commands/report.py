@@ -21,6 +21,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=32, help="images decoded at once")
     parser.add_argument("--title", default=None, help="page title (default: 'seesay report: SPLIT split')")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    parser.add_argument("--no-progress", action="store_true",
+                        help="no progress display (a bar on a terminal, a line every 30 s in logs)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -39,6 +41,7 @@ def run(args: argparse.Namespace) -> int:
         sort_metric=args.sort_metric,
         seed=args.seed,
         device=args.device,
+        progress=not args.no_progress,
         title=args.title,
     )
     scores = ", ".join(f"{k} {v:.3f}" for k, v in s.corpus.items())

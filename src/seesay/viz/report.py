@@ -238,6 +238,7 @@ def decode_split_items(
     *,
     max_len: int = 50,
     batch_size: int = 32,
+    progress: bool = False,
 ) -> list[ReportItem]:
     """Decode the chosen images of a prepared split into `ReportItem`s (scores not yet filled)."""
     from seesay.captioner import decode_batches
@@ -249,7 +250,7 @@ def decode_split_items(
     refs_all = store.references
     ids_all = store.image_ids
     for batch in decode_batches(model, store, strategy or Beam(3), indices=indices, max_len=max_len,
-                                batch_size=batch_size):
+                                batch_size=batch_size, progress=progress):
         for j, i in enumerate(batch.indices):
             c = batch.captions[j]
             has_att = has_att and c.attention is not None
@@ -284,6 +285,7 @@ def write_report(
     seed: int | None = None,
     device: str | None = None,
     title: str | None = None,
+    progress: bool = False,
 ) -> ReportSummary:
     """Decode `num_images` images of a prepared split, score them and write the HTML report.
 
@@ -319,7 +321,8 @@ def write_report(
         raise SeesayError(f"{data_dir}: split {split!r} has no images")
     indices = pick_indices(len(store), num_images, seed)
     strategy = strategy_from_options(beam_size=beam_size, length_penalty=length_penalty)
-    items = decode_split_items(model, store, indices, strategy, max_len=max_len, batch_size=batch_size)
+    items = decode_split_items(model, store, indices, strategy, max_len=max_len, batch_size=batch_size,
+                               progress=progress)
     keys = [str(k) for k in range(len(items))]  # image ids need not be unique across sources
     lang = evaluation_lang(model.tokenizer, data.manifest, store.references)
     report = compute_scores({k: it.caption for k, it in zip(keys, items)},
