@@ -121,14 +121,16 @@ class BagCaptioner(nn.Module):
         return DecoderOutput(self._core(pooled, tokens[:, :-1]), None, {})
 
     @torch.no_grad()
-    def generate(self, src, strategy: Strategy = Greedy(), *, prompt=None, max_len: int = 50) -> DecodeResult:
-        from seesay.captioner import prompt_ids
+    def generate(self, src, strategy: Strategy = Greedy(), *, prompt=None, max_len: int = 50, constraints=None,
+                 num_captions: int = 1) -> DecodeResult:
+        from seesay.captioner import prompt_ids, resolve_constraints
 
         enc = src if isinstance(src, EncoderOutput) else self.encode(src)
         ids = prompt_ids(self.tokenizer, prompt)
         t = self.tokenizer
         return decode(self, enc, strategy, bos=t.bos_id, eos=t.eos_id, pad=t.pad_id, max_len=max_len,
-                      prefix=torch.tensor(ids) if ids else None)
+                      prefix=torch.tensor(ids) if ids else None, constraints=resolve_constraints(t, constraints),
+                      num_captions=num_captions)
 
     # step contract, used by seesay.decoding
     def init_state(self, enc: EncoderOutput) -> torch.Tensor:

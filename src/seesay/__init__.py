@@ -37,6 +37,8 @@ _LAZY = {
     "Greedy": "seesay.decoding",
     "Beam": "seesay.decoding",
     "Sample": "seesay.decoding",
+    "DiverseBeam": "seesay.decoding",
+    "Constraints": "seesay.decoding",
     "build_model": "seesay.model",
     "load_checkpoint": "seesay.checkpoint",
     "save_checkpoint": "seesay.checkpoint",

@@ -20,10 +20,15 @@ A captioner is an `nn.Module` (weights via state_dict, `.to`, `.train/.eval`) wi
                               image i). logits [R,T-1,V] (logits[:, t] predicts tokens[:, t+1]),
                               attention [R,T-1,A] where the family has it, extras["aux_loss"] a
                               family's own regulariser (already weighted).
-    generate(src, strategy=Greedy(), *, prompt=None, max_len=50) -> DecodeResult
+    generate(src, strategy=Greedy(), *, prompt=None, max_len=50, constraints=None, num_captions=1)
+                              -> DecodeResult
                               `src` as for forward; `strategy` a `seesay.decoding` value; `prompt`
                               text (or ids) every caption starts with. `max_len` counts the tokens
-                              generated after the prompt.
+                              generated after the prompt. `constraints` a `seesay.decoding.Constraints`
+                              (bad endings may be words: `resolve_constraints` turns them into
+                              ids); `num_captions` N gives B*N rows, image-major, best first. The
+                              functions below pass these two only when set, so a captioner without
+                              them still works for one unconstrained caption per image.
     spec()                    plain JSON that rebuilds the architecture offline
                               (`build_captioner(spec, tokenizer, preprocess)`); spec["captioner"]
                               names the family (absent: "encoder_decoder").
@@ -50,7 +55,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from seesay.decoding import DecodeResult, Greedy, Strategy
+from seesay.decoding import Constraints, DecodeResult, Greedy, Strategy
 from seesay.errors import SeesayError
 
 log = logging.getLogger(__name__)
@@ -67,7 +72,7 @@ class Captioner(Protocol):
     def forward(self, src: Any, tokens: Tensor, lengths: Tensor, image_rows: Tensor | None = None) -> Any: ...
 
     def generate(self, src: Any, strategy: Strategy = Greedy(), *, prompt: Any = None,
-                 max_len: int = 50) -> DecodeResult: ...
+                 max_len: int = 50, constraints: Constraints | None = None, num_captions: int = 1) -> DecodeResult: ...
 
     def spec(self) -> dict[str, Any]: ...
 
@@ -83,6 +88,48 @@ def prompt_ids(tokenizer: Any, prompt: Any) -> list[int]:
     if isinstance(prompt, Tensor):
         return [int(i) for i in prompt.reshape(-1).tolist()]
     return [int(i) for i in prompt]
+
+
+# Common English words a caption should not end on (ruotianluo's bad-endings list, plus a few).
+DEFAULT_BAD_ENDINGS = ("a", "an", "the", "in", "for", "at", "of", "with", "before", "after", "on", "upon", "near",
+                       "to", "is", "are", "am", "and", "or", "its", "their", "his", "her", "by", "from", "into",
+                       "onto", "under", "over", "some", "this", "that", "these", "those")
+
+
+def resolve_constraints(tokenizer: Any, constraints: Constraints | None) -> Constraints | None:
+    """`constraints` with its bad-ending words turned into ids by `tokenizer.encode`.
+
+    A word must encode to one token to be a bad ending: words the vocabulary lacks (unknown) or
+    splits into several tokens (bytes, subwords) are left out, with a log message; if none of
+    the words is left, that is an error (the user asked for something this model cannot do).
+    """
+    if constraints is None or not constraints.bad_endings:
+        return constraints
+    ids: list[int] = list(constraints.bad_ending_ids)
+    skipped = []
+    unk = getattr(tokenizer, "unk_id", None)
+    for word in constraints.bad_endings:
+        enc = list(tokenizer.encode(word))
+        if len(enc) == 1 and enc[0] != unk:
+            ids.append(int(enc[0]))
+        else:
+            skipped.append(word)
+    if skipped:
+        log.info("bad endings not single words of this vocabulary, left out: %s", ", ".join(skipped))
+    if len(ids) == len(constraints.bad_ending_ids):
+        raise SeesayError(f"bad endings: none of {', '.join(constraints.bad_endings)} is a single word of this model's "
+                          "vocabulary")
+    return Constraints(constraints.no_repeat_ngram_size, constraints.min_length, tuple(ids))
+
+
+def generate_options(constraints: Constraints | None, num_captions: int) -> dict[str, Any]:
+    """The keyword arguments for `captioner.generate`: only those that are set (see the contract)."""
+    out: dict[str, Any] = {}
+    if constraints is not None and constraints.active:
+        out["constraints"] = constraints
+    if num_captions != 1:
+        out["num_captions"] = int(num_captions)
+    return out
 
 
 def device_of(module: Any) -> torch.device:
@@ -117,21 +164,33 @@ def results_from(captioner: Any, res: DecodeResult, grid_hw: tuple[int, int] | N
     return out
 
 
+def _check_num_captions(num_captions: Any) -> int:
+    if isinstance(num_captions, bool) or not isinstance(num_captions, int) or num_captions < 1:
+        raise SeesayError(f"num_captions must be an integer >= 1, not {num_captions!r}")
+    return num_captions
+
+
 @torch.no_grad()
 def caption_images(captioner: Any, images: Sequence[Any] | Tensor, strategy: Strategy = Greedy(), *,
-                   prompt: Any = None, max_len: int = 50, batch_size: int = 16) -> list[Caption]:
+                   prompt: Any = None, max_len: int = 50, batch_size: int = 16,
+                   constraints: Constraints | None = None, num_captions: int = 1
+                   ) -> list[Caption] | list[list[Caption]]:
     """Caption images given as paths, bytes, PIL images, arrays or preprocessed tensors.
 
     Each image goes through `captioner.preprocess`; images of one size are decoded together,
     `batch_size` at a time. A bad image raises a one-line `SeesayError` (callers that must go on
-    past bad images preprocess first: see `seesay.caption.caption_files`).
+    past bad images preprocess first: see `seesay.caption.caption_files`). One `Caption` per
+    image; with `num_captions` N > 1, a list of N per image, best score first. `constraints`
+    (`seesay.decoding.Constraints`, bad endings as words or ids) hold for every caption.
     """
+    n = _check_num_captions(num_captions)
+    options = generate_options(constraints, n)
     if isinstance(images, Tensor) and images.dim() == 4:
         tensors = list(images)
     else:
         tensors = [captioner.preprocess(im) for im in images]
     device = device_of(captioner)
-    out: list[Caption | None] = [None] * len(tensors)
+    out: list[Any] = [None] * len(tensors)
     by_shape: dict[tuple[int, ...], list[int]] = {}
     for i, t in enumerate(tensors):
         by_shape.setdefault(tuple(t.shape), []).append(i)
@@ -140,10 +199,11 @@ def caption_images(captioner: Any, images: Sequence[Any] | Tensor, strategy: Str
             chunk = rows[start: start + batch_size]
             batch = torch.stack([tensors[i] for i in chunk]).to(device)
             feats = captioner.encode(batch)
-            res = captioner.generate(feats, strategy, prompt=prompt, max_len=max_len)
-            for i, c in zip(chunk, results_from(captioner, res, _grid_hw(feats))):
-                out[i] = c
-    return out  # type: ignore[return-value]
+            res = captioner.generate(feats, strategy, prompt=prompt, max_len=max_len, **options)
+            caps = results_from(captioner, res, _grid_hw(feats))
+            for j, i in enumerate(chunk):
+                out[i] = caps[j] if n == 1 else caps[j * n: (j + 1) * n]
+    return out
 
 
 def _grid_hw(feats: Any) -> tuple[int, int] | None:
@@ -158,20 +218,26 @@ def _grid_hw(feats: Any) -> tuple[int, int] | None:
 class DecodedBatch(NamedTuple):
     indices: list[int]  # positions in the split
     images: np.ndarray | None  # uint8 [b, H, W, 3] when read from the store (None with features)
-    captions: list[Caption]
+    captions: list[Caption]  # the best caption of each image
+    ranked: list[list[Caption]] | None = None  # with num_captions > 1: each image's N captions, best first
 
 
 @torch.no_grad()
 def decode_batches(captioner: Any, store: Any, strategy: Strategy = Greedy(), *,
                    indices: Sequence[int] | None = None, features: Any = None, max_len: int = 50,
-                   batch_size: int = 32, prompt: Any = None, progress: bool = False) -> Iterator[DecodedBatch]:
+                   batch_size: int = 32, prompt: Any = None, progress: bool = False,
+                   constraints: Constraints | None = None, num_captions: int = 1) -> Iterator[DecodedBatch]:
     """Decode images of a prepared split (`seesay.data.store.SplitStore`) batch by batch.
 
     `features` (an object with `.get(index_tensor) -> features`, e.g. the training feature
     cache) replaces reading and encoding the images. The captioner is put in eval mode and
     restored afterwards. `progress`: a bar on a terminal, a plain line every 30 s in logs.
+    `num_captions` N > 1 fills each batch's `ranked` (N captions per image, best first).
     """
     from seesay.progress import progress as progress_display
+
+    n = _check_num_captions(num_captions)
+    options = generate_options(constraints, n)
 
     idx_all = list(range(len(store))) if indices is None else [int(i) for i in indices]
     bar = progress_display(len(idx_all), desc="captioning", unit="img", enabled=progress)
@@ -191,9 +257,14 @@ def decode_batches(captioner: Any, store: Any, strategy: Strategy = Greedy(), *,
                     imgs = np.stack([np.asarray(store.images[i]) for i in idx])
                 x = torch.from_numpy(np.ascontiguousarray(imgs.transpose(0, 3, 1, 2))).to(device)
                 feats = captioner.encode(x)
-            res = captioner.generate(feats, strategy, prompt=prompt, max_len=max_len)
+            res = captioner.generate(feats, strategy, prompt=prompt, max_len=max_len, **options)
             bar.update(len(idx))
-            yield DecodedBatch(idx, imgs, results_from(captioner, res, _grid_hw(feats)))
+            caps = results_from(captioner, res, _grid_hw(feats))
+            if n == 1:
+                yield DecodedBatch(idx, imgs, caps)
+            else:
+                ranked = [caps[j * n: (j + 1) * n] for j in range(len(idx))]
+                yield DecodedBatch(idx, imgs, [r[0] for r in ranked], ranked)
     finally:
         bar.close()
         captioner.train(was_training)

@@ -23,6 +23,23 @@ strategy (sampling when a temperature, top-k or top-p is given, else beam / gree
 
 Special ids come from the caller's tokenizer (`bos`, `eos`, `pad`); nothing here assumes
 fixed ids. Results are padded with `pad`.
+
+Constraints (`Constraints(no_repeat_ngram_size, min_length, bad_ending_ids)`, `decode(...,
+constraints=)`) hold for every strategy alike: `apply_constraints` masks the step's
+log-probabilities (batched, one call per step) before the strategy picks, so a forbidden token
+is never chosen and scores stay the model's own log-probabilities. N-gram blocking counts the
+prompt as history; `min_length` counts tokens generated after the prompt (eos is masked before);
+a bad ending is a token after which eos is masked (ruotianluo's bad-endings rule). Words are
+turned into ids by the captioner (`seesay.captioner.resolve_constraints`), never here. A row
+whose every token is ruled out ends (eos is allowed back) rather than producing garbage.
+
+Several captions per image (`decode(..., num_captions=N)`): the result has B*N rows in
+image-major order (row i*N + j is image i's j-th caption, best score first), so
+`res.tokens.view(B, N, -1)` / `res.scores.view(B, N)` regroup them; `grouped(res, N)` does it for
+every field. Beam search returns its N best hypotheses (N <= beam size), sampling N independent
+samples sorted by score; greedy decoding has one caption (N > 1 is an error). N=1 is today's
+result, unchanged. `DiverseBeam(size, groups, diversity_penalty)` is diverse beam search
+(Vijayakumar et al. 2016, see `beam_search`).
 """
 
 from __future__ import annotations
@@ -84,14 +101,84 @@ class Sample:
             raise ValueError(f"top_p must be in (0, 1], not {self.top_p!r}")
 
 
-Strategy = Greedy | Beam | Sample
+@dataclass(frozen=True)
+class DiverseBeam:
+    """Diverse beam search (Vijayakumar et al. 2016): `size` beams in `groups` groups of
+    size // groups beams, each group a beam search of its own; at each step a group's candidates
+    are ranked by log-probability minus `diversity_penalty` times the number of beams of earlier
+    groups that chose the same token at this step (Hamming diversity). Scores are the model's
+    log-probabilities (the penalty only steers the choice); `length_penalty` as in `Beam`.
+    With groups=1 this is `Beam(size, length_penalty)`."""
+
+    size: int = 6
+    groups: int = 3
+    diversity_penalty: float = 0.5
+    length_penalty: float = 0.0
+
+    def __post_init__(self) -> None:
+        if int(self.size) != self.size or self.size < 1:
+            raise ValueError(f"beam size must be an integer >= 1, not {self.size!r}")
+        if int(self.groups) != self.groups or self.groups < 1:
+            raise ValueError(f"diverse beam groups must be an integer >= 1, not {self.groups!r}")
+        if self.size % self.groups:
+            raise ValueError(f"beam size {self.size} is not divisible by {self.groups} diverse beam groups")
+        if not self.diversity_penalty >= 0:
+            raise ValueError(f"diversity_penalty must be >= 0, not {self.diversity_penalty!r}")
+        if not self.length_penalty >= 0:
+            raise ValueError(f"length_penalty must be >= 0 (0: none), not {self.length_penalty!r}")
+
+
+Strategy = Greedy | Beam | DiverseBeam | Sample
+
+
+@dataclass(frozen=True)
+class Constraints:
+    """What a caption may not do, for every strategy (see the module doc).
+
+    no_repeat_ngram_size  N > 0: no n-gram of N tokens twice in a caption (the prompt included)
+    min_length            eos is masked until this many tokens follow the prompt
+    bad_ending_ids        token ids that may not be the last token before eos
+    bad_endings           the same as words, for a captioner to turn into ids with its tokenizer
+                          (`seesay.captioner.resolve_constraints`); `decode` refuses unresolved words
+    """
+
+    no_repeat_ngram_size: int = 0
+    min_length: int = 0
+    bad_ending_ids: tuple[int, ...] = ()
+    bad_endings: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        for name in ("no_repeat_ngram_size", "min_length"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or int(v) != v or v < 0:
+                raise ValueError(f"{name} must be an integer >= 0 (0: off), not {v!r}")
+            object.__setattr__(self, name, int(v))
+        ids = self.bad_ending_ids
+        ids = (ids,) if isinstance(ids, int) else tuple(ids)
+        if any(isinstance(i, bool) or int(i) != i or i < 0 for i in ids):
+            raise ValueError(f"bad_ending_ids must be token ids >= 0, not {self.bad_ending_ids!r}")
+        object.__setattr__(self, "bad_ending_ids", tuple(dict.fromkeys(int(i) for i in ids)))
+        words = self.bad_endings
+        words = [w for w in words.split(",")] if isinstance(words, str) else list(words)
+        object.__setattr__(self, "bad_endings", tuple(dict.fromkeys(str(w).strip() for w in words if str(w).strip())))
+
+    @property
+    def active(self) -> bool:
+        return bool(self.no_repeat_ngram_size or self.min_length or self.bad_ending_ids or self.bad_endings)
 
 
 def strategy_from_options(*, beam_size: int = 1, length_penalty: float = 0.0, temperature: float | None = None,
-                          top_k: int = 0, top_p: float = 1.0, seed: int | None = None) -> Strategy:
+                          top_k: int = 0, top_p: float = 1.0, seed: int | None = None, diverse_groups: int = 1,
+                          diversity_penalty: float = 0.5) -> Strategy:
     """Command-line style options -> a strategy: sampling when `temperature`, `top_k` or `top_p`
-    is set, otherwise beam search with `beam_size` (greedy for 1)."""
-    if temperature is not None or top_k or top_p < 1.0:
+    is set, otherwise beam search with `beam_size` (greedy for 1); diverse beam search when
+    `diverse_groups` > 1."""
+    sampling = temperature is not None or top_k or top_p < 1.0
+    if diverse_groups != 1:
+        if sampling:
+            raise ValueError("diverse beam search cannot be combined with sampling")
+        return DiverseBeam(int(beam_size), int(diverse_groups), float(diversity_penalty), float(length_penalty))
+    if sampling:
         return Sample(temperature=1.0 if temperature is None else float(temperature), top_k=int(top_k),
                       top_p=float(top_p), seed=seed)
     if beam_size <= 1:
@@ -109,21 +196,105 @@ def describe(strategy: Strategy) -> dict[str, Any]:
 
 
 def decode(decoder: Any, enc: EncoderOutput, strategy: Strategy, *, bos: int, eos: int, pad: int = 0,
-           max_len: int = 50, prefix: Tensor | None = None, generator: torch.Generator | None = None) -> DecodeResult:
-    """Run `strategy` over the decoder step contract (see the module doc)."""
+           max_len: int = 50, prefix: Tensor | None = None, generator: torch.Generator | None = None,
+           constraints: Constraints | None = None, num_captions: int = 1) -> DecodeResult:
+    """Run `strategy` over the decoder step contract (see the module doc): B*num_captions rows,
+    image-major, best first, every one obeying `constraints`."""
     if isinstance(strategy, Sample) and strategy.temperature == 0:
         strategy = Greedy()  # the one place where temperature 0 means greedy
+    n = _check_controls(strategy, constraints, num_captions, max_len)
     if isinstance(strategy, Greedy):
-        return greedy(decoder, enc, bos=bos, eos=eos, pad=pad, max_len=max_len, prefix=prefix)
-    if isinstance(strategy, Beam):
+        if n > 1:
+            raise ValueError(f"num_captions={n}: greedy decoding gives one caption per image "
+                             "(use beam search or sampling for several)")
+        return greedy(decoder, enc, bos=bos, eos=eos, pad=pad, max_len=max_len, prefix=prefix, constraints=constraints)
+    if isinstance(strategy, Beam | DiverseBeam):
+        groups = strategy.groups if isinstance(strategy, DiverseBeam) else 1
+        penalty = strategy.diversity_penalty if isinstance(strategy, DiverseBeam) else 0.0
         return beam_search(decoder, enc, bos=bos, eos=eos, pad=pad, beam_size=strategy.size, max_len=max_len,
-                           length_penalty=strategy.length_penalty, prefix=prefix)
+                           length_penalty=strategy.length_penalty, prefix=prefix, constraints=constraints,
+                           num_captions=n, groups=groups, diversity_penalty=penalty)
     if isinstance(strategy, Sample):
         if generator is None and strategy.seed is not None:
             generator = torch.Generator(device=enc.grid.device).manual_seed(int(strategy.seed))
         return sample(decoder, enc, bos=bos, eos=eos, pad=pad, max_len=max_len, temperature=strategy.temperature,
-                      top_k=strategy.top_k, top_p=strategy.top_p, generator=generator, prefix=prefix)
-    raise TypeError(f"not a decoding strategy: {strategy!r} (use Greedy(), Beam(...) or Sample(...))")
+                      top_k=strategy.top_k, top_p=strategy.top_p, generator=generator, prefix=prefix,
+                      constraints=constraints, num_captions=n)
+    raise TypeError(f"not a decoding strategy: {strategy!r} (use Greedy(), Beam(...), DiverseBeam(...) or Sample(...))")
+
+
+def _check_controls(strategy: Any, constraints: Constraints | None, num_captions: int, max_len: int) -> int:
+    if isinstance(num_captions, bool) or int(num_captions) != num_captions or num_captions < 1:
+        raise ValueError(f"num_captions must be an integer >= 1, not {num_captions!r}")
+    n = int(num_captions)
+    size = getattr(strategy, "size", None)
+    if size is not None and n > size:
+        raise ValueError(f"num_captions={n} is more than the beam size {size} (beam search keeps {size} hypotheses)")
+    if constraints is not None:
+        if not isinstance(constraints, Constraints):
+            raise TypeError(f"constraints must be a seesay.decoding.Constraints, not {type(constraints).__name__}")
+        if constraints.bad_endings:
+            raise ValueError("Constraints.bad_endings are words: a captioner turns them into ids "
+                             "(seesay.captioner.resolve_constraints); decode takes bad_ending_ids")
+        if constraints.min_length > max_len:
+            raise ValueError(f"min_length={constraints.min_length} is more than max_len={max_len}")
+    return n
+
+
+def grouped(res: DecodeResult, num_captions: int) -> DecodeResult:
+    """A B*N-row result (image-major) as [B, N, ...] fields: tokens (B, N, L), lengths and scores
+    (B, N), attention (B, N, L, A)."""
+    n = int(num_captions)
+    if res.tokens.shape[0] % n:
+        raise ValueError(f"{res.tokens.shape[0]} rows are not a multiple of num_captions={n}")
+    b = res.tokens.shape[0] // n
+    return DecodeResult(res.tokens.view(b, n, *res.tokens.shape[1:]), res.lengths.view(b, n), res.scores.view(b, n),
+                        None if res.attention is None else res.attention.view(b, n, *res.attention.shape[1:]))
+
+
+def apply_constraints(logprobs: Tensor, constraints: Constraints | None, *, eos: int, generated: int, prev: Tensor,
+                      history: Tensor | None = None, bad_ids: Tensor | None = None) -> Tensor:
+    """`logprobs` (R, V) with the tokens `constraints` forbid at this step set to -inf.
+
+    `prev` (R,) is each row's last token (bos before the first), `history` (R, T) every token of
+    the row so far (prompt included, bos not; needed for n-gram blocking), `generated` the tokens
+    generated after the prompt so far (one count: rows advance together). `bad_ids` is
+    `constraints.bad_ending_ids` as a tensor on the device (made here when not given). A row left
+    with no allowed token gets eos back: the caption ends rather than pick a forbidden token.
+    """
+    c = constraints
+    if c is None or not c.active:
+        return logprobs
+    V = logprobs.shape[-1]
+    out = logprobs
+    n = c.no_repeat_ngram_size
+    if n and history is not None and history.shape[1] >= n:
+        out = out.masked_fill(_repeated_ngram_mask(history, n, V), float("-inf"))
+    if 0 <= eos < V:
+        end_ban: Tensor | None = None
+        if generated < c.min_length:
+            end_ban = torch.ones_like(prev, dtype=torch.bool)
+        elif c.bad_ending_ids:
+            if bad_ids is None:
+                bad_ids = torch.tensor(c.bad_ending_ids, dtype=torch.long, device=prev.device)
+            end_ban = torch.isin(prev, bad_ids)
+        if end_ban is not None:
+            out = out.clone() if out is logprobs else out
+            out[:, eos] = out[:, eos].masked_fill(end_ban, float("-inf"))
+        if out is not logprobs:
+            stuck = ~torch.isfinite(out).any(dim=-1)
+            out[:, eos] = torch.where(stuck, logprobs[:, eos], out[:, eos])
+    return out
+
+
+def _repeated_ngram_mask(history: Tensor, n: int, vocab: int) -> Tensor:
+    """(R, V) True for each token that would complete an n-gram already in the row's history."""
+    windows = history.unfold(1, n, 1)  # (R, W, n): every n-gram so far
+    suffix = history[:, history.shape[1] - (n - 1):]  # (R, n - 1): the n-gram being started
+    match = (windows[:, :, : n - 1] == suffix[:, None, :]).all(dim=-1)  # (R, W)
+    hits = torch.zeros(history.shape[0], vocab, device=history.device)
+    hits.scatter_add_(1, windows[:, :, n - 1].clamp(0, vocab - 1), match.float())
+    return hits > 0
 
 
 def filter_logits(logits: Tensor, *, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> Tensor:
@@ -228,34 +399,54 @@ class _Active:
     def should_remove(self, n_done: int, n_active: int) -> bool:
         return n_done > 0 and n_done >= self.COMPACT_FRACTION * n_active
 
-    def remove(self, done: Tensor, decoder: Any, state: Any, prev: Tensor, rows_per_image: int) -> tuple[Any, Tensor]:
-        """Drop the images with `done` (over the active ones) from the decoder state and `prev`."""
+    def remove(self, done: Tensor, decoder: Any, state: Any, prev: Tensor, rows_per_image: int,
+               history: Tensor | None = None) -> tuple[Any, Tensor, Tensor | None]:
+        """Drop the images with `done` (over the active ones) from the decoder state, `prev` and
+        `history` (per-row tensors)."""
         keep = (~done).nonzero().squeeze(1)
         ids = torch.arange(self.batch, device=self.device) if self.ids is None else self.ids
         self.ids = ids.index_select(0, keep)
         K = rows_per_image
         rows = (keep[:, None] * K + torch.arange(K, device=self.device)).view(-1)
-        return decoder.reorder_state(state, rows), prev.index_select(0, rows)
+        return (decoder.reorder_state(state, rows), prev.index_select(0, rows),
+                None if history is None else history.index_select(0, rows))
 
 
 def _autoregressive(decoder: Any, enc: EncoderOutput, pick, *, bos: int, eos: int, max_len: int,
-                    prefix: Tensor | None = None, pad: int = 0) -> DecodeResult:
+                    prefix: Tensor | None = None, pad: int = 0, constraints: Constraints | None = None,
+                    copies: int = 1) -> DecodeResult:
+    """One token per row per step; `copies` rows per image (image-major), sorted by score at the end."""
     B = enc.grid.shape[0]
     device = enc.grid.device
     prefix = _check_prefix(prefix, B, eos, device, pad)
     state = decoder.init_state(enc)
     prev = torch.full((B,), bos, dtype=torch.long, device=device)
-    finished = torch.zeros(B, dtype=torch.bool, device=device)
-    lengths = torch.zeros(B, dtype=torch.long, device=device)
     scores = torch.zeros(B, device=device)
     tokens: list[Tensor] = []
     attention: list[Tensor | None] = []
     if prefix is not None:
         state, prev, scores, tokens, attention = force_prefix(decoder, state, prefix, bos=bos)
-        lengths = lengths + prefix.shape[1]
+    if copies > 1:  # the prompt is fed once per image, then each image's rows go their own way
+        rows = torch.arange(B, device=device).repeat_interleave(copies)
+        state = decoder.reorder_state(state, rows)
+        prev, scores = prev.index_select(0, rows), scores.index_select(0, rows)
+        tokens = [t.index_select(0, rows) for t in tokens]
+        attention = [None if a is None else a.index_select(0, rows) for a in attention]
+        B = B * copies
+    P = len(tokens)
+    finished = torch.zeros(B, dtype=torch.bool, device=device)
+    lengths = torch.full((B,), P, dtype=torch.long, device=device)
+    constrained = constraints is not None and constraints.active
+    bad_ids = _bad_ids(constraints, device)
+    history = None  # (active rows, t): for n-gram blocking only
+    if constrained and constraints.no_repeat_ngram_size:
+        history = torch.stack(tokens, dim=1) if tokens else torch.zeros(B, 0, dtype=torch.long, device=device)
     active = _Active(B, device)  # finished captions leave the decoder's batch
-    for _ in range(max_len):
+    for s in range(max_len):
         logprobs, state, att = decoder.step(prev, state)
+        if constrained:
+            logprobs = apply_constraints(logprobs, constraints, eos=eos, generated=s, prev=prev, history=history,
+                                         bad_ids=bad_ids)
         tok = pick(logprobs)
         alive = ~active.take(finished)
         scores = active.put(scores, active.take(scores)
@@ -264,6 +455,8 @@ def _autoregressive(decoder: Any, enc: EncoderOutput, pick, *, bos: int, eos: in
         tok = torch.where(alive, tok, torch.full_like(tok, pad))
         tokens.append(active.spread(tok) if pad == 0 else active.put(torch.full((B,), pad, device=device), tok))
         attention.append(None if att is None else active.spread(att * alive[:, None].to(att.dtype)))
+        if history is not None:
+            history = torch.cat([history, tok[:, None]], dim=1)
         done = ~alive | (tok == eos)
         finished = active.put(finished, done)
         prev = tok
@@ -271,29 +464,43 @@ def _autoregressive(decoder: Any, enc: EncoderOutput, pick, *, bos: int, eos: in
         if n_done == done.numel():
             break
         if active.should_remove(n_done, done.numel()):
-            state, prev = active.remove(done, decoder, state, prev, 1)
-    return _stack(tokens, attention, scores, lengths)
+            state, prev, history = active.remove(done, decoder, state, prev, 1, history)
+    res = _stack(tokens, attention, scores, lengths)
+    if copies > 1:  # each image's rows, best score first (stable: ties keep their order)
+        order = torch.sort(res.scores.view(-1, copies), dim=1, descending=True, stable=True).indices
+        rows = (order + torch.arange(0, B, copies, device=device)[:, None]).view(-1)
+        res = DecodeResult(*(None if x is None else x.index_select(0, rows) for x in res))
+    return res
+
+
+def _bad_ids(constraints: Constraints | None, device: torch.device) -> Tensor | None:
+    if constraints is None or not constraints.bad_ending_ids:
+        return None
+    return torch.tensor(constraints.bad_ending_ids, dtype=torch.long, device=device)
 
 
 @torch.no_grad()
 def greedy(decoder: Any, enc: EncoderOutput, *, bos: int, eos: int, max_len: int = 50,
-           prefix: Tensor | None = None, pad: int = 0) -> DecodeResult:
+           prefix: Tensor | None = None, pad: int = 0, constraints: Constraints | None = None) -> DecodeResult:
     """Most likely word at each step (after the forced `prefix`, if any)."""
     return _autoregressive(decoder, enc, lambda lp: lp.argmax(dim=-1), bos=bos, eos=eos, max_len=max_len,
-                           prefix=prefix, pad=pad)
+                           prefix=prefix, pad=pad, constraints=constraints)
 
 
 @torch.no_grad()
 def sample(decoder: Any, enc: EncoderOutput, *, bos: int, eos: int, max_len: int = 50, temperature: float = 1.0,
            top_k: int = 0, top_p: float = 1.0, generator: torch.Generator | None = None,
-           prefix: Tensor | None = None, pad: int = 0) -> DecodeResult:
-    """Ancestral sampling from the filtered distribution; scores are the model's own log-probabilities."""
+           prefix: Tensor | None = None, pad: int = 0, constraints: Constraints | None = None,
+           num_captions: int = 1) -> DecodeResult:
+    """Ancestral sampling from the filtered distribution; scores are the model's own log-probabilities.
+    `num_captions` N: N independent samples per image (B*N rows, image-major, best score first)."""
 
     def pick(logprobs: Tensor) -> Tensor:
         probs = torch.softmax(filter_logits(logprobs.float(), temperature=temperature, top_k=top_k, top_p=top_p), dim=-1)
         return torch.multinomial(probs, 1, generator=generator).squeeze(1)
 
-    return _autoregressive(decoder, enc, pick, bos=bos, eos=eos, max_len=max_len, prefix=prefix, pad=pad)
+    return _autoregressive(decoder, enc, pick, bos=bos, eos=eos, max_len=max_len, prefix=prefix, pad=pad,
+                           constraints=constraints, copies=int(num_captions))
 
 
 def _length_penalty(length: Tensor | int, alpha: float) -> Tensor | float:
@@ -304,7 +511,9 @@ def _length_penalty(length: Tensor | int, alpha: float) -> Tensor | float:
 
 @torch.no_grad()
 def beam_search(decoder: Any, enc: EncoderOutput, *, bos: int, eos: int, beam_size: int = 5, max_len: int = 50,
-                length_penalty: float = 0.0, prefix: Tensor | None = None, pad: int = 0) -> DecodeResult:
+                length_penalty: float = 0.0, prefix: Tensor | None = None, pad: int = 0,
+                constraints: Constraints | None = None, num_captions: int = 1, groups: int = 1,
+                diversity_penalty: float = 0.0) -> DecodeResult:
     """Beam search batched over images and beams.
 
     Each step ranks the 2K best extensions of the K live beams of every image. An extension
@@ -312,121 +521,189 @@ def beam_search(decoder: Any, enc: EncoderOutput, *, bos: int, eos: int, beam_si
     of the K best); the K best other extensions stay live. An image is done when its pool is
     full and no live beam can still beat the pool's worst (log-probabilities only fall, so
     score / lp(max_len) bounds a live beam). If no hypothesis ever finishes, the best live beam
-    at max_len is returned. With beam_size=1 this is exactly greedy decoding.
+    at max_len is returned. With beam_size=1 this is exactly greedy decoding. `num_captions` N
+    returns the N best of the pool and the live beams (B*N rows, image-major, best first).
+
+    Diverse beam search (`groups` G > 1, Vijayakumar et al. 2016): each image runs G searches
+    of K/G beams (pool, stopping test and all), one after the other within a step: group g
+    ranks its extensions by score minus `diversity_penalty` times how many live beams of groups
+    0..g-1 picked that token at this step. Only the ranking is penalised: scores (and the final
+    choice among all groups' hypotheses) are log-probabilities. An image is done when all its
+    groups are. G=1 is plain beam search, computed the same way.
 
     With a `prefix` [B, P], <start> and the prefix are fed once per image (B rows, not B*K),
-    then every image's first beam starts from that state with the prefix's log-probability as
-    its score; lengths (and the length penalty) count the prefix.
+    then every image's first beam (of each group) starts from that state with the prefix's
+    log-probability as its score; lengths (and the length penalty) count the prefix.
 
     Bookkeeping is by back-pointers: each step keeps only its candidates' tokens, source beams
     and the live beams' attention rows (O(B*K) per step, plus O(B*K*A) attention), and a pool
     entry is just (step, candidate). Copying every hypothesis's whole token and attention
     history each step (O(B*K*t*A)) cost more than the decoder's step at small model sizes.
-    The single result per image is rebuilt by walking the pointers back once at the end.
+    The results are rebuilt by walking the pointers back once at the end. (N-gram blocking
+    does keep each live beam's tokens, as it must look at them.)
     """
     if beam_size < 1:
         raise ValueError("beam_size must be >= 1")
     if length_penalty < 0:
         raise ValueError("length_penalty must be >= 0 (0: none)")
+    if groups < 1 or beam_size % groups:
+        raise ValueError(f"beam size {beam_size} is not divisible by {groups} diverse beam groups")
+    if not 1 <= num_captions <= beam_size:
+        raise ValueError(f"num_captions must be in 1..beam size {beam_size}, not {num_captions}")
     B = enc.grid.shape[0]
-    K = beam_size
+    K, G, N = beam_size, groups, int(num_captions)
+    Kg = K // G  # beams per group
     device = enc.grid.device
     prefix = _check_prefix(prefix, B, eos, device, pad)
     P = 0 if prefix is None else prefix.shape[1]
     total = P + max_len  # longest result, prefix included
     state = decoder.init_state(enc)
-    live_scores = torch.full((B, K), float("-inf"), device=device)
-    live_scores[:, 0] = 0.0  # all beams start identical: only the first may expand at step 0
+    live_scores = torch.full((B, G, Kg), float("-inf"), device=device)
+    live_scores[:, :, 0] = 0.0  # a group's beams start identical: only its first may expand at step 0
     prefix_att: list[Tensor | None] = []
     prev = torch.full((B * K,), bos, dtype=torch.long, device=device)
     if prefix is not None:
         state, prev_b, prefix_scores, _, prefix_att = force_prefix(decoder, state, prefix, bos=bos)
-        live_scores[:, 0] = prefix_scores
+        live_scores[:, :, 0] = prefix_scores[:, None]
         prev = prev_b.repeat_interleave(K)
     state = decoder.reorder_state(state, torch.arange(B, device=device).repeat_interleave(K))
-    pool_scores = torch.full((B, K), float("-inf"), device=device)
-    pool_len = torch.zeros(B, K, dtype=torch.long, device=device)  # 0: empty slot
-    pool_cand = torch.zeros(B, K, dtype=torch.long, device=device)  # candidate index at step pool_len - 1
-    # per step t (index t - P): candidate tokens / source beams (B, 2K), live picks (B, K), attention (B, K, A)
+    constrained = constraints is not None and constraints.active
+    bad_ids = _bad_ids(constraints, device)
+    history = None  # (active rows, t) tokens of each live beam, for n-gram blocking only
+    if constrained and constraints.no_repeat_ngram_size:
+        history = (prefix.repeat_interleave(K, dim=0) if prefix is not None
+                   else torch.zeros(B * K, 0, dtype=torch.long, device=device))
+    pool_scores = torch.full((B, G, Kg), float("-inf"), device=device)
+    pool_len = torch.zeros(B, G, Kg, dtype=torch.long, device=device)  # 0: empty slot
+    pool_cand = torch.zeros(B, G, Kg, dtype=torch.long, device=device)  # candidate index at step pool_len - 1
+    # per step t (index t - P): candidate tokens / source beams (B, G, 2Kg), live picks (B, G, Kg),
+    # attention (B, G, Kg, A)
     hist_tok: list[Tensor] = []
     hist_src: list[Tensor] = []
     hist_pick: list[Tensor] = []
     hist_att: list[Tensor] = []
     bound_lp = _length_penalty(total, length_penalty)
     steps = P
-    rank: Tensor | None = None
-    new_len: Tensor | None = None
     active = _Active(B, device)  # images whose search is over leave the decoder's batch
     for t in range(P, total):
         logprobs, state, att = decoder.step(prev, state)
+        if constrained:
+            logprobs = apply_constraints(logprobs, constraints, eos=eos, generated=t - P, prev=prev, history=history,
+                                         bad_ids=bad_ids)
         V = logprobs.shape[-1]
-        scores_a = active.take(live_scores)
+        scores_a = active.take(live_scores)  # (Ba, G, Kg)
         Ba = scores_a.shape[0]
-        cand = (scores_a[:, :, None] + logprobs.float().view(Ba, K, V)).view(Ba, K * V)
-        n_cand = min(2 * K, K * V)
-        top_scores, top_idx = torch.topk(cand, n_cand, dim=1)  # (Ba, 2K), sorted
-        src = top_idx // V  # source beam
-        tok = top_idx % V
-        if rank is None:
-            rank = torch.arange(n_cand, device=device)[None, :].expand(B, -1)
-            new_len = torch.empty(B, n_cand, dtype=torch.long, device=device)
+        cand = (scores_a[..., None] + logprobs.float().view(Ba, G, Kg, V)).view(Ba, G, Kg * V)
+        top_scores, tok, src, pick = _rank_groups(cand, V, Kg, eos, diversity_penalty)
+        n_cand = tok.shape[-1]
+        rank = torch.arange(n_cand, device=device)
         hist_tok.append(active.spread(tok))
         hist_src.append(active.spread(src))
         if att is not None:
-            hist_att.append(active.spread(att.float().view(Ba, K, -1)))
+            hist_att.append(active.spread(att.float().view(Ba, G, Kg, -1)))
         is_eos = tok == eos
-        # finished hypotheses: <end> extensions ranked within the top K
-        new_fin = torch.where(is_eos & (rank[:Ba] < K), top_scores / _length_penalty(t + 1, length_penalty),
+        # finished hypotheses: <end> extensions ranked within the top Kg of their group
+        new_fin = torch.where(is_eos & (rank < Kg), top_scores / _length_penalty(t + 1, length_penalty),
                               float("-inf"))
-        merged = torch.cat([active.take(pool_scores), new_fin], dim=1)  # (Ba, K + 2K)
-        pool_a, keep = torch.topk(merged, K, dim=1)
+        merged = torch.cat([active.take(pool_scores), new_fin], dim=2)  # (Ba, G, Kg + 2Kg)
+        pool_a, keep = torch.topk(merged, Kg, dim=2)
         pool_scores = active.put(pool_scores, pool_a)
-        pool_len = active.put(pool_len, torch.cat([active.take(pool_len), new_len[:Ba].fill_(t + 1)], dim=1).gather(1, keep))
-        pool_cand = active.put(pool_cand, torch.cat([active.take(pool_cand), rank[:Ba]], dim=1).gather(1, keep))
-        # live beams: the K best extensions that did not end
-        live_a, pick = torch.topk(top_scores.masked_fill(is_eos, float("-inf")), K, dim=1)
+        pool_len = active.put(pool_len, torch.cat([active.take(pool_len), torch.full_like(tok, t + 1)], dim=2)
+                              .gather(2, keep))
+        pool_cand = active.put(pool_cand, torch.cat([active.take(pool_cand), rank.expand_as(tok)], dim=2)
+                               .gather(2, keep))
+        # live beams: the Kg best extensions of each group that did not end
+        live_a = top_scores.gather(2, pick)
         live_scores = active.put(live_scores, live_a)
         hist_pick.append(active.spread(pick))
-        local = torch.arange(Ba, device=device)[:, None]
-        state = decoder.reorder_state(state, (local * K + src.gather(1, pick)).view(-1))
-        prev = tok.gather(1, pick).view(-1)
+        base = (torch.arange(Ba, device=device)[:, None, None] * K + torch.arange(G, device=device)[None, :, None] * Kg)
+        rows = (base + src.gather(2, pick)).view(-1)
+        state = decoder.reorder_state(state, rows)
+        prev = tok.gather(2, pick).view(-1)
+        if history is not None:
+            history = torch.cat([history.index_select(0, rows), prev[:, None]], dim=1)
         steps = t + 1
-        # done: the pool is full and no live beam can still beat its worst entry
-        done = (pool_a[:, -1] > float("-inf")) & (live_a[:, 0] / bound_lp <= pool_a[:, -1])
+        # done: in every group the pool is full and no live beam can still beat its worst entry
+        done = ((pool_a[..., -1] > float("-inf")) & (live_a.amax(dim=2) / bound_lp <= pool_a[..., -1])).all(dim=1)
         n_done = int(done.sum())  # one host sync per step, as the stopping test needs anyway
         if n_done == done.numel():
             break
         if active.should_remove(n_done, done.numel()):
             # their live beams can no longer win: rule them out of the final choice
-            live_scores = active.put(live_scores, live_a.masked_fill(done[:, None], float("-inf")))
-            state, prev = active.remove(done, decoder, state, prev, K)
-    # the pool competes with the live beams (normalised at their current length)
-    live_norm = live_scores / _length_penalty(steps, length_penalty)
-    all_scores = torch.cat([pool_scores, live_norm], dim=1)
-    best = all_scores.argmax(dim=1, keepdim=True)  # (B, 1)
-    live_cand = hist_pick[-1] if hist_pick else torch.zeros(B, K, dtype=torch.long, device=device)
-    all_len = torch.cat([pool_len, torch.full_like(pool_len, steps)], dim=1).gather(1, best).squeeze(1)  # (B,)
-    cursor = torch.cat([pool_cand, live_cand], dim=1).gather(1, best).squeeze(1)  # candidate at step len - 1
-    L = int(all_len.max()) if B else 0
-    tokens = torch.full((B, total), pad, dtype=torch.long, device=device)
-    with_att = bool(hist_att)
-    attention = torch.zeros(B, total, hist_att[0].shape[-1], device=device, dtype=torch.float32) if with_att else None
-    flat = torch.arange(B, device=device)
-    for s in range(steps - 1, P - 1, -1):  # walk the back-pointers from each hypothesis's last token
+            live_scores = active.put(live_scores, live_a.masked_fill(done[:, None, None], float("-inf")))
+            state, prev, history = active.remove(done, decoder, state, prev, K, history)
+    return _trace_back(hist_tok, hist_src, hist_pick, hist_att, pool_scores, pool_len, pool_cand,
+                       live_scores / _length_penalty(steps, length_penalty), steps=steps, total=total, n=N, pad=pad,
+                       prefix=prefix, prefix_att=prefix_att)
+
+
+def _rank_groups(cand: Tensor, V: int, Kg: int, eos: int, diversity_penalty: float
+                 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Per group, the 2Kg best extensions (by score minus the diversity penalty) and the Kg live picks.
+
+    cand (Ba, G, Kg*V) summed log-probabilities. Returns candidate scores (unpenalised), tokens
+    and source beams (Ba, G, 2Kg) in ranking order, and the live picks (Ba, G, Kg) among them.
+    """
+    Ba, G, _ = cand.shape
+    n_cand = min(2 * Kg, Kg * V)
+    if G == 1:
+        top_scores, top_idx = torch.topk(cand, n_cand, dim=2)  # sorted
+        tok = top_idx % V
+        pick = torch.topk(top_scores.masked_fill(tok == eos, float("-inf")), Kg, dim=2).indices
+        return top_scores, tok, top_idx // V, pick
+    counts = torch.zeros(Ba, V, device=cand.device)  # live picks of earlier groups per token, this step
+    out = []
+    for g in range(G):  # groups in turn (G is small); every image at once
+        ranked = cand[:, g]
+        if g and diversity_penalty:
+            ranked = (ranked.view(Ba, Kg, V) - diversity_penalty * counts[:, None, :]).view(Ba, Kg * V)
+        top_ranked, top_idx = torch.topk(ranked, n_cand, dim=1)
+        tok = top_idx % V
+        live, pick = torch.topk(top_ranked.masked_fill(tok == eos, float("-inf")), Kg, dim=1)
+        counts.scatter_add_(1, tok.gather(1, pick), (live > float("-inf")).float())
+        out.append((cand[:, g].gather(1, top_idx), tok, top_idx // V, pick))
+    return tuple(torch.stack(x, dim=1) for x in zip(*out))  # type: ignore[return-value]
+
+
+def _trace_back(hist_tok: list[Tensor], hist_src: list[Tensor], hist_pick: list[Tensor], hist_att: list[Tensor],
+                pool_scores: Tensor, pool_len: Tensor, pool_cand: Tensor, live_norm: Tensor, *, steps: int,
+                total: int, n: int, pad: int, prefix: Tensor | None, prefix_att: list[Tensor | None]
+                ) -> DecodeResult:
+    """The n best of the pool and the live beams (normalised at their current length) per image,
+    rebuilt by walking the back-pointers from each hypothesis's last token."""
+    B, G, Kg = pool_scores.shape
+    K = G * Kg
+    device = pool_scores.device
+    P = 0 if prefix is None else prefix.shape[1]
+    all_scores = torch.cat([pool_scores.view(B, K), live_norm.view(B, K)], dim=1)  # (B, 2K): pool, then live
+    # stable: among equal scores the first wins (argmax's choice), pool before live
+    best_scores, best = torch.sort(all_scores, dim=1, descending=True, stable=True)
+    best_scores, best = best_scores[:, :n].reshape(-1), best[:, :n].reshape(-1)  # (M = B*n,)
+    img = torch.arange(B, device=device).repeat_interleave(n)
+    in_pool = best < K
+    slot = torch.where(in_pool, best, best - K)
+    grp, slot = slot // Kg, slot % Kg
+    live_cand = hist_pick[-1] if hist_pick else torch.zeros(B, G, Kg, dtype=torch.long, device=device)
+    all_len = torch.where(in_pool, pool_len[img, grp, slot], steps)  # (M,)
+    cursor = torch.where(in_pool, pool_cand[img, grp, slot], live_cand[img, grp, slot])  # candidate at step len - 1
+    M = img.shape[0]
+    L = int(all_len.max()) if M else 0
+    tokens = torch.full((M, total), pad, dtype=torch.long, device=device)
+    attention = (torch.zeros(M, total, hist_att[0].shape[-1], device=device, dtype=torch.float32)
+                 if hist_att else None)
+    for s in range(steps - 1, P - 1, -1):
         i = s - P
-        active = s < all_len  # (B,) the hypothesis reaches position s
-        c = cursor[:, None]
-        tokens[:, s] = torch.where(active, hist_tok[i].gather(1, c).squeeze(1), pad)
-        beam = hist_src[i].gather(1, c).squeeze(1)  # (B,) live beam of step s - 1 it extends
+        reach = s < all_len  # (M,) the hypothesis reaches position s
+        tokens[:, s] = torch.where(reach, hist_tok[i][img, grp, cursor], pad)
+        beam = hist_src[i][img, grp, cursor]  # (M,) live beam of step s - 1 (in its group) it extends
         if attention is not None:
-            attention[:, s] = torch.where(active[:, None], hist_att[i][flat, beam], 0.0)
+            attention[:, s] = torch.where(reach[:, None], hist_att[i][img, grp, beam], 0.0)
         if i > 0:
             # hypotheses reaching s follow their pointer; shorter ones keep their last candidate
-            cursor = torch.where(active, hist_pick[i - 1].gather(1, beam[:, None]).squeeze(1), cursor)
+            cursor = torch.where(reach, hist_pick[i - 1][img, grp, beam], cursor)
     if prefix is not None:
         has = (all_len > 0)[:, None]
-        tokens[:, :P] = torch.where(has, prefix, pad)
+        tokens[:, :P] = torch.where(has, prefix[img], pad)
         if attention is not None and prefix_att and prefix_att[0] is not None:
-            attention[:, :P] = torch.where(has[:, :, None], torch.stack(prefix_att, dim=1).float(), 0.0)
-    return DecodeResult(tokens[:, :L], all_len, all_scores.gather(1, best).squeeze(1),
-                        None if attention is None else attention[:, :L])
+            attention[:, :P] = torch.where(has[:, :, None], torch.stack(prefix_att, dim=1).float()[img], 0.0)
+    return DecodeResult(tokens[:, :L], all_len, best_scores, None if attention is None else attention[:, :L])

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from seesay.decoders.base import Decoder, DecoderOutput
-from seesay.decoding import DecodeResult, Greedy, Strategy, decode
+from seesay.decoding import Constraints, DecodeResult, Greedy, Strategy, decode
 from seesay.encoders.base import Encoder, EncoderOutput
 from seesay.errors import SeesayError
 from seesay.registry import build_decoder, build_encoder, register_captioner, takes_option
@@ -97,17 +97,22 @@ class CaptionModel(nn.Module):
 
     @torch.no_grad()
     def generate(self, src: Tensor | EncoderOutput, strategy: Strategy = Greedy(), *, prompt: Any = None,
-                 max_len: int = 50, generator: torch.Generator | None = None) -> DecodeResult:
+                 max_len: int = 50, generator: torch.Generator | None = None, constraints: Constraints | None = None,
+                 num_captions: int = 1) -> DecodeResult:
         """Caption images (or their `encode` features) with `strategy`; `prompt` (text or ids) is
-        forced at the start of every caption; `max_len` counts tokens after it."""
-        from seesay.captioner import prompt_ids
+        forced at the start of every caption; `max_len` counts tokens after it. `constraints`
+        (bad endings as words or ids) hold for every caption; `num_captions` N gives B*N rows,
+        image-major, best first (`seesay.decoding.grouped` regroups them)."""
+        from seesay.captioner import prompt_ids, resolve_constraints
 
         tok = self._require_tokenizer()
+        constraints = resolve_constraints(tok, constraints)
         enc = src if isinstance(src, EncoderOutput) else self.encode(src)
         ids = prompt_ids(tok, prompt)
         prefix = torch.tensor(ids, dtype=torch.long, device=enc.grid.device) if ids else None
         return decode(self.decoder, enc, strategy, bos=tok.bos_id, eos=tok.eos_id, pad=tok.pad_id,
-                      max_len=max_len, prefix=prefix, generator=generator)
+                      max_len=max_len, prefix=prefix, generator=generator, constraints=constraints,
+                      num_captions=num_captions)
 
     # -- training capabilities -----------------------------------------------------------------
     def param_groups(self) -> dict[str, list[nn.Parameter]]:

@@ -62,7 +62,7 @@ from seesay.decoders.titans_mac import (
     reorder_mac_cache,
     set_accelerated_scan,
 )
-from seesay.decoding import DecodeResult, Greedy, Sample, Strategy, decode
+from seesay.decoding import Constraints, DecodeResult, Greedy, Sample, Strategy, decode
 from seesay.encoders.base import IMAGENET_MEAN, IMAGENET_STD, EncoderOutput
 from seesay.errors import SeesayError
 from seesay.registry import register_captioner
@@ -502,7 +502,8 @@ class MultimodalMAC(nn.Module):
 
     @torch.no_grad()
     def generate(self, src: Any, strategy: Strategy | Tensor = Greedy(), *, prompt: Any = None, max_len: int = 50,
-                 generator: torch.Generator | None = None, **token_level: Any) -> DecodeResult | Tensor:
+                 generator: torch.Generator | None = None, constraints: Constraints | None = None,
+                 num_captions: int = 1, **token_level: Any) -> DecodeResult | Tensor:
         """`generate(images or features, strategy=Greedy(), *, prompt=None, max_len=50) ->
         DecodeResult`: captions of `tokenizer`'s ids, each starting with `prompt` (text or ids);
         `max_len` counts the tokens after the prompt; stops at the tokenizer's eos.
@@ -516,15 +517,18 @@ class MultimodalMAC(nn.Module):
                 if "images" in token_level:
                     raise SeesayError("MultimodalMAC.generate: images given twice")
                 token_level["images"] = strategy
-            elif strategy != Greedy() or prompt is not None or max_len != 50:
+            elif (strategy != Greedy() or prompt is not None or max_len != 50 or constraints is not None
+                  or num_captions != 1):
                 raise SeesayError("MultimodalMAC.generate: with token ids first (the token-level call) the "
                                   "options are images=, image_positions=, max_length=, temperature=, top_k=, "
-                                  "top_p=, eos_token_id=; strategy, prompt and max_len need images first")
+                                  "top_p=, eos_token_id=; strategy, prompt and max_len need images first "
+                                  "(so do constraints and num_captions)")
             return self.generate_tokens(src, generator=generator, **token_level)
         _refuse_token_options("generate", token_level)
-        from seesay.captioner import prompt_ids
+        from seesay.captioner import prompt_ids, resolve_constraints
 
         tok = self.tokenizer
+        constraints = resolve_constraints(tok, constraints)
         ids = prompt_ids(tok, prompt)
         bad = sorted({i for i in ids if not 0 <= i < self.num_tokens or i in (tok.eos_id, tok.pad_id)})
         if bad:
@@ -534,7 +538,8 @@ class MultimodalMAC(nn.Module):
             enc = src if isinstance(src, EncoderOutput) else self.encode(src)
             prefix = torch.tensor(ids, dtype=torch.long, device=enc.grid.device) if ids else None
             return decode(MACStepDecoder(self), enc, strategy, bos=tok.bos_id, eos=tok.eos_id, pad=tok.pad_id,
-                          max_len=max_len, prefix=prefix, generator=generator)
+                          max_len=max_len, prefix=prefix, generator=generator, constraints=constraints,
+                          num_captions=num_captions)
 
     def spec(self) -> dict[str, Any]:
         """{"captioner": "multimodal_mac", **constructor options}: plain JSON that rebuilds it."""

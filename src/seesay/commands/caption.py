@@ -28,10 +28,27 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None, help="random seed for sampling")
     p.add_argument("--max-length", type=int, default=50,
                    help="maximum caption length in tokens (not counting the --prompt tokens)")
+    p.add_argument("--min-length", type=int, default=0,
+                   help="no <end> before this many tokens (not counting the --prompt tokens); 0: off")
+    p.add_argument("--no-repeat-ngram-size", type=int, default=0, metavar="N",
+                   help="never repeat an n-gram of N tokens within a caption, the prompt included (0: off)")
+    p.add_argument("--bad-endings", default=None, metavar="WORDS",
+                   help='comma-separated words a caption may not end on (e.g. a,the,with), or "default" for a '
+                        "list of English articles, prepositions and conjunctions; off by default")
+    p.add_argument("--num-captions", type=int, default=1, metavar="N",
+                   help="N captions per image with their scores: the N best beams (N <= --beam-size) or N samples")
+    p.add_argument("--diverse-groups", type=int, default=1, metavar="G",
+                   help="diverse beam search: split the beams into G groups that avoid each other's words "
+                        "(--beam-size divisible by G; 1: plain beam search)")
+    p.add_argument("--diversity-penalty", type=float, default=None, metavar="L",
+                   help="diverse beam search: penalty per beam of an earlier group that chose the same word at "
+                        "the same step (default 0.5; needs --diverse-groups > 1)")
     p.add_argument("--batch-size", type=int, default=16, help="images decoded together")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     p.add_argument("--output", default=None, help="write captions to this file instead of standard output")
-    p.add_argument("--json", action="store_true", help="JSON lines: {image, caption, score}")
+    p.add_argument("--json", action="store_true",
+                   help='JSON lines: {image, caption, score} (with --num-captions N > 1 also "captions": '
+                        '[{caption, score}, ...], best first)')
     p.add_argument("--attention-map", default=None, metavar="OUT.png",
                    help="also draw each word's attention over the image (OUT-<stem>.png for several images)")
 
@@ -66,19 +83,48 @@ def run(args: argparse.Namespace) -> int:
         raise SeesayError("--max-length must be >= 1")
     if args.batch_size < 1:
         raise SeesayError("--batch-size must be >= 1")
+    constraints = constraints_from_args(args)
+    n = args.num_captions
+    if n < 1:
+        raise SeesayError(f"--num-captions must be >= 1, not {n}")
+    groups = args.diverse_groups
+    if groups < 1:
+        raise SeesayError(f"--diverse-groups must be >= 1, not {groups}")
+    if args.diversity_penalty is not None and args.diversity_penalty < 0:
+        raise SeesayError(f"--diversity-penalty must be >= 0, not {args.diversity_penalty}")
+    if groups > 1:
+        if sampling:
+            raise SeesayError("--diverse-groups cannot be combined with --temperature/--top-k/--top-p (sampling)")
+        if beam % groups:
+            raise SeesayError(f"--beam-size {beam} is not divisible by --diverse-groups {groups}")
+    elif args.diversity_penalty is not None:
+        raise SeesayError("--diversity-penalty needs --diverse-groups G > 1 (diverse beam search)")
+    if n > 1 and (greedy or (not sampling and beam == 1)):
+        raise SeesayError(f"--num-captions {n}: greedy decoding gives one caption per image "
+                          "(use --beam-size >= N or sampling)")
+    if n > 1 and not sampling and n > beam:
+        raise SeesayError(f"--num-captions {n} is more than --beam-size {beam} (beam search keeps {beam} captions)")
     check_outputs({"--output": args.output, "--attention-map": args.attention_map})  # before any decoding
     strategy = strategy_from_options(beam_size=beam, length_penalty=args.length_penalty, temperature=args.temperature,
-                                     top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+                                     top_k=args.top_k, top_p=args.top_p, seed=args.seed, diverse_groups=groups,
+                                     diversity_penalty=0.5 if args.diversity_penalty is None else args.diversity_penalty)
     results = caption_files(args.checkpoint, images, strategy, max_len=args.max_length,
-                            batch_size=args.batch_size, device=args.device, prompt=args.prompt)
+                            batch_size=args.batch_size, device=args.device, prompt=args.prompt,
+                            constraints=constraints, num_captions=n)
     lines = []
-    for r in results:
+    for i, r in enumerate(results):
         if r.error is not None:
             print(f"seesay caption: error: {r.error}", file=sys.stderr)
             continue
         if args.json:
-            lines.append(json.dumps({"image": r.image, "caption": r.caption, "score": round(r.score, 4)},
-                                    ensure_ascii=False))
+            if r.rank:
+                continue  # the image's line (written at rank 0) lists them all
+            row = {"image": r.image, "caption": r.caption, "score": round(r.score, 4)}
+            if n > 1:  # an image's N results come together, best first
+                row["captions"] = [{"caption": x.caption, "score": round(x.score, 4)} for x in results[i: i + n]]
+            lines.append(json.dumps(row, ensure_ascii=False))
+        elif n > 1:
+            lines.append(f"{r.image}\t{r.rank + 1}\t{r.caption}")
         else:
             lines.append(r.caption if len(images) == 1 else f"{r.image}\t{r.caption}")
     text = "".join(line + "\n" for line in lines)
@@ -94,6 +140,27 @@ def run(args: argparse.Namespace) -> int:
     if args.attention_map and any(r.error is None for r in results):
         from seesay.viz.visualize import save_attention_maps
 
-        for path in save_attention_maps(args.attention_map, results, args.checkpoint):
+        best = [r for r in results if r.rank == 0]  # one picture per image: its best caption
+        for path in save_attention_maps(args.attention_map, best, args.checkpoint):
             print(f"seesay caption: attention map written to {path}", file=sys.stderr)
     return 1 if results and all(r.error is not None for r in results) else 0
+
+
+def constraints_from_args(args: argparse.Namespace):
+    """--min-length, --no-repeat-ngram-size and --bad-endings as a `seesay.decoding.Constraints`."""
+    from seesay.captioner import DEFAULT_BAD_ENDINGS
+    from seesay.decoding import Constraints
+    from seesay.errors import SeesayError
+
+    for flag, value in (("--min-length", args.min_length), ("--no-repeat-ngram-size", args.no_repeat_ngram_size)):
+        if value < 0:
+            raise SeesayError(f"{flag} must be >= 0 (0: off), not {value}")
+    if args.min_length > args.max_length:
+        raise SeesayError(f"--min-length {args.min_length} is more than --max-length {args.max_length}")
+    words: tuple[str, ...] = ()
+    if args.bad_endings is not None:
+        spec = args.bad_endings.strip()
+        words = DEFAULT_BAD_ENDINGS if spec == "default" else tuple(w.strip() for w in spec.split(",") if w.strip())
+        if not words:
+            raise SeesayError('--bad-endings: no words given (comma-separated words, or "default")')
+    return Constraints(no_repeat_ngram_size=args.no_repeat_ngram_size, min_length=args.min_length, bad_endings=words)

@@ -23,6 +23,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--results", default=None, help='also write the captions here as [{"image_id", "caption"}]'
     )
+    p.add_argument("--num-captions", type=int, default=1, metavar="N",
+                   help='N captions per image (the N best beams, N <= --beam-size): the --results entries get '
+                        '"captions": [{caption, score}, ...], best first; the metrics score the best')
     p.add_argument("--per-image", default=None, help="also write per-image scores here, worst first")
     p.add_argument("--lang", choices=("auto", "en", "zh"), default="auto",
                    help="auto: the data's language (zh for AI Challenger, jieba or Chinese references), else en")  # fmt: skip
@@ -46,6 +49,11 @@ def run(args: argparse.Namespace) -> int:
         raise SeesayError(f"--beam-size must be >= 1, not {args.beam_size}")
     if args.length_penalty < 0:
         raise SeesayError(f"--length-penalty must be >= 0, not {args.length_penalty}")
+    if args.num_captions < 1:
+        raise SeesayError(f"--num-captions must be >= 1, not {args.num_captions}")
+    if args.num_captions > args.beam_size:
+        raise SeesayError(f"--num-captions {args.num_captions} is more than --beam-size {args.beam_size} "
+                          f"(beam search keeps {args.beam_size} captions)")
     output = args.output or default_output(args.checkpoint, args.split)
     ev = evaluate_checkpoint(
         args.checkpoint,
@@ -64,6 +72,7 @@ def run(args: argparse.Namespace) -> int:
         spice_models=args.spice_models,
         device=args.device,
         limit=args.limit,
+        num_captions=args.num_captions,
     )
     print(format_report(ev.report))
     written = [str(x) for x in (output, args.results, args.per_image) if x]
