@@ -15,7 +15,7 @@ from seesay.errors import SeesayError
 from seesay.metrics import CiderD, compute_scores, score_tokenized, tokenize_corpus
 from seesay.metrics.rouge import lcs_length
 from seesay.metrics.synthetic import KINDS, make_corpus
-from seesay.metrics.tokenize import ptb_tokenize
+from seesay.metrics.tokenize import ptb_tokenize, ptb_tokenize_lines
 
 HAVE_JAVA = shutil.which("java") is not None
 
@@ -211,6 +211,53 @@ TRICKY = [  # fmt: skip
 
 TOL = 1e-6
 
+# Captions whose tokens depend on the captions around them in pycocoevalcap's one-file Java call
+# (PTBLexer looks across line breaks): sentence-final single letters and initials before "The"/"A",
+# abbreviations before a capital or at the end of the file, "No." before a number; plus decimals,
+# times, contractions, odd punctuation, upper case and non-ASCII letters.
+HARD_ENDINGS = [
+    "a circled white f.", "5, n and r.", "a sign with the letter b.", "J. R. R. Tolkien wrote it.",
+    "a b.", "a flag of the U.S.", "the U.S.", "made in the u.s.a.", "he met J.R.R. Tolkien.",
+    "cars, vans, trucks etc.", "a Ph.D. student", "at 10:30 a.m.", "a box from Acme Inc.",
+    "it was Jan.", "a street in Calif.", "a shirt with a big X.", "the letter I.", "see fig. 3",
+    "No. 5 on a jersey", "no.  7", "the word NO.", "an é.", "mr. and mrs. smith", "a man named Mr.",
+]
+HARD_STARTS = [
+    "The dog is on the mat.", "A man rides a horse.", "THE BUS IS RED!", "Then a cat jumps.",
+    "An old car.", "Their kite flies.", "However it rains.", "Mr. Smith waves.", "Bob is here.",
+    "<b>bold</b> text", "the dog is on the mat", "It's a dog; it's not a cat.", "I. e. nothing",
+    "3.5 kg of apples", "10:30 on the clock", "\"Quoted\" words (in brackets) [and more]...",
+    "Don't stop -- can't stop!? won't stop...", "Émile's café — naïve ÜBER", "So what?",
+]
+OTHER = [
+    "a man's hat, isn't it?", "price: $3.50 -- 1,000 items", "\"hi\" 'there' `x` (a) [b] {c}",
+    "wait... what?! no!! yes?!", "A DOG ON A SKATEBOARD.", "don't it's can't won't I'd've",
+    "Zürich's straße; ΣΟΦΟΣ and привет.", "a 2-year-old t-shirt at 9:00am", "", "...",
+]
+
+
+def make_hard_corpus(n: int = 90, seed: int = 11) -> tuple[dict[str, str], dict[str, list[str]]]:
+    """Images whose references and candidates end/start with HARD_ENDINGS/HARD_STARTS in every
+    order, so that the lexer's look-ahead across captions (and images) is exercised."""
+    rng = random.Random(seed)
+    pool = HARD_ENDINGS + HARD_STARTS + OTHER
+    results: dict[str, str] = {}
+    refs: dict[str, list[str]] = {}
+    for i in range(n):
+        caps = []
+        for _ in range(rng.randint(2, 5)):
+            caps.append(rng.choice(HARD_ENDINGS) if rng.random() < 0.5 else rng.choice(pool))
+        if rng.random() < 0.6:
+            caps[rng.randrange(len(caps))] = rng.choice(HARD_STARTS)
+        refs[f"h{i}"] = caps
+        results[f"h{i}"] = rng.choice([rng.choice(caps), rng.choice(pool), rng.choice(HARD_ENDINGS)])
+    # the end of each file (an initial keeps its period there; "etc." gets a second one) and, for a
+    # tokenizer that would read references and candidates as one file, a capitalised "The" after it
+    refs[f"h{n - 1}"][-1] = "a circled white f."
+    results[f"h{n - 1}"] = "cars, vans, trucks etc."
+    results["h0"] = "The dog is on the mat."
+    return results, refs
+
 
 @pytest.fixture(scope="module")
 def corpus():
@@ -282,16 +329,16 @@ def test_fast_metrics_equal_pycocoevalcap(tokenized):
 def test_python_tokenizer_equals_java_tokenizer(corpus, tokenized):
     results, refs = corpus
     gts, res = tokenized
-    for key in refs:
-        assert [ptb_tokenize(c) for c in refs[key]] == gts[key], key
-        assert [ptb_tokenize(results[key])] == res[key], key
+    ref_lines = ptb_tokenize_lines([c for caps in refs.values() for c in caps])
+    assert ref_lines == [c for caps in gts.values() for c in caps]
+    assert ptb_tokenize_lines(list(results.values())) == [v[0] for v in res.values()]
 
 
 @pytest.mark.skipif(not HAVE_JAVA, reason="java is not on the PATH")
 def test_python_tokenizer_equals_java_on_hard_cases():
     java = tokenize_corpus({"x": TRICKY}, tokenizer="java")["x"]
-    for line, expected in zip(TRICKY, java):
-        assert ptb_tokenize(line) == expected, line
+    for line, got, expected in zip(TRICKY, ptb_tokenize_lines(TRICKY), java):
+        assert got == expected, line
 
 
 @pytest.mark.skipif(not HAVE_JAVA, reason="java is not on the PATH")
@@ -300,6 +347,75 @@ def test_seesay_java_tokenizer_equals_pycocoevalcap(corpus, tokenized):
     gts, res = tokenized
     assert tokenize_corpus(refs, tokenizer="java") == gts
     assert tokenize_corpus({k: [v] for k, v in results.items()}, tokenizer="java") == res
+
+
+@pytest.fixture(scope="module")
+def hard_corpus():
+    """The generated corpus interleaved with make_hard_corpus's images."""
+    results, refs = make_corpus(66, 5, seed=5)
+    hard_results, hard_refs = make_hard_corpus()
+    keys = list(results)
+    hard_keys = list(hard_results)
+    order = [k for pair in zip(hard_keys, keys) for k in pair] + hard_keys[len(keys) :]
+    order.remove(hard_keys[-1])
+    order.append(hard_keys[-1])  # its captions end both files
+    both_results = {**results, **hard_results}
+    both_refs = {**refs, **hard_refs}
+    return {k: both_results[k] for k in order}, {k: both_refs[k] for k in order}
+
+
+@pytest.fixture(scope="module")
+def hard_oracle(hard_corpus):
+    """pycocoevalcap 1.2 on hard_corpus: its tokens, then BLEU-1..4, ROUGE-L and CIDEr-D."""
+    pytest.importorskip("pycocoevalcap")
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+    from pycocoevalcap.rouge.rouge import Rouge
+
+    results, refs = hard_corpus
+    gts = _oracle_tokenize(refs)
+    res = _oracle_tokenize({k: [v] for k, v in results.items()})
+    with contextlib.redirect_stdout(io.StringIO()):
+        bleu, bleu_per = Bleu(4).compute_score(gts, res)
+        rouge, rouge_per = Rouge().compute_score(gts, res)
+        cider, cider_per = Cider().compute_score(gts, res)
+    corpus = {f"Bleu_{n + 1}": bleu[n] for n in range(4)} | {"ROUGE_L": rouge, "CIDEr": cider}
+    per = {
+        key: {f"Bleu_{n + 1}": bleu_per[n][i] for n in range(4)}
+        | {"ROUGE_L": rouge_per[i], "CIDEr": cider_per[i]}
+        for i, key in enumerate(gts)
+    }
+    return gts, res, corpus, per
+
+
+@pytest.mark.skipif(not HAVE_JAVA, reason="java is not on the PATH")
+def test_hard_corpus_needs_the_look_ahead(hard_corpus, hard_oracle):
+    """The corpus has captions whose pycocoevalcap tokens differ from those of the caption alone."""
+    results, refs = hard_corpus
+    gts = hard_oracle[0]
+    alone = [ptb_tokenize(c) for caps in refs.values() for c in caps]
+    in_file = [c for caps in gts.values() for c in caps]
+    changed = {b for a, b in zip(alone, in_file) if a != b}
+    assert any(t.endswith("circled white f") for t in changed)  # "f." split off before "The ..."
+    assert len(changed) >= 4
+    assert gts[list(results)[-1]][-1] == "a circled white f."  # kept at the end of the file
+    assert list(results)[0] == "h0" and results["h0"].startswith("The ")
+
+
+@pytest.mark.skipif(not HAVE_JAVA, reason="java is not on the PATH")
+@pytest.mark.parametrize("tokenizer", ["python", "java"])
+def test_scores_equal_pycocoevalcap_on_hard_corpus(hard_corpus, hard_oracle, tokenizer):
+    """Both tokenizers, through compute_scores, give pycocoevalcap's tokens and scores per image."""
+    results, refs = hard_corpus
+    gts, res, corpus, per = hard_oracle
+    assert tokenize_corpus(refs, tokenizer=tokenizer) == gts
+    assert tokenize_corpus({k: [v] for k, v in results.items()}, tokenizer=tokenizer) == res
+    report = compute_scores(results, refs, tokenizer=tokenizer)
+    for name, value in corpus.items():
+        assert report.corpus[name] == pytest.approx(value, abs=TOL), name
+    for key in results:
+        for name, value in per[key].items():
+            assert report.per_image[key][name] == pytest.approx(value, abs=TOL), (key, name)
 
 
 @pytest.mark.parametrize(
@@ -312,6 +428,12 @@ def test_seesay_java_tokenizer_equals_pycocoevalcap(corpus, tokenized):
         ("“Café” — naïve 😀 東京", "café naïve 東京"),
         ("", ""),
         ("...", ""),
+        ("a circled white f.", "a circled white f."),
+        ("cars, vans etc.", "cars vans etc."),
+        ("J. R. R. Tolkien. The end", "j. r. r. tolkien the end"),
+        ("a b. The dog", "a b the dog"),
+        ("the U.S. The flag", "the u.s. the flag"),
+        ("No. 5 and no.  6", "no. 5 and no 6"),
     ],
 )
 def test_ptb_tokenize_examples(caption, tokens):

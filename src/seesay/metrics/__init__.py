@@ -19,7 +19,7 @@ from seesay.metrics.core import (
     tokenize_corpus,
 )
 from seesay.metrics.rouge import rouge_score
-from seesay.metrics.tokenize import PUNCTUATIONS, ptb_tokenize
+from seesay.metrics.tokenize import PUNCTUATIONS, ptb_tokenize, ptb_tokenize_lines
 
 __all__ = [
     "FAST_KEYS",
@@ -31,6 +31,7 @@ __all__ = [
     "cider_score",
     "compute_scores",
     "ptb_tokenize",
+    "ptb_tokenize_lines",
     "rouge_score",
     "score_tokenized",
     "tokenize_corpus",

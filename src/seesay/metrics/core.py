@@ -43,8 +43,11 @@ def tokenize_corpus(
 ) -> dict[Any, list[str]]:
     """Tokenise every caption: image id -> list of token strings (tokens joined by spaces).
 
-    English: PTB tokenisation + punctuation removal as pycocoevalcap does ("python" or "java",
-    the latter one process for all captions). Chinese: jieba segmentation, no PTB step.
+    English: PTB tokenisation + punctuation removal as one call of pycocoevalcap's
+    ``PTBTokenizer.tokenize`` does ("python" or "java", the latter one process for all captions):
+    the captions are the lines of one file, in this order, and PTBLexer looks across lines
+    ("white f." before "The dog ..." becomes "white f"), so tokenise references and candidates
+    in separate calls, as pycocoevalcap does. Chinese: jieba segmentation, no PTB step.
     """
     flat = [c for caps in captions.values() for c in caps]
     if lang == "zh":
@@ -56,9 +59,9 @@ def tokenize_corpus(
 
             toks = [" ".join(t for t in line if t not in PUNCTUATIONS) for line in java_ptb_tokenize(flat)]
         elif tokenizer == "python":
-            from seesay.metrics.tokenize import ptb_tokenize
+            from seesay.metrics.tokenize import ptb_tokenize_lines
 
-            toks = [ptb_tokenize(c) for c in flat]
+            toks = ptb_tokenize_lines(flat)
         else:
             raise SeesayError(f"unknown tokenizer {tokenizer!r} (python or java)")
     else:
@@ -151,18 +154,20 @@ def compute_scores(
     if auto:
         tokenizer = "java" if (full and have_java and lang == "en" and jv.pycocoevalcap_dir()) else "python"
     keys = list(results)
-    # one tokenizer run over candidates and references together (one Java process)
-    both = {("r", k): list(references[k]) for k in keys}
-    both.update({("c", k): [results[k]] for k in keys})
+    # references and candidates are tokenised separately (two files, as pycocoevalcap does: the
+    # lexer looks across lines), each in the order of ``results``
+    refs = {k: list(references[k]) for k in keys}
+    cands = {k: [results[k]] for k in keys}
     try:
-        tokens = tokenize_corpus(both, lang=lang, tokenizer=tokenizer)
+        gts = tokenize_corpus(refs, lang=lang, tokenizer=tokenizer)
+        res1 = tokenize_corpus(cands, lang=lang, tokenizer=tokenizer)
     except SeesayError as e:
         if not (auto and tokenizer == "java"):
             raise
         note(f"Java PTB tokenizer failed, used the Python one: {e}")
-        tokens = tokenize_corpus(both, lang=lang, tokenizer="python")
-    gts = {k: tokens[("r", k)] for k in keys}
-    res = {k: tokens[("c", k)][0] for k in keys}
+        gts = tokenize_corpus(refs, lang=lang, tokenizer="python")
+        res1 = tokenize_corpus(cands, lang=lang, tokenizer="python")
+    res = {k: v[0] for k, v in res1.items()}
 
     fast, per_image = score_tokenized(gts, res)
     corpus: dict[str, float | None] = dict.fromkeys(METRIC_KEYS)

@@ -9,10 +9,15 @@ in ``PUNCTUATIONS``. Two implementations are offered:
   quotes, brackets (``(`` -> ``-lrb-``, which pycocoevalcap does *not* remove because it only
   lists upper-case ``-LRB-``), periods after abbreviations and initials, numbers
   (``3.5``, ``1,000``, ``10:30``), hyphenated words, dashes, ellipses, currency, fractions,
-  non-ASCII letters and the characters the Java lexer deletes (emoji). It equals the Java
-  output on the generated test corpus and on the hand-written hard cases in
-  tests/test_metrics.py; rare constructs (unusual Unicode symbols and scripts, emoticons,
-  sentence-final abbreviations followed by a capitalised word) may differ.
+  non-ASCII letters and the characters the Java lexer deletes (emoji). PTBLexer looks past the
+  whitespace, across line breaks, so a caption's tokens depend on the captions after it in the
+  file pycocoevalcap writes (one caption a line): an initial or acronym before "The"/"A"/... loses
+  or doubles its period ("white f." + "The dog" -> "white f ." / "U.S. . the"), an abbreviation
+  such as "etc."/"Inc."/"Jan." gets a second period before a capital or at the end of the file,
+  "No."/"fig." keep theirs only before a number. ``ptb_tokenize_lines`` reproduces this for a
+  list of captions read as one file; ``ptb_tokenize`` reads one caption alone. It equals the Java
+  output on the test corpora of tests/test_metrics.py; rare constructs (unusual Unicode symbols
+  and scripts, emoticons, tokens glued to punctuation) may differ.
 * ``"java"`` (``seesay.metrics.java.java_ptb_tokenize``): the very jar pycocoevalcap ships, one
   ``java`` process for all captions of an evaluation. Exotic Unicode line separators are replaced by spaces first (pycocoevalcap passes
   them through, and the Java lexer then splits the line, which misaligns every later caption).
@@ -24,6 +29,7 @@ evaluation did.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 
 # pycocoevalcap.tokenizer.ptbtokenizer.PUNCTUATIONS, verbatim
 PUNCTUATIONS = frozenset(
@@ -50,11 +56,56 @@ _CHAR_RE = re.compile("|".join(map(re.escape, _CHAR_MAP)))
 # meet). Characters outside the Basic Multilingual Plane (emoji) are deleted too.
 _DELETED = set("\u2012\u20b9\u300c\u300d\u300e\u300f\u3010\u3011")
 
-# PTBLexer abbreviations that keep their period (lower-cased; a subset of its lists)
-_ABBREV = frozenset(
-    "mr mrs ms dr st etc vs inc co jr sr prof mt ft jan feb mar apr jun jul aug sep sept oct nov dec "
-    "corp ltd bros gen gov sen rep rev capt col lt sgt messrs mme mlle ave blvd rd".split()
+# PTBLexer 3.4.1's abbreviations, in its notation: a letter in brackets has that case only, the
+# others match either case. Both keep their period; ABBREV1 ones split it off again (``etc.`` ->
+# ``etc. .``) before a sentence end (two spaces / a line break, or a space and a capital) and within
+# one character of the end of the file. The lists were read off the jar by tokenising every
+# 2-5-letter string and every case variant of each hit.
+_ABBREV1 = (
+    "al [A]z co ct ga jr ky [L]a md mo [P]a rd rt sq sr va vt ala apr [A]rk aug bhd cos dak dec [D]el esq "
+    "est etc ext feb fla fri [I]ll inc ind jan jul jun kan ltd mar mon neb nev nov oct [O]re plc pt[e] pt[y] "
+    "sep seq sys tel [T]ex thu tue wed wis wyo ariz assn bldg blvd bros colo conn corp intl kans [M]ass mich "
+    "minn [M]iss mont okla penn ppt[e] ppt[y] pt[e]s pt[y]s sept tenn tues univ [W]ash wisc calif ppt[e]s "
+    "ppt[y]s thurs bancorp"
 )
+_ABBREV2 = (
+    "cf dr ft lt mr ms mt ph st vs wm adj adm adv ave cie col cpl det drs ens gen gov hon jos maj m[f]g mme "
+    "mrs m[t]g pfc pvt rep rev sen sfc sgt spc ste alex asst atty brig capt cmdr dept elec govs insp invt "
+    "mlle msgr natl pres prof reps sens supt assoc attys comdr lieut profs supts treas messrs"
+)
+
+
+def _abbrev_re(words: str) -> re.Pattern[str]:
+    alts = (re.sub(r"\[(\w)\]", r"(?-i:\1)", w) for w in words.split())
+    return re.compile("(?i:" + "|".join(alts) + ")")
+
+
+_ABBREV1_RE = _abbrev_re(_ABBREV1)
+_ABBREV2_RE = _abbrev_re(_ABBREV2)
+# PTBLexer's whitespace and line breaks (SPACENL)
+_SPNL = "[ \t\u00a0\u2000-\u200a\u3000\n\r\u0085\u2028\u2029\u000b\u000c]"
+# An acronym ("u.s.", and a single letter "f.") is sentence-final when whitespace and one of these
+# words (case-sensitive first letter, as in PTBLexer) or an SGML tag, then whitespace, follow:
+# "f. The" -> "f . the", "U.S. The" -> "u.s. . the". The words were found by tokenising every
+# capitalised 1-5-letter string after "a b." (the longer ones are PTBLexer's).
+_NEXT_WORD = re.compile(
+    _SPNL + "+(?:A(?i:bout|ccording|dditionally|fter|n|s|t)?|B(?i:ut)|E(?i:arlier)|H(?i:e|er|ere|owever)"
+    "|I(?i:f|n|t)|L(?i:ast)|M(?i:any|ore|r\\.|s\\.)|N(?i:ow)|O(?i:nce|ne|ther|ur)|S(?i:he|ince|o|ome|uch)"
+    "|T(?i:hat|he|heir|hen|here|hese|hey|his)|W(?i:e|hen|hile|hat)|Y(?i:et|ou)|</?[A-Za-z!][^>]*>)" + _SPNL
+)
+# a sentence end after an ABBREV1 abbreviation (PTBLexer's SENTEND), less its "space + capital" case
+_SENTEND = re.compile(_SPNL + "(?:" + _SPNL + "|</?[A-Za-z!][^>]*>)")
+_SPNL_CHARS = frozenset(" \t\u00a0\u3000\n\r\u0085\u2028\u2029\u000b\u000c").union(map(chr, range(0x2000, 0x200B)))
+
+
+def _sentence_end(text: str, pos: int) -> bool:
+    """Whether PTBLexer splits the period off an ABBREV1 abbreviation ending at ``text[pos]``."""
+    left = len(text) - pos
+    if left < 2:  # its "{ABBREV1}" rule near the end of the file, unless ",;:" follows
+        return not (left == 1 and text[pos] in ",;:")
+    return bool(_SENTEND.match(text, pos)) or (text[pos] in _SPNL_CHARS and text[pos + 1].isupper())
+
+
 _CLITIC = re.compile(r"(?i)(n't|'s|'re|'ll|'d|'ve|'m)$")
 # a word: letters/digits/underscore joined by - . / @ ? !, by : or , between digits (10:30, 1,000),
 # with apostrophe pieces (split later by _apostrophe_word)
@@ -75,7 +126,11 @@ _KEEP_APOS = re.compile(r"(?i)[a-hj-xz]'[a-z]{2,}|[a-z]+[aeiouy]'[aeiou][a-z]*")
 _N_APOS = re.compile(r"(?i)(\w+?)'n'(\w+)")
 _Y_APOS = re.compile(r"(?i)(y')(\w+)")
 _BRACKETS = {"(": "-lrb-", ")": "-rrb-", "[": "-lsb-", "]": "-rsb-", "{": "-lcb-", "}": "-rcb-", '"': "''"}
-_DOTTED_ABBREV = re.compile(r"(?i)no\.(?=\d)|ph\.d\.")
+# abbreviations that keep their period only before a number ("No. 5", "fig.3")
+_BEFORE_NUMBER = "(?i:ca|no|op|pp|art|figs?|nos|prop)"
+_NUMBER_AFTER = re.compile(_SPNL + "?\\d")
+_DOTTED_ABBREV = re.compile(_BEFORE_NUMBER + r"\.(?=\d)|(?i:ph\.d\.)")
+_BEFORE_NUMBER_RE = re.compile(_BEFORE_NUMBER)
 _TIME_AMPM = re.compile(r"(?i)(\d+:\d+)(am|pm|a\.m\.|p\.m\.)(?![\w])")
 _APOS_YEAR = re.compile(r"(\w+)'(\d\d)")  # 5'10 -> 5 '10
 _SPLIT_WORDS = {"cannot": 3, "gonna": 3, "gotta": 3, "wanna": 3}  # can not, gon na, got ta, wan na
@@ -118,8 +173,10 @@ def _word(text: str, out: list[str]) -> None:
         out.append(text)
 
 
-def _scan(chunk: str, out: list[str], next_chunk: str = "") -> None:
-    """Tokens of one whitespace-free chunk, appended to ``out`` (``next_chunk`` for lookahead)."""
+def _scan(chunk: str, out: list[str], text: str = "", end: int = 0) -> None:
+    """Tokens of one whitespace-free chunk, appended to ``out``. ``text[end:]`` is what follows
+    the chunk in the file PTBLexer reads (the rest of the line, then the next captions): a few
+    of its rules look past the whitespace, across line breaks."""
     i, n = 0, len(chunk)
     while i < n:
         c = chunk[i]
@@ -137,7 +194,9 @@ def _scan(chunk: str, out: list[str], next_chunk: str = "") -> None:
         if c.isalnum() or c == "_":
             m = _ACRONYM.match(rest)
             if m and not (m.end() < len(rest) and rest[m.end()].isalnum()):
-                out.append(m.group(0))  # u.s. e.g. a.m.
+                out.append(m.group(0))  # u.s. e.g. a.m.; "u.s. ." before a sentence
+                if _NEXT_WORD.match(text, end - n + i + m.end()):
+                    out.append(".")
                 i += m.end()
                 continue
             m = _AMP.match(rest)  # AT&T, Q&A
@@ -145,10 +204,12 @@ def _scan(chunk: str, out: list[str], next_chunk: str = "") -> None:
                 out.append(m.group(0))
                 i += m.end()
                 continue
-            m = _DOTTED_ABBREV.match(rest)  # No.5 -> no. 5; ph.d.
+            m = _DOTTED_ABBREV.match(rest)  # No.5 -> no. 5; ph.d. (an ABBREV1)
             if m:
                 out.append(m.group(0))
                 i += m.end()
+                if m.group(0).lower() == "ph.d." and _sentence_end(text, end - n + i):
+                    out.append(".")
                 continue
             m = _TIME_AMPM.match(rest)  # 9:00am -> 9:00 am
             if m:
@@ -157,18 +218,25 @@ def _scan(chunk: str, out: list[str], next_chunk: str = "") -> None:
                 continue
             word = _WORD.match(rest).group(0)
             j = i + len(word)
-            # abbreviations (Mr.) and initials (a.) keep their period; "No." only before a number
+            # abbreviations (Mr.) and initials (a.) keep their period; "No." only before a number;
+            # before a sentence, an initial loses it and an ABBREV1 abbreviation gets a second one
+            extra = False
             if j < n and chunk[j] == ".":
-                low = word.lower()
-                after = chunk[j + 1 : j + 2] or (next_chunk[:1] if j + 1 == n else "")
-                if (
-                    low in _ABBREV
-                    or (len(word) == 1 and word.isascii() and word.isalpha())
-                    or (low == "no" and after.isdigit())
-                ):
+                pos = end - n + j + 1  # just after the period, in text
+                if len(word) == 1 and word.isascii() and word.isalpha():
+                    keep = not _NEXT_WORD.match(text, pos)
+                elif _ABBREV1_RE.fullmatch(word):
+                    keep, extra = True, _sentence_end(text, pos)
+                else:
+                    keep = bool(_ABBREV2_RE.fullmatch(word)) or bool(
+                        _BEFORE_NUMBER_RE.fullmatch(word) and _NUMBER_AFTER.match(text, pos)
+                    )
+                if keep:
                     word += "."
                     j += 1
             _word(word, out)
+            if extra:
+                out.append(".")
             i = j
             continue
         if (
@@ -218,16 +286,38 @@ def _normalise(line: str) -> str:
     return line
 
 
+_CHUNK = re.compile(r"\S+")
+def ptb_tokenize_lines_raw(captions: Sequence[str]) -> list[list[str]]:
+    """PTB tokens (lower-cased, punctuation kept) of captions that PTBLexer reads as the lines of
+    one file, as pycocoevalcap does: a caption's tokens can depend on the captions after it
+    ("... a white f." keeps "f." unless the next line starts with "The dog"; "etc." at the very end
+    of the file becomes "etc. ."), so the order and grouping of captions matter."""
+    lines = [_normalise(c.replace("\n", " ")) for c in captions]
+    text = "\n".join(lines)
+    result = []
+    start = 0
+    for line in lines:
+        out: list[str] = []
+        for m in _CHUNK.finditer(line):
+            _scan(m.group(0), out, text, start + m.end())
+        result.append([t.lower() for t in out])
+        start += len(line) + 1
+    return result
+
+
+def ptb_tokenize_lines(captions: Sequence[str]) -> list[str]:
+    """Captions tokenised together as pycocoevalcap's ``PTBTokenizer.tokenize`` does (one file, one
+    caption a line, in this order), punctuation tokens dropped, tokens joined by single spaces."""
+    return [" ".join(t for t in toks if t not in PUNCTUATIONS) for toks in ptb_tokenize_lines_raw(captions)]
+
+
 def ptb_tokenize_raw(line: str) -> list[str]:
-    """PTB tokens of one caption (lower-cased), before the punctuation tokens are dropped."""
-    out: list[str] = []
-    chunks = _normalise(line).split()
-    for k, chunk in enumerate(chunks):
-        _scan(chunk, out, chunks[k + 1] if k + 1 < len(chunks) else "")
-    return [t.lower() for t in out]
+    """PTB tokens of one caption (lower-cased) read alone, before the punctuation tokens are dropped."""
+    return ptb_tokenize_lines_raw([line])[0]
 
 
 def ptb_tokenize(caption: str) -> str:
-    """One caption as pycocoevalcap's tokenizer returns it: lower-cased PTB tokens without
-    punctuation tokens, joined by single spaces."""
-    return " ".join(t for t in ptb_tokenize_raw(caption.replace("\n", " ")) if t not in PUNCTUATIONS)
+    """One caption as pycocoevalcap's tokenizer returns it when it is the only caption of the
+    call: lower-cased PTB tokens without punctuation tokens, joined by single spaces. For many
+    captions use ``ptb_tokenize_lines`` (PTBLexer looks across captions)."""
+    return ptb_tokenize_lines([caption])[0]
