@@ -435,7 +435,7 @@ def test_evaluate_writes_metrics_beside_the_run_not_in_the_working_directory(wor
 def test_coco_dir_is_prepared_beside_the_run_not_in_the_raw_folder(tmp_path, monkeypatch, caplog):
     import seesay.data.prepare as prepare
     from seesay.config import Config
-    from seesay.train.caption_task import _prepare_if_needed
+    from seesay.train.setup import prepare_if_needed
 
     calls = []
 
@@ -449,15 +449,15 @@ def test_coco_dir_is_prepared_beside_the_run_not_in_the_raw_folder(tmp_path, mon
     raw.mkdir()
     cfg = Config()
     cfg.data.coco_dir, cfg.train.output, cfg.train.progress = str(raw), str(tmp_path / "runs" / "a"), False
-    with caplog.at_level(logging.INFO, logger="seesay.train.caption_task"):
-        _prepare_if_needed(cfg)
+    with caplog.at_level(logging.INFO, logger="seesay.train.setup"):
+        prepare_if_needed(cfg)
     target = tmp_path / "runs" / "a" / "data"
     assert calls == [("coco", target, {"coco_dir": str(raw), "progress": False})]
     assert cfg.data.path == str(target) and list(raw.iterdir()) == []
     assert any(str(target) in r.getMessage() for r in caplog.records)
     cfg2 = Config()  # a second run of the same output reuses it
     cfg2.data.coco_dir, cfg2.train.output = str(raw), str(tmp_path / "runs" / "a")
-    _prepare_if_needed(cfg2)
+    prepare_if_needed(cfg2)
     assert len(calls) == 1 and cfg2.data.path == str(target)
 
 

@@ -84,6 +84,11 @@ class TrainConfig:
     optimizer: str = "adam"  # adam (weight_decay as L2, added to the gradient) | adamw (decoupled decay)
     weight_decay: float = 0.0
     label_smoothing: float = 0.0  # cross-entropy label smoothing (0: none)
+    objective: str = "xe"  # xe (teacher-forced cross-entropy) | scst (self-critical training on CIDEr-D)
+    init: str | None = None  # a checkpoint directory whose weights start the model (same spec; fresh optimizer)
+    scst_samples: int = 5  # scst: captions sampled per image
+    scst_baseline: str = "mean"  # scst: mean (of the image's other samples) | greedy (one greedy caption per image)
+    scst_bleu_weight: float = 0.0  # scst: reward = CIDEr-D + w * BLEU-4
     lr_scheduler: str = "plateau"  # none | plateau (x lr_decay on no improvement) | linear | cosine (to 0 at the end)
     warmup_steps: int = 0  # linear warm-up of every group's rate from 0 over this many optimizer steps
     patience: int = 20  # early stop after this many validations without improvement

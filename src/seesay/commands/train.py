@@ -29,6 +29,11 @@ _FLAGS: dict[str, tuple[str, str]] = {
     "optimizer": ("train", "optimizer"),
     "weight_decay": ("train", "weight_decay"),
     "label_smoothing": ("train", "label_smoothing"),
+    "objective": ("train", "objective"),
+    "init": ("train", "init"),
+    "scst_samples": ("train", "scst_samples"),
+    "scst_baseline": ("train", "scst_baseline"),
+    "scst_bleu_weight": ("train", "scst_bleu_weight"),
     "lr_scheduler": ("train", "lr_scheduler"),
     "warmup_steps": ("train", "warmup_steps"),
     "val_interval": ("train", "val_interval"),
@@ -106,6 +111,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--label-smoothing", type=float, default=S,
                    help="cross-entropy label smoothing: the target keeps 1 - eps, eps is spread over the vocabulary"
                         + default("train", "label_smoothing"))
+    g.add_argument("--objective", choices=["xe", "scst"], default=S,
+                   help="xe: teacher-forced cross-entropy; scst: self-critical training on CIDEr-D, usually after "
+                        "xe with --init RUN/best and a small constant rate, see docs/training.md"
+                        + default("train", "objective"))
+    g.add_argument("--init", metavar="CHECKPOINT", default=S,
+                   help="start from this checkpoint's weights (e.g. RUN/best of a cross-entropy run; same model "
+                        "spec and tokenizer), with a fresh optimizer and schedule (default: none)")
+    g.add_argument("--scst-samples", type=int, default=S,
+                   help="scst: captions sampled per image (a batch holds batch_size // N images)"
+                        + default("train", "scst_samples"))
+    g.add_argument("--scst-baseline", choices=["mean", "greedy"], default=S,
+                   help="scst: mean = the mean reward of the image's other samples (Luo 2020); greedy = the "
+                        "reward of its greedy caption (Rennie et al. 2017)" + default("train", "scst_baseline"))
+    g.add_argument("--scst-bleu-weight", type=float, default=S,
+                   help="scst: reward = CIDEr-D + W x BLEU-4" + default("train", "scst_bleu_weight"))
     g.add_argument("--lr-scheduler", choices=["none", "plateau", "linear", "cosine"], default=S,
                    help="plateau: x --lr-decay after --lr-decay-patience validations without improvement; "
                         "linear / cosine: decay to 0 at the last step" + default("train", "lr_scheduler"))

@@ -18,6 +18,7 @@ variant of Vedantam et al.: tf-idf vectors of 1..4-grams, with
 
 from __future__ import annotations
 
+import copy
 import math
 from collections import Counter, defaultdict
 from collections.abc import Hashable, Iterable, Mapping, Sequence
@@ -70,6 +71,15 @@ class CiderD:
         # idf of every n-gram seen in the corpus; unseen n-grams get ref_len (log(max(1, 0)) = 0)
         self._idf = {g: self.ref_len - math.log(max(1.0, d)) for g, d in document_frequency.items()}
         self._refs = {key: [self._vec(c) for c in ref_counts] for key, ref_counts in counted.items()}
+
+    def with_references(self, references: Mapping[Hashable, Sequence[str]]) -> CiderD:
+        """A scorer with these (tokenised) references and this one's document frequencies, N and idf
+        table (the idf table of a large corpus is built once; SCST rewards score each batch against
+        its own images' references with the training statistics)."""
+        other = copy.copy(self)
+        other._refs = {key: [self._vec(_ngrams(ref.split(), self.n)) for ref in refs]
+                       for key, refs in references.items()}
+        return other
 
     def _vec(self, counts: Counter) -> _Vec:
         weights = {}

@@ -17,9 +17,13 @@ registered family. Two ways to feed it, chosen by whether its image features tra
 Data comes from the data layer (`seesay.data.store.PreparedData`/`SplitStore`, and
 `seesay.data.loader` datasets with their numpy collates); text-only captions
 (`data.text_data_path`) are mixed in as extra batches with an all-zero "no image" encoding
-(`train.data.MixedBatches`). The loss is an objective object (`train.objectives`); validation
-decodes the val images for real (`seesay.captioner.decode_split`) and scores them in the
-language `seesay.captioner.evaluation_lang` picks, the same rule `seesay evaluate` uses.
+(`train.data.MixedBatches`). The loss is an objective object (`train.objectives`): cross-entropy
+(`train.objective: xe`), or self-critical training on CIDEr-D (`scst`, usually with `train.init`
+naming the cross-entropy model's checkpoint), which takes whole images (`batch_size //
+scst_samples` per batch, cached features or images) with their raw references and samples its
+own caption rows. Validation decodes the val images for real (`seesay.captioner.decode_split`)
+and scores them in the language `seesay.captioner.evaluation_lang` picks, the same rule
+`seesay evaluate` uses.
 """
 
 from __future__ import annotations
@@ -53,7 +57,8 @@ from seesay.train.data import (
 )
 from seesay.train.distributed import DistInfo, barrier
 from seesay.train.features import FeatureStore, build_feature_cache, cache_key, encoder_fingerprint
-from seesay.train.objectives import CrossEntropy
+from seesay.train.objectives import CrossEntropy, SelfCritical
+from seesay.train.setup import check_objective, init_weights, prepare_if_needed, resolve_pairs_text
 
 log = logging.getLogger(__name__)
 
@@ -85,10 +90,10 @@ class CaptionTask:
         self.val_data: SplitStore = self.prepared.split(cfg.data.val_split)
         if len(self.train_data) == 0 or len(self.val_data) == 0:
             raise SeesayError(f"{self.data_dir}: the {cfg.data.train_split!r} and {cfg.data.val_split!r} splits need images")
-        self.objective = CrossEntropy(label_smoothing=cfg.train.label_smoothing)
         self.model = self._build_model(model)
         self.tokenizer = self.model.tokenizer  # a family may bring its own (T5's SentencePiece, ...)
         self.eval_lang = evaluation_lang(self.tokenizer, self.manifest, self.val_data.references)
+        self.objective: CrossEntropy | SelfCritical = self._build_objective()
         self.cached = not getattr(self.model, "features_trainable", True) and cfg.train.cache_features
         self.module: torch.nn.Module = self.model  # what trains (DDP wraps it)
         if self.cached:
@@ -103,6 +108,26 @@ class CaptionTask:
                                                or (self.text_rows_per_epoch > 0 and not self.cached))
 
     # -- set-up ---------------------------------------------------------------------------------
+    def _build_objective(self) -> CrossEntropy | SelfCritical:
+        t = self.cfg.train
+        check_objective(self.cfg)
+        if t.objective == "xe":
+            return CrossEntropy(label_smoothing=t.label_smoothing)
+        from seesay.train.reward import CaptionReward, describe
+
+        refs = self.train_data.references
+        kwargs = dict(lang=self.eval_lang, bleu_weight=t.scst_bleu_weight)
+        if self.dist.is_main:  # rank 0 counts (once per dataset) and caches; the others read its file
+            reward = CaptionReward.for_training_data(self.data_dir, self.cfg.data.train_split, refs, **kwargs)
+        barrier()
+        if not self.dist.is_main:
+            reward = CaptionReward.for_training_data(self.data_dir, self.cfg.data.train_split, refs, write=False,
+                                                     **kwargs)
+        if self.dist.is_main:
+            log.info("self-critical training: %d samples per image, %s baseline, reward %s, samples up to %d tokens",
+                     t.scst_samples, t.scst_baseline, describe(reward), t.val_max_len)
+        return SelfCritical(reward, samples=t.scst_samples, baseline=t.scst_baseline, max_len=t.val_max_len)
+
     def _build_model(self, model: Any) -> Any:
         cfg = self.cfg
         if model is None:
@@ -123,6 +148,8 @@ class CaptionTask:
                     log.info("the image model has no pretrained weights: training it with the rest "
                              "(encoder.fine_tune auto; --freeze-encoder keeps it frozen)")
             model.set_fine_tune(bool(fine_tune))
+        if cfg.train.init:  # before resume (which replaces the weights) and before features (cache key)
+            init_weights(model, cfg.train.init, self.device)
         last = self.run_dir / "last" / "model.safetensors"
         if cfg.train.resume and last.is_file():  # before features: a frozen encoder's cache key uses its weights
             model.load_state_dict(read_weights(last, device=str(self.device)))
@@ -138,7 +165,12 @@ class CaptionTask:
                 log.info("captions re-encoded with the model's %s tokenizer (%d tokens)",
                          getattr(self.tokenizer, "kind", type(self.tokenizer).__name__), len(self.tokenizer))
         pad = self.tokenizer.pad_id
-        if self.cached:
+        if self.objective.by_image:  # self-critical: whole images with their references; it samples the rows
+            self.train_set = ImageCaptionDataset(self.prepared, cfg.data.train_split, encoded=encoded,
+                                                 load_images=not self.cached)
+            batch_size = max(1, cfg.train.batch_size // cfg.train.scst_samples)
+            collate = functools.partial(collate_images, pad_id=pad)
+        elif self.cached:
             self.train_set: Dataset = CaptionDataset(self.prepared, cfg.data.train_split, load_images=False,
                                                      encoded=encoded)
             batch_size, collate = cfg.train.batch_size, functools.partial(collate_captions, pad_id=pad)
@@ -166,6 +198,9 @@ class CaptionTask:
         self.text_rows_seen = 0  # by this process, for logs and tests
         if not cfg.data.text_data_path:
             return
+        if self.objective.by_image:
+            raise SeesayError("data.text_data_path (text-only captions) trains with --objective xe only, "
+                              f"not {cfg.train.objective}")
         if cfg.data.text_ratio < 0:
             raise SeesayError(f"data.text_ratio must be >= 0, not {cfg.data.text_ratio}")
         max_len = int(self.manifest.get("max_len", self.train_data.captions.shape[-1] - 2))
@@ -250,6 +285,9 @@ class CaptionTask:
         tokens = batch["captions"].to(dev, non_blocking=True)
         lengths = batch["lengths"].to(dev, non_blocking=True)
         image_rows = None
+        if self.objective.by_image:
+            src = self.train_feats.get(batch["image_index"]) if self.cached else batch["images"].to(dev, non_blocking=True)
+            return self.objective(model, src, batch["references"])
         if batch.get("text_only"):
             self.text_rows_seen += int(tokens.size(0))
             src: Any = self.blank_encoding(int(tokens.size(0)))
@@ -283,52 +321,6 @@ class CaptionTask:
 # ---------------------------------------------------------------------------------------------
 
 
-def _prepare_if_needed(cfg: Config) -> None:
-    """--coco-dir and Titans-style pairs configs: prepare the data once into RUN_DIR/data (the raw
-    dataset folder is only read), then train on it."""
-    from seesay.data.prepare import prepare_dataset
-
-    if cfg.data.path is None and cfg.data.coco_dir is not None:
-        target = Path(cfg.train.output) / "data"
-        legacy = Path(cfg.data.coco_dir) / "prepared"  # where older versions prepared it
-        if not (target / "manifest.json").is_file() and (legacy / "manifest.json").is_file():
-            target = legacy
-            log.info("using the COCO data prepared earlier in %s", target)
-        elif not (target / "manifest.json").is_file():
-            log.info("preparing COCO from %s into %s (other runs can use it with --data %s)", cfg.data.coco_dir,
-                     target, target)
-            prepare_dataset("coco", target, coco_dir=cfg.data.coco_dir, progress=cfg.train.progress)
-        else:
-            log.info("using the COCO data prepared in %s", target)
-        cfg.data.path = str(target)
-    if cfg.data.path is None and cfg.data.pairs_config is not None:
-        from seesay.config import load_yaml
-
-        pairs = load_yaml(cfg.data.pairs_config)
-        base = Path(cfg.data.pairs_config).parent
-        target = Path(cfg.train.output) / "data"
-        if not (target / "manifest.json").is_file():
-            log.info("preparing image/text pairs from %s into %s", cfg.data.pairs_config, target)
-            prepare_dataset("pairs", target, annotations=base / pairs["annotations_file"],
-                            images=base / pairs["image_dir"], min_word_freq=int(pairs.get("min_word_freq", 1)),
-                            progress=cfg.train.progress)
-        cfg.data.path = str(target)
-    if cfg.data.path is None:
-        raise SeesayError("no training data: pass --data DATA_DIR (a prepared dataset) or --coco-dir DIR")
-
-
-def _resolve_pairs_text(cfg: Config) -> None:
-    """A pairs config's optional `text_data_path` (relative to the config file) becomes
-    `data.text_data_path` unless that is set already; runs on every process (cheap)."""
-    if cfg.data.pairs_config is None or cfg.data.text_data_path:
-        return
-    from seesay.config import load_yaml
-
-    pairs = load_yaml(cfg.data.pairs_config)
-    if pairs.get("text_data_path"):
-        cfg.data.text_data_path = str(Path(cfg.data.pairs_config).parent / str(pairs["text_data_path"]))
-
-
 def train_captioner(cfg: Config) -> Any:
     """Train a captioner as `cfg` says; returns the loop's final state. Handles torchrun DDP."""
     from seesay.config import check_model_options, check_ranges
@@ -341,12 +333,13 @@ def train_captioner(cfg: Config) -> Any:
     check_config(cfg.train)  # the loop's settings; the metric names default to CaptionTask.metric_names'
     check_ranges(cfg)
     check_model_options(cfg)
+    check_objective(cfg)
     check_output_dir(cfg.train.output)
     dist = setup_distributed(cfg.train.device)  # --device cuda without a GPU: one line too
     try:
-        _resolve_pairs_text(cfg)
+        resolve_pairs_text(cfg)
         if dist.is_main:
-            _prepare_if_needed(cfg)
+            prepare_if_needed(cfg)
         cfg.data.path = _broadcast_path(cfg.data.path)
         run_dir = Path(cfg.train.output)
         if cfg.train.resume and dist.is_main:
@@ -376,7 +369,8 @@ def train_captioner(cfg: Config) -> Any:
                      len(task.train_data), task.train_data.captions_per_image, task.eval_lang, dist.device,
                      f" x {dist.world_size} processes" if dist.enabled else "")
             encoder = getattr(task.model, "encoder", None)
-            if encoder is not None and not encoder.is_trainable and getattr(encoder, "pretrained", True) is False:
+            if (encoder is not None and not encoder.is_trainable and getattr(encoder, "pretrained", True) is False
+                    and not cfg.train.init):  # --init: the image model learnt in the run it comes from
                 log.warning("the %s encoder has random weights and is frozen: its features carry little; "
                             "pass --fine-tune-encoder (or pretrained weights)", cfg.encoder.name)
         try:

@@ -11,6 +11,10 @@ rows with `lengths` [R]; `image_rows` [R] or None) and returns:
 
 A family's own regulariser arrives in the model output's `extras["aux_loss"]` (already weighted,
 e.g. soft attention's alpha_c * doubly-stochastic term) and is returned as "loss_regulariser".
+
+An objective with `by_image = True` (`SelfCritical`) needs whole images instead of caption rows:
+it is called as `objective(model, src, references)`, `src` one row per image (images or cached
+features) and `references` each image's raw reference sentences, and makes its own caption rows.
 """
 
 from __future__ import annotations
@@ -59,12 +63,123 @@ class CrossEntropy:
             raise SeesayError(f"--label-smoothing must be in [0, 1), not {label_smoothing}")
         self.label_smoothing = float(label_smoothing)
 
+    by_image = False
+
     def __call__(self, model: Any, src: Any, tokens: torch.Tensor, lengths: torch.Tensor,
                  image_rows: torch.Tensor | None = None) -> dict[str, Any]:
         out = model(src, tokens, lengths, image_rows)
         ce, n_tok, hits = token_cross_entropy(out.logits, tokens, lengths, label_smoothing=self.label_smoothing)
         result: dict[str, Any] = {"loss_ce": ce, "top5": hits.double() / n_tok.clamp(min=1),
                                   "n": int(tokens.size(0))}
+        aux = out.extras.get("aux_loss") if out.extras else None
+        if aux is not None:
+            result["loss_regulariser"] = aux
+        return result
+
+
+# ---------------------------------------------------------------------------------------------
+# Self-critical sequence training (Rennie et al. 2017), with the baseline of Luo 2020.
+
+
+def mean_of_others(reward: torch.Tensor, samples: int) -> torch.Tensor:
+    """Each sample's baseline: the mean reward of the other samples of its image (Luo 2020, "A
+    Better Variant of Self-Critical Sequence Training"). `reward` [b * samples], image-major."""
+    if samples < 2:
+        raise SeesayError("the mean baseline needs --scst-samples >= 2")
+    r = reward.view(-1, samples)  # (b, samples)
+    return ((r.sum(1, keepdim=True) - r) / (samples - 1)).reshape(-1)
+
+
+def sequence_logprobs(logits: torch.Tensor, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """[R] sum of log p(token) over each row's real positions (every token after bos, eos included)."""
+    steps = logits.size(1)
+    logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, tokens[:, 1: steps + 1, None]).squeeze(-1)  # (R, T-1)
+    mask = torch.arange(steps, device=logits.device)[None, :] < (lengths.to(logits.device) - 1)[:, None]
+    return torch.where(mask, logp, torch.zeros_like(logp)).sum(1)  # (a -inf logit at padding must not leak)
+
+
+class SelfCritical:
+    """REINFORCE with a baseline on a sequence-level reward (CIDEr-D, `train.reward.CaptionReward`).
+
+    Per step: `samples` captions per image are drawn with the captioner's own `generate`
+    (`Sample(temperature=1)`, its cache / recurrent state, no autograd, eval mode so that they come
+    from the policy validation decodes with, from the global RNG the loop saves for exact resume);
+    they are scored; one teacher-forced `forward` over all of them (train mode, dropout on) gives
+    their log-probabilities; loss = -mean((reward - baseline) * logprob). Baselines: "mean" (the
+    other samples of the image, no extra decoding) or "greedy" (the reward of the image's greedy
+    caption, one more no-grad decode: Rennie et al.'s original).
+
+    With DDP each process scores its own images; the loss is divided by the global number of
+    samples (times the world size, which DDP's gradient averaging undoes), like cross-entropy.
+    The loss is negative whenever the well-rewarded samples are the likely ones: watch "reward".
+    """
+
+    by_image = True
+
+    def __init__(self, reward: Any, *, samples: int = 5, baseline: str = "mean", max_len: int = 20) -> None:
+        if baseline not in ("mean", "greedy"):
+            raise SeesayError(f"--scst-baseline must be mean or greedy, not {baseline!r}")
+        if isinstance(samples, bool) or not isinstance(samples, int) or samples < (2 if baseline == "mean" else 1):
+            raise SeesayError(f"--scst-samples must be an integer >= {2 if baseline == 'mean' else 1} with the "
+                              f"{baseline} baseline, not {samples!r}")
+        self.reward, self.samples, self.baseline, self.max_len = reward, samples, baseline, int(max_len)
+
+    @torch.no_grad()
+    def _decode(self, captioner: Any, enc: Any, strategy: Any) -> tuple[Any, list[str], list[bool]]:
+        res = captioner.generate(enc, strategy, max_len=self.max_len)
+        tok = captioner.tokenizer
+        rows, lengths = res.tokens.cpu().tolist(), res.lengths.cpu().tolist()
+        texts = [tok.decode(row[:n]) for row, n in zip(rows, lengths)]
+        finished = [n > 0 and row[n - 1] == tok.eos_id for row, n in zip(rows, lengths)]
+        return res, texts, finished
+
+    def __call__(self, model: Any, src: Any, references: list[list[str]]) -> dict[str, Any]:
+        from seesay.captioner import device_of
+        from seesay.checkpoint import unwrap
+        from seesay.decoding import Greedy, Sample
+
+        captioner = unwrap(model)
+        tok = captioner.tokenizer
+        n_images, k = len(references), self.samples
+        device = device_of(captioner)
+        image_rows = torch.arange(n_images, device=device).repeat_interleave(k)  # (R,) image-major
+        was_training = captioner.training
+        captioner.eval()
+        try:
+            with torch.no_grad():
+                enc = captioner.encode(src) if isinstance(src, torch.Tensor) else src
+                res, texts, finished = self._decode(captioner, enc.index_select(image_rows), Sample(temperature=1.0))
+                greedy = self._decode(captioner, enc, Greedy()) if self.baseline == "greedy" else None
+        finally:
+            captioner.train(was_training)
+        rows = image_rows.tolist()
+        reward = torch.as_tensor(self.reward(references, texts, finished, rows), dtype=torch.float32, device=device)
+        if greedy is not None:
+            greedy_reward = torch.as_tensor(self.reward(references, greedy[1], greedy[2], list(range(n_images))),
+                                            dtype=torch.float32, device=device)
+            base = greedy_reward[image_rows]
+        else:
+            base = mean_of_others(reward, k)
+
+        # one teacher-forced pass over the samples: bos + sampled tokens (eos included when emitted)
+        bos = torch.full((res.tokens.size(0), 1), tok.bos_id, dtype=res.tokens.dtype, device=res.tokens.device)
+        tokens = torch.cat([bos, res.tokens], 1).to(device)
+        lengths = (res.lengths + 1).to(device)
+        out = model(src, tokens, lengths, image_rows)
+        logprob = sequence_logprobs(out.logits, tokens, lengths)
+        advantage = (reward - base).detach()
+        n_global = torch.tensor(float(logprob.numel()), dtype=torch.float64, device=device)
+        world = 1
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            world = torch.distributed.get_world_size()
+            all_reduce_sum(n_global)
+        loss = -(advantage * logprob).sum() * world / n_global.clamp(min=1).float()
+        result: dict[str, Any] = {"loss_scst": loss, "n": int(logprob.numel()),
+                                  "reward": reward.mean().detach(), "baseline": base.mean().detach(),
+                                  "sample_length": lengths.float().mean() - 1,
+                                  "finished": sum(finished) / max(len(finished), 1)}
+        if greedy is not None:
+            result["greedy_reward"] = greedy_reward.mean().detach()
         aux = out.extras.get("aux_loss") if out.extras else None
         if aux is not None:
             result["loss_regulariser"] = aux
