@@ -61,6 +61,28 @@ def prepared_shapes(root: Any, *, num_images: int = 24, seed: int = 0, image_siz
     return root / "data"
 
 
+def tiny_train_config(data_dir: Any, out: Any, *, encoder: dict[str, Any] | None = None,
+                      decoder: dict[str, Any] | None = None, **train: Any) -> Any:
+    """A `Config` that trains a tiny frozen small CNN + soft attention on `data_dir` into `out` on the
+    CPU: batch 20, 2 epochs, no progress or TensorBoard, validation captions of at most 12 tokens.
+    `encoder` / `decoder` replace builder options; `train` sets any TrainConfig field."""
+    from seesay.config import Config
+
+    cfg = Config()
+    cfg.data.path, cfg.data.workers = str(data_dir), 0
+    cfg.encoder.name = "small_cnn"
+    cfg.encoder.options = {**TINY_ENCODERS["small_cnn"], **(encoder or {})}
+    cfg.encoder.fine_tune = False  # frozen unless a test says otherwise (the default, auto, would train it)
+    cfg.decoder.name = "soft_attention"
+    cfg.decoder.options = {**TINY_DECODERS["soft_attention"], **(decoder or {})}
+    cfg.train.output, cfg.train.batch_size, cfg.train.epochs = str(out), 20, 2
+    cfg.train.progress, cfg.train.tensorboard, cfg.train.device = False, False, "cpu"
+    cfg.train.val_max_len = 12
+    for k, v in train.items():
+        setattr(cfg.train, k, v)
+    return cfg
+
+
 def _tiny_config(table: dict[str, dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
     if name not in table:
         pytest.fail(f"{kind} {name!r} is registered but has no tiny config: add it to TINY_{kind.upper()}S "

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import TINY_DECODERS, TINY_ENCODERS, prepared_shapes
+from conftest import TINY_DECODERS, TINY_ENCODERS, prepared_shapes, tiny_train_config
 from seesay import cli
 from seesay.config import Config
 from seesay.data.tokenize import SPECIALS, Vocab
@@ -33,17 +33,7 @@ def data_dir(tmp_path_factory):
 
 
 def _cfg(data_dir, out, **train) -> Config:
-    cfg = Config()
-    cfg.data.path, cfg.data.workers = str(data_dir), 0
-    cfg.encoder.name, cfg.encoder.options = "small_cnn", dict(TINY_ENCODERS["small_cnn"])
-    cfg.encoder.fine_tune = False
-    cfg.decoder.name, cfg.decoder.options = "soft_attention", dict(TINY_DECODERS["soft_attention"], dropout=0.3)
-    cfg.train.output, cfg.train.batch_size, cfg.train.epochs = str(out), 20, 2
-    cfg.train.progress, cfg.train.tensorboard, cfg.train.device = False, False, "cpu"
-    cfg.train.val_max_len = 12
-    for k, v in train.items():
-        setattr(cfg.train, k, v)
-    return cfg
+    return tiny_train_config(data_dir, out, decoder={"dropout": 0.3}, **train)
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import prepared_shapes
+from conftest import prepared_shapes, tiny_train_config
 from seesay.checkpoint import load_train_state, save_tree
 from seesay.config import Config, TrainConfig
 from seesay.errors import SeesayError
@@ -375,18 +375,9 @@ def data_dir(tmp_path_factory):
 
 
 def _cfg(data_dir, out, **train) -> Config:
-    cfg = Config()
-    cfg.data.path, cfg.data.workers = str(data_dir), 0
-    cfg.encoder.name = "small_cnn"
-    cfg.encoder.options = {"width": 8, "encoded_size": 4, "image_size": 32}
-    cfg.decoder.name = "soft_attention"
-    cfg.decoder.options = {"embed_dim": 16, "attention_dim": 16, "decoder_dim": 16, "dropout": 0.3}
-    cfg.train.output, cfg.train.batch_size = str(out), 10
-    cfg.train.progress, cfg.train.tensorboard, cfg.train.device = False, False, "cpu"
-    cfg.train.val_max_len = 8
-    for k, v in train.items():
-        setattr(cfg.train, k, v)
-    return cfg
+    # a narrower CNN, dropout on, batch 10 (several steps per epoch), the default epochs unless told
+    return tiny_train_config(data_dir, out, encoder={"width": 8}, decoder={"dropout": 0.3},
+                             **{"batch_size": 10, "epochs": None, "val_max_len": 8, **train})
 
 
 def test_resume_mid_warmup_and_mid_accumulation_is_exact(data_dir, tmp_path, monkeypatch):

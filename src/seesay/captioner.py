@@ -122,16 +122,6 @@ def resolve_constraints(tokenizer: Any, constraints: Constraints | None) -> Cons
     return Constraints(constraints.no_repeat_ngram_size, constraints.min_length, tuple(ids))
 
 
-def generate_options(constraints: Constraints | None, num_captions: int) -> dict[str, Any]:
-    """The keyword arguments for `captioner.generate`: only those that are set (see the contract)."""
-    out: dict[str, Any] = {}
-    if constraints is not None and constraints.active:
-        out["constraints"] = constraints
-    if num_captions != 1:
-        out["num_captions"] = int(num_captions)
-    return out
-
-
 def device_of(module: Any) -> torch.device:
     for p in module.parameters():
         return p.device
@@ -184,7 +174,6 @@ def caption_images(captioner: Any, images: Sequence[Any] | Tensor, strategy: Str
     (`seesay.decoding.Constraints`, bad endings as words or ids) hold for every caption.
     """
     n = _check_num_captions(num_captions)
-    options = generate_options(constraints, n)
     if isinstance(images, Tensor) and images.dim() == 4:
         tensors = list(images)
     else:
@@ -199,7 +188,8 @@ def caption_images(captioner: Any, images: Sequence[Any] | Tensor, strategy: Str
             chunk = rows[start: start + batch_size]
             batch = torch.stack([tensors[i] for i in chunk]).to(device)
             feats = captioner.encode(batch)
-            res = captioner.generate(feats, strategy, prompt=prompt, max_len=max_len, **options)
+            res = captioner.generate(feats, strategy, prompt=prompt, max_len=max_len, constraints=constraints,
+                                     num_captions=n)
             caps = results_from(captioner, res, _grid_hw(feats))
             for j, i in enumerate(chunk):
                 out[i] = caps[j] if n == 1 else caps[j * n: (j + 1) * n]
@@ -237,7 +227,6 @@ def decode_batches(captioner: Any, store: Any, strategy: Strategy = Greedy(), *,
     from seesay.progress import progress as progress_display
 
     n = _check_num_captions(num_captions)
-    options = generate_options(constraints, n)
 
     idx_all = list(range(len(store))) if indices is None else [int(i) for i in indices]
     bar = progress_display(len(idx_all), desc="captioning", unit="img", enabled=progress)
@@ -257,7 +246,8 @@ def decode_batches(captioner: Any, store: Any, strategy: Strategy = Greedy(), *,
                     imgs = np.stack([np.asarray(store.images[i]) for i in idx])
                 x = torch.from_numpy(np.ascontiguousarray(imgs.transpose(0, 3, 1, 2))).to(device)
                 feats = captioner.encode(x)
-            res = captioner.generate(feats, strategy, prompt=prompt, max_len=max_len, **options)
+            res = captioner.generate(feats, strategy, prompt=prompt, max_len=max_len, constraints=constraints,
+                                     num_captions=n)
             bar.update(len(idx))
             caps = results_from(captioner, res, _grid_hw(feats))
             if n == 1:
