@@ -29,6 +29,10 @@ VERBS = (
     "plot",
     "report",
     "demo",
+    "serve",
+    "export",
+    "convert",
+    "train-vq",
 )
 
 
@@ -47,9 +51,10 @@ def _available_commands() -> dict[str, object]:
     commands = {}
     for verb in VERBS:
         try:
-            commands[verb] = importlib.import_module(f"seesay.commands.{verb}")
+            module = f"seesay.commands.{verb.replace('-', '_')}"
+            commands[verb] = importlib.import_module(module)
         except ModuleNotFoundError as e:  # a verb whose module is not written yet
-            if e.name != f"seesay.commands.{verb}":
+            if e.name != module:
                 raise
     return commands
 
