@@ -7,7 +7,7 @@ STAMP := $(VENV)/.seesay-installed
 # torch first, pinned, so that no other dependency pulls a different torch build
 TORCH := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: demo test install lint clean
+.PHONY: demo test test-fast install lint clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,6 +23,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q -n 2 --dist loadfile
+
+# the edit loop: everything except the tests marked slow (CI runs `make test`)
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -n 2 --dist loadfile -m "not slow"
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks
