@@ -18,7 +18,11 @@ With `--checkpoint RUN_DIR/best --data DATA_DIR` it times a trained model on the
 end when the model says `<end>`, so lengths vary as in real use and the batched search gains
 from finished images leaving the batch. It also reports the mean caption length.
 
-Each figure is the best of `--repeats` timings (default 3).
+Each figure is the best of `--repeats` timings (default 3). Each decoder also reports the
+multiply-adds per caption of greedy and beam-5 decoding at the measured sizes (counted by
+torch.utils.flop_counter over a few images), the GMAC/s batched beam 5 reaches, and its
+fraction of the matmul roofline (`roofline.py`: large products, and 5-row products, the
+shape of one image's beam step) measured in the same run.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ import sys
 import time
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from seesay.decoding import beam_search, greedy
 from seesay.encoders.base import EncoderOutput
@@ -89,7 +94,28 @@ def time_decoding(dec, enc: EncoderOutput, common: dict, args: argparse.Namespac
     return out
 
 
-def bench_decoder(name: str, preset: dict, args: argparse.Namespace, device: torch.device) -> dict:
+def macs_per_caption(fn, enc: EncoderOutput, images: int = 4) -> float:
+    """Multiply-adds per caption of `fn(enc)` over the first `images` images (FLOPs / 2)."""
+    part = enc.index_select(torch.arange(min(images, enc.grid.shape[0]), device=enc.grid.device))
+    with FlopCounterMode(display=False) as counter:
+        fn(part)
+    return counter.get_total_flops() / 2 / part.grid.shape[0]
+
+
+def add_roofline(out: dict, dec, enc: EncoderOutput, common: dict, roofline: dict | None) -> None:
+    greedy_macs = macs_per_caption(lambda e: greedy(dec, e, **common), enc)
+    beam_macs = macs_per_caption(lambda e: beam_search(dec, e, beam_size=5, **common), enc)
+    out["greedy_mmacs_per_caption"] = round(greedy_macs / 1e6, 1)
+    out["beam5_mmacs_per_caption"] = round(beam_macs / 1e6, 1)
+    out["beam5_gmacs_batched"] = round(beam_macs * out["beam5_captions_per_s"] / 1e9, 2)
+    out["beam5_gmacs_one_at_a_time"] = round(beam_macs * out["beam5_one_at_a_time_captions_per_s"] / 1e9, 2)
+    if roofline:
+        out["beam5_roofline_fraction_batched"] = round(out["beam5_gmacs_batched"] / roofline["peak"], 3)
+        out["beam5_roofline_fraction_one_at_a_time"] = round(out["beam5_gmacs_one_at_a_time"] / roofline["peak"], 3)
+
+
+def bench_decoder(name: str, preset: dict, args: argparse.Namespace, device: torch.device,
+                  roofline: dict | None = None) -> dict:
     torch.manual_seed(0)
     V = preset["vocab"]
     dec = build_decoder(name, vocab_size=V, enc_dim=preset["enc_dim"], **decoder_kwargs(name, preset["dims"]))
@@ -99,6 +125,7 @@ def bench_decoder(name: str, preset: dict, args: argparse.Namespace, device: tor
                         torch.randn(n, preset["enc_dim"], device=device), (g, g))
     common = {"bos": 1, "eos": V + 1, "max_len": args.max_len}  # <end> unreachable: fixed work
     out = time_decoding(dec, enc, common, args, device)
+    add_roofline(out, dec, enc, common, roofline)
     if name == "transformer":
         tokens = n * args.max_len
         out["greedy_tokens_per_s_cached"] = round(tokens / timed(lambda: greedy(dec, enc, **common), device, args.repeats), 1)
@@ -145,12 +172,17 @@ def main() -> None:
                         help="time this trained checkpoint on real images instead of the size presets")
     parser.add_argument("--data", default=None, help="prepared data directory (with --checkpoint)")
     parser.add_argument("--split", default="test", help="split of --data to caption (with --checkpoint)")
+    parser.add_argument("--no-roofline", action="store_true", help="skip measuring the matmul roofline")
     parser.add_argument("--repeats", type=int, default=3,
                         help="time each measurement this many times and keep the fastest (noisy shared machines)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from roofline import measure
+
+    roofline = None if args.no_roofline or args.checkpoint else measure(device, quick=True)
     names = args.decoders or [d for d in list_decoders() if d in ("show_tell", "soft_attention", "adaptive_attention",
                                                                   "transformer")]
     presets = list(PRESETS) if args.preset == "all" else [args.preset]
@@ -161,6 +193,7 @@ def main() -> None:
         # glibc returns big freed blocks to the OS, so every step's large attention tensors page-fault
         # afresh; these variables (or jemalloc/tcmalloc) change CPU figures a lot: record them
         "malloc_env": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_") or k == "LD_PRELOAD"},
+        "roofline_gmacs": roofline,
         "results": {},
     }
     if args.checkpoint:
@@ -174,7 +207,7 @@ def main() -> None:
         for p in presets:
             result["results"][p] = {"sizes": PRESETS[p]}
             for name in names:
-                result["results"][p][name] = bench_decoder(name, PRESETS[p], args, device)
+                result["results"][p][name] = bench_decoder(name, PRESETS[p], args, device, roofline)
                 print(f"{p} {name}: {result['results'][p][name]}", file=sys.stderr, flush=True)
     print(json.dumps(result, indent=2))
 

@@ -4,7 +4,11 @@ For each decoder and size preset it times full training steps (forward, loss, ba
 Adam step) in three feeding modes:
 
 - "cached": a frozen encoder's features are looked up from memory (what `seesay train` does
-  without --fine-tune-encoder: the encoder never runs during an epoch);
+  without --fine-tune-encoder: the encoder never runs during an epoch), one feature row per
+  caption (random caption batches, as the tutorial's);
+- "cached_grouped": the same with B/5 images and their 5 captions each, one feature row per
+  image (`image_rows`): decoders that take `image_rows` do their per-image work (the grid's
+  attention projection, the Transformer's cross-attention keys/values) once per image;
 - "encoder_grouped": the encoder trains and a batch holds B/5 images with their 5 captions
   each, so each image is encoded once per step (what `seesay train --fine-tune-encoder` does);
 - "encoder_per_caption": the encoder trains and every caption brings its own image (the
@@ -14,7 +18,14 @@ Presets: "tutorial" (embed/attention/decoder 512, resnet101-like features 14x14x
 vocabulary 10k; its encoder modes use resnet101 and run only with --tutorial-encoder because
 they are slow on a CPU) and "demo" (small_cnn at 64 px, 8x8 grid, sizes of configs/shapes_demo.yaml).
 
+Each result also has the multiply-adds of one training step per caption (forward and
+backward, counted by torch.utils.flop_counter at the measured sizes, optimizer excluded), the
+GMAC/s that makes, and its fraction of the matmul roofline (`roofline.py`) measured in the same run.
+
     python benchmarks/train_throughput.py [--device cpu|cuda] [--steps 5] [--presets demo tutorial]
+
+To compare two versions of seesay in one run, run this file with PYTHONPATH pointing at each
+version's src/ in turn (it uses only `build_model`, `forward_features` and the objective).
 """
 
 from __future__ import annotations
@@ -26,6 +37,7 @@ import sys
 import time
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from seesay.encoders.base import EncoderOutput
 from seesay.model import build_model
@@ -82,7 +94,7 @@ def _time_steps(step, steps: int, warmup: int, device: torch.device) -> float:
 
 
 def bench(preset: str, decoder: str, mode: str, *, device: torch.device, steps: int, warmup: int,
-          amp: bool) -> dict:
+          amp: bool, peak: float | None = None) -> dict:
     p = PRESETS[preset]
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(0)
@@ -91,30 +103,30 @@ def bench(preset: str, decoder: str, mode: str, *, device: torch.device, steps: 
     B = p["batch"]
     tokens, lengths = _captions(B, p["vocab"], gen)
     tokens, lengths = tokens.to(device), lengths.to(device)
-    if mode == "cached":
+    if mode in ("cached", "cached_grouped"):
         model.encoder.set_fine_tune(False)
         module = model.decoder
         n = p["grid"] ** 2
         bank_grid = torch.randn(64, n, p["enc_dim"], dtype=torch.float16, device=device)
         bank_pooled = bank_grid.float().mean(1).half()
-        idx = torch.randint(0, 64, (B,), generator=gen).to(device)
+        idx = torch.randint(0, 64, (B if mode == "cached" else -(-B // CPI),), generator=gen).to(device)
+        rows = None if mode == "cached" else torch.arange(-(-B // CPI), device=device).repeat_interleave(CPI)[:B]
 
         def forward():
             enc = EncoderOutput(bank_grid[idx].float(), bank_pooled[idx].float(), (p["grid"], p["grid"]))
-            return module(enc, tokens, lengths)
+            return model.forward_features(enc, tokens, lengths, rows)
     else:
         model.encoder.set_fine_tune(True)
         module = model
-        n_images = B // CPI if mode == "encoder_grouped" else B
+        n_images = -(-B // CPI) if mode == "encoder_grouped" else B  # B = 32: 6 images of 5 captions, one of 2
         images = torch.randint(0, 256, (n_images, 3, p["image_size"], p["image_size"]), dtype=torch.uint8,
                                generator=gen).to(device)
         rows = torch.arange(n_images, device=device)
         if mode == "encoder_grouped":
-            rows = rows.repeat_interleave(CPI)
+            rows = rows.repeat_interleave(CPI)[:B]
 
         def forward():
             return module(images, tokens, lengths, rows)
-
     module.train()
     opt = torch.optim.Adam([q for q in module.parameters() if q.requires_grad], lr=1e-4)
     use_amp = amp and device.type == "cuda"
@@ -131,10 +143,24 @@ def bench(preset: str, decoder: str, mode: str, *, device: torch.device, steps: 
         scaler.step(opt)
         scaler.update()
 
+    macs = count_macs(forward, tokens, lengths) / B
     seconds = _time_steps(step, steps, warmup, device)
-    return {"preset": preset, "decoder": decoder, "mode": mode, "batch_captions": B,
-            "images_encoded_per_step": 0 if mode == "cached" else (B // CPI if mode == "encoder_grouped" else B),
-            "captions_per_s": round(B * steps / seconds, 1), "step_ms": round(1000 * seconds / steps, 1)}
+    out = {"preset": preset, "decoder": decoder, "mode": mode, "batch_captions": B,
+           "images_encoded_per_step": 0 if mode.startswith("cached") else (-(-B // CPI) if mode == "encoder_grouped" else B),
+           "captions_per_s": round(B * steps / seconds, 1), "step_ms": round(1000 * seconds / steps, 1),
+           "mmacs_per_caption": round(macs / 1e6, 1), "gmacs_achieved": round(macs * B * steps / seconds / 1e9, 2)}
+    if peak:
+        out["roofline_fraction"] = round(out["gmacs_achieved"] / peak, 3)
+    return out
+
+
+def count_macs(forward, tokens: torch.Tensor, lengths: torch.Tensor) -> float:
+    """Multiply-adds of one forward + backward (FLOPs / 2, as torch's flop counter counts them)."""
+    with FlopCounterMode(display=False) as counter:
+        out = forward()
+        loss, _, _ = caption_loss(out.logits, tokens, lengths)
+        loss.backward()
+    return counter.get_total_flops() / 2
 
 
 def main() -> None:
@@ -146,7 +172,17 @@ def main() -> None:
     ap.add_argument("--decoders", nargs="+", default=None, help="default: every registered one in the presets")
     ap.add_argument("--tutorial-encoder", action="store_true", help="also time resnet101 in the loop (slow on CPU)")
     ap.add_argument("--amp", action="store_true", help="float16 autocast on CUDA")
+    ap.add_argument("--modes", nargs="+", default=None, help="only these feeding modes")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    ap.add_argument("--no-roofline", action="store_true", help="skip measuring the matmul roofline")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
+    from roofline import measure
+
+    roofline = None if args.no_roofline else measure(args.device, quick=True)
+    peak = roofline["peak"] if roofline else None
     from seesay.registry import list_decoders
 
     device = torch.device(args.device)
@@ -155,21 +191,25 @@ def main() -> None:
         for decoder in PRESETS[preset]["decoders"]:
             if decoder not in list_decoders() or (args.decoders and decoder not in args.decoders):
                 continue
-            modes = ["cached"]
+            modes = ["cached", "cached_grouped"]
             if preset == "demo" or args.tutorial_encoder:
                 modes += ["encoder_grouped", "encoder_per_caption"]
             for mode in modes:
-                r = bench(preset, decoder, mode, device=device, steps=args.steps, warmup=args.warmup, amp=args.amp)
+                if args.modes and mode not in args.modes:
+                    continue
+                r = bench(preset, decoder, mode, device=device, steps=args.steps, warmup=args.warmup, amp=args.amp,
+                          peak=peak)
                 results.append(r)
                 print(json.dumps(r), file=sys.stderr, flush=True)  # progress; the summary goes to stdout
     speedups = {}
     for r in results:
-        if r["mode"] == "encoder_grouped":
+        if r["mode"] == "encoder_grouped" and any(x["mode"] == "encoder_per_caption" for x in results):
             per = next(x for x in results if x["preset"] == r["preset"] and x["decoder"] == r["decoder"]
                        and x["mode"] == "encoder_per_caption")
             speedups[f"{r['preset']}/{r['decoder']}"] = round(r["captions_per_s"] / per["captions_per_s"], 2)
     print(json.dumps({"device": str(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
-                      "machine": platform.machine(), "steps": args.steps, "amp": args.amp, "results": results,
+                      "machine": platform.machine(), "steps": args.steps, "amp": args.amp, "roofline_gmacs": roofline,
+                      "results": results,
                       "grouped_vs_per_caption_speedup": speedups}, indent=1))
 
 

@@ -256,3 +256,52 @@ def test_finished_images_leave_the_batch_without_changing_results(name, beam, mo
     torch.testing.assert_close(shrunk.scores, full.scores, atol=1e-5, rtol=0)
     if full.attention is not None:
         torch.testing.assert_close(shrunk.attention, full.attention, atol=1e-5, rtol=0)
+
+
+# -- Constraints.allowed_ids (issue 13's token classes; issue 17 added it) --------------------------
+
+
+@pytest.mark.parametrize("strategy_name", ["greedy", "beam", "diverse", "sample"])
+def test_allowed_ids_restrict_every_strategy(strategy_name):
+    from seesay.decoding import Beam, Constraints, DiverseBeam, Greedy, Sample, decode
+
+    dec = make("soft_attention")
+    strategy = {"greedy": Greedy(), "beam": Beam(3), "diverse": DiverseBeam(4, 2, 1.0),
+                "sample": Sample(temperature=1.5, seed=0)}[strategy_name]
+    free = decode(dec, fake_enc(3), strategy, bos=1, eos=2, max_len=8, constraints=Constraints(min_length=3))
+    used = {t for r, n in zip(free.tokens.tolist(), free.lengths.tolist()) for t in r[:n]} - {2}
+    assert used, "the unconstrained captions should use some tokens (else this test tests nothing)"
+    allowed = tuple(t for t in range(3, V) if t not in used)
+    res = decode(dec, fake_enc(3), strategy, bos=1, eos=2, max_len=8,
+                 constraints=Constraints(min_length=3, allowed_ids=allowed))
+    for row, n in zip(res.tokens.tolist(), res.lengths.tolist()):
+        assert n >= 3 and set(row[:n]) <= {*allowed, 2}
+
+
+def test_allowed_ids_keep_the_model_scores_and_end_when_nothing_is_allowed():
+    from seesay.decoding import Constraints, Greedy, decode
+
+    dec = make("show_tell")
+    enc = fake_enc(2)
+    only_eos = decode(dec, enc, Greedy(), bos=1, eos=2, max_len=6, constraints=Constraints(allowed_ids=()))
+    assert only_eos.tokens[:, 0].tolist() == [2, 2] and only_eos.lengths.tolist() == [1, 1]
+    # min_length bans eos while nothing else is allowed: the row ends rather than pick a forbidden token
+    stuck = decode(dec, enc, Greedy(), bos=1, eos=2, max_len=6, constraints=Constraints(min_length=2, allowed_ids=()))
+    assert stuck.tokens[:, 0].tolist() == [2, 2]
+    res = decode(dec, enc, Greedy(), bos=1, eos=2, max_len=6, constraints=Constraints(allowed_ids=[4, 6]))
+    with torch.no_grad():
+        logprobs, _, _ = dec.step(torch.ones(2, dtype=torch.long), dec.init_state(enc))
+    # the first pick is the model's best among the allowed tokens
+    assert res.tokens[:, 0].tolist() == [[2, 4, 6][i] for i in logprobs[:, [2, 4, 6]].argmax(1).tolist()]
+
+
+def test_allowed_ids_are_validated():
+    from seesay.decoding import Constraints, Greedy, decode
+
+    with pytest.raises(ValueError, match="allowed_ids"):
+        Constraints(allowed_ids=[-1])
+    assert Constraints(allowed_ids=[3, 3, 4]).allowed_ids == (3, 4)
+    assert Constraints(allowed_ids=()).active and not Constraints().active
+    dec = make("show_tell")
+    with pytest.raises(ValueError, match="allowed_ids"):
+        decode(dec, fake_enc(1), Greedy(), bos=1, eos=2, max_len=3, constraints=Constraints(allowed_ids=[10_000]))

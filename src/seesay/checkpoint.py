@@ -27,6 +27,7 @@ must never import `seesay.train`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -192,6 +193,14 @@ def _atomic_replace(tmp: Path, final: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)  # 4
 
 
+def publish_directory(tmp: Path, final: Path) -> None:
+    """Make a finished temporary directory `final`, atomically and durably: permissions as any new
+    file's, everything flushed to disk, then the recoverable rename (`recover_checkpoint`)."""
+    _set_permissions(tmp)
+    _fsync_tree(tmp)
+    _atomic_replace(tmp, final)
+
+
 def recover_checkpoint(path: str | Path) -> Path | None:
     """Finish or undo a checkpoint replacement that was interrupted (see the module doc).
 
@@ -265,9 +274,7 @@ def save_checkpoint(
         (tmp / PREPROCESS_FILE).write_text(json.dumps(preprocess, indent=2))
         if train_state is not None:
             save_tree(tmp / TRAIN_STATE_DIR, train_state)
-        _set_permissions(tmp)
-        _fsync_tree(tmp)
-        _atomic_replace(tmp, path)
+        publish_directory(tmp, path)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
         # disk full, a file size or quota limit: one line, and the previous checkpoint stays as it was
@@ -330,21 +337,97 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     spec = config.get("model")
     if not isinstance(spec, dict):
         raise SeesayError(f"{path / CONFIG_FILE}: no model spec under 'model'")
-    try:
-        model = build_captioner(spec, tokenizer, preprocess, external_weights=False)
-    except SeesayError as e:
-        raise SeesayError(f"{path / CONFIG_FILE}: {e}") from None
-    except (TypeError, ValueError, KeyError) as e:
-        raise SeesayError(f"{path / CONFIG_FILE}: the model spec does not build ({type(e).__name__}: {e})") from None
     state = read_weights(path / MODEL_FILE)
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        first = str(e).strip().splitlines()
-        raise SeesayError(f"{path / MODEL_FILE}: weights do not match the model spec ({' '.join(first[:2])})") from None
+    model = _load_without_init(spec, tokenizer, preprocess, state)
+    if model is None:  # the plain way: build with random initial weights, then copy the saved ones in
+        try:
+            model = build_captioner(spec, tokenizer, preprocess, external_weights=False)
+        except SeesayError as e:
+            raise SeesayError(f"{path / CONFIG_FILE}: {e}") from None
+        except (TypeError, ValueError, KeyError) as e:
+            raise SeesayError(f"{path / CONFIG_FILE}: the model spec does not build ({type(e).__name__}: {e})") from None
+        try:
+            model.load_state_dict(state, strict=True)
+        except RuntimeError as e:
+            first = str(e).strip().splitlines()
+            raise SeesayError(f"{path / MODEL_FILE}: weights do not match the model spec ({' '.join(first[:2])})") from None
     model.to(map_location)
     model.eval()
     return Checkpoint(model, tokenizer, config, preprocess)
+
+
+def _load_without_init(spec: dict[str, Any], tokenizer: Any, preprocess: dict[str, Any], state: dict[str, torch.Tensor]
+                       ) -> torch.nn.Module | None:
+    """The captioner built on the meta device (no memory, no random initialisation) with the saved
+    tensors assigned as its weights, or None when that cannot be done safely (the caller then
+    builds it the plain way, which also reports what is wrong).
+
+    Refused, so the plain way runs: a family that does not build on the meta device, shared
+    (tied) parameters (assigning would untie them), weights that do not match, and any tensor
+    left on the meta device after loading (a non-persistent buffer, or a tensor attribute made
+    in a constructor), which the checkpoint cannot fill.
+    """
+    from seesay.registry import build_captioner
+
+    try:
+        with torch.device("meta"), _no_init():
+            model = build_captioner(spec, tokenizer, preprocess, external_weights=False)
+    except Exception:  # noqa: BLE001 - any failure here only means "use the plain way"
+        return None
+    if not isinstance(model, torch.nn.Module):
+        return None
+    names = [n for n, _ in model.named_parameters(remove_duplicate=False)]
+    if len(names) != len(dict(model.named_parameters())):
+        return None  # tied weights
+    own = model.state_dict()
+    if any(k in own and own[k].dtype != v.dtype for k, v in state.items()):
+        return None  # the plain way converts them to the model's dtypes
+    try:
+        model.load_state_dict(state, strict=True, assign=True)
+    except (RuntimeError, TypeError, ValueError):
+        return None
+    return None if _has_meta_tensors(model) else model
+
+
+_INIT_FUNCTIONS = ("uniform_", "normal_", "trunc_normal_", "constant_", "ones_", "zeros_", "eye_", "dirac_",
+                   "xavier_uniform_", "xavier_normal_", "kaiming_uniform_", "kaiming_normal_", "orthogonal_", "sparse_")
+
+
+@contextlib.contextmanager
+def _no_init():
+    """torch.nn.init's functions as no-ops while a model is built on the meta device: drawing random
+    numbers into meta tensors is pointless, and it is not free: torch implements random fills of
+    meta tensors through torch._refs, whose first use imports torch._dynamo (seconds of cold start)."""
+    import torch.nn.init as init
+
+    saved = {name: getattr(init, name) for name in _INIT_FUNCTIONS if hasattr(init, name)}
+    try:
+        for name in saved:
+            setattr(init, name, lambda tensor, *a, **k: tensor)
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(init, name, fn)
+
+
+def _has_meta_tensors(model: torch.nn.Module) -> bool:
+    def meta(value: Any) -> bool:
+        if isinstance(value, torch.Tensor):
+            return value.is_meta
+        if isinstance(value, list | tuple):
+            return any(meta(v) for v in value)
+        if isinstance(value, dict):
+            return any(meta(v) for v in value.values())
+        return False
+
+    for m in model.modules():
+        for value in vars(m).values():
+            if isinstance(value, torch.nn.Module):
+                continue
+            if meta(value) or (hasattr(value, "__dict__") and not isinstance(value, type)
+                               and any(meta(v) for v in vars(value).values())):
+                return True
+    return False
 
 
 def read_weights(path: str | Path, device: str = "cpu") -> dict[str, torch.Tensor]:

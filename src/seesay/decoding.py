@@ -24,12 +24,14 @@ strategy (sampling when a temperature, top-k or top-p is given, else beam / gree
 Special ids come from the caller's tokenizer (`bos`, `eos`, `pad`); nothing here assumes
 fixed ids. Results are padded with `pad`.
 
-Constraints (`Constraints(no_repeat_ngram_size, min_length, bad_ending_ids)`, `decode(...,
+Constraints (`Constraints(no_repeat_ngram_size, min_length, bad_ending_ids, allowed_ids=)`, `decode(...,
 constraints=)`) hold for every strategy alike: `apply_constraints` masks the step's
 log-probabilities (batched, one call per step) before the strategy picks, so a forbidden token
 is never chosen and scores stay the model's own log-probabilities. N-gram blocking counts the
 prompt as history; `min_length` counts tokens generated after the prompt (eos is masked before);
-a bad ending is a token after which eos is masked (ruotianluo's bad-endings rule). Words are
+a bad ending is a token after which eos is masked (ruotianluo's bad-endings rule); `allowed_ids`
+(None: all) masks every other token but eos at every step (a location answer of `<loc_i>`
+tokens only, a caption without `<img_i>` tokens). Words are
 turned into ids by the captioner (`seesay.captioner.resolve_constraints`), never here. A row
 whose every token is ruled out ends (eos is allowed back) rather than producing garbage.
 
@@ -140,12 +142,15 @@ class Constraints:
     bad_ending_ids        token ids that may not be the last token before eos
     bad_endings           the same as words, for a captioner to turn into ids with its tokenizer
                           (`seesay.captioner.resolve_constraints`); `decode` refuses unresolved words
+    allowed_ids           None: every token; else the only token ids a caption may contain (eos is
+                          always allowed), e.g. only `<loc_i>` tokens for a location answer
     """
 
     no_repeat_ngram_size: int = 0
     min_length: int = 0
     bad_ending_ids: tuple[int, ...] = ()
     bad_endings: tuple[str, ...] = ()
+    allowed_ids: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         for name in ("no_repeat_ngram_size", "min_length"):
@@ -161,10 +166,17 @@ class Constraints:
         words = self.bad_endings
         words = [w for w in words.split(",")] if isinstance(words, str) else list(words)
         object.__setattr__(self, "bad_endings", tuple(dict.fromkeys(str(w).strip() for w in words if str(w).strip())))
+        if self.allowed_ids is not None:
+            allowed = self.allowed_ids
+            allowed = (allowed,) if isinstance(allowed, int) else tuple(allowed)
+            if any(isinstance(i, bool) or int(i) != i or i < 0 for i in allowed):
+                raise ValueError(f"allowed_ids must be token ids >= 0, not {self.allowed_ids!r}")
+            object.__setattr__(self, "allowed_ids", tuple(dict.fromkeys(int(i) for i in allowed)))
 
     @property
     def active(self) -> bool:
-        return bool(self.no_repeat_ngram_size or self.min_length or self.bad_ending_ids or self.bad_endings)
+        return bool(self.no_repeat_ngram_size or self.min_length or self.bad_ending_ids or self.bad_endings
+                    or self.allowed_ids is not None)
 
 
 def strategy_from_options(*, beam_size: int = 1, length_penalty: float = 0.0, temperature: float | None = None,
@@ -267,6 +279,8 @@ def apply_constraints(logprobs: Tensor, constraints: Constraints | None, *, eos:
         return logprobs
     V = logprobs.shape[-1]
     out = logprobs
+    if c.allowed_ids is not None:
+        out = out.masked_fill(~allowed_mask(c.allowed_ids, V, eos, logprobs.device), float("-inf"))
     n = c.no_repeat_ngram_size
     if n and history is not None and history.shape[1] >= n:
         out = out.masked_fill(_repeated_ngram_mask(history, n, V), float("-inf"))
@@ -285,6 +299,16 @@ def apply_constraints(logprobs: Tensor, constraints: Constraints | None, *, eos:
             stuck = ~torch.isfinite(out).any(dim=-1)
             out[:, eos] = torch.where(stuck, logprobs[:, eos], out[:, eos])
     return out
+
+
+def allowed_mask(allowed_ids: tuple[int, ...], vocab: int, eos: int, device: torch.device) -> Tensor:
+    """(V,) True for the tokens `Constraints.allowed_ids` lets a caption use (eos always)."""
+    if any(i >= vocab for i in allowed_ids):
+        raise ValueError(f"Constraints.allowed_ids: {max(allowed_ids)} is not a token id of this "
+                         f"{vocab}-token vocabulary")
+    mask = torch.zeros(vocab, dtype=torch.bool, device=device)
+    mask[torch.tensor([*allowed_ids, eos] if 0 <= eos < vocab else allowed_ids, dtype=torch.long, device=device)] = True
+    return mask
 
 
 def _repeated_ngram_mask(history: Tensor, n: int, vocab: int) -> Tensor:
@@ -574,8 +598,10 @@ def beam_search(decoder: Any, enc: EncoderOutput, *, bos: int, eos: int, beam_si
         history = (prefix.repeat_interleave(K, dim=0) if prefix is not None
                    else torch.zeros(B * K, 0, dtype=torch.long, device=device))
     pool_scores = torch.full((B, G, Kg), float("-inf"), device=device)
-    pool_len = torch.zeros(B, G, Kg, dtype=torch.long, device=device)  # 0: empty slot
-    pool_cand = torch.zeros(B, G, Kg, dtype=torch.long, device=device)  # candidate index at step pool_len - 1
+    # a pool entry's step and candidate in one integer, length * C + candidate (0: empty slot), where
+    # C = 2Kg candidates per group and step (fewer with a tiny vocabulary: set at the first step)
+    C = 2 * Kg
+    pool_code = torch.zeros(B, G, Kg, dtype=torch.long, device=device)
     # per step t (index t - P): candidate tokens / source beams (B, G, 2Kg), live picks (B, G, Kg),
     # attention (B, G, Kg, A)
     hist_tok: list[Tensor] = []
@@ -585,6 +611,11 @@ def beam_search(decoder: Any, enc: EncoderOutput, *, bos: int, eos: int, beam_si
     bound_lp = _length_penalty(total, length_penalty)
     steps = P
     active = _Active(B, device)  # images whose search is over leave the decoder's batch
+    # loop invariants, made once (a beam step is dozens of small operations; at small model sizes
+    # they, not the decoder, set the speed)
+    rank = out_of_top = None
+    group_base = torch.arange(G, device=device)[None, :, None] * Kg
+    base = torch.arange(B, device=device)[:, None, None] * K + group_base  # first row of each (image, group)
     for t in range(P, total):
         logprobs, state, att = decoder.step(prev, state)
         if constrained:
@@ -593,30 +624,28 @@ def beam_search(decoder: Any, enc: EncoderOutput, *, bos: int, eos: int, beam_si
         V = logprobs.shape[-1]
         scores_a = active.take(live_scores)  # (Ba, G, Kg)
         Ba = scores_a.shape[0]
-        cand = (scores_a[..., None] + logprobs.float().view(Ba, G, Kg, V)).view(Ba, G, Kg * V)
+        cand = (logprobs.float().view(Ba, G, Kg, V) + scores_a[..., None]).view(Ba, G, Kg * V)
         top_scores, tok, src, pick = _rank_groups(cand, V, Kg, eos, diversity_penalty)
-        n_cand = tok.shape[-1]
-        rank = torch.arange(n_cand, device=device)
+        if rank is None:
+            C = tok.shape[-1]
+            rank = torch.arange(C, device=device)
+            out_of_top = rank >= Kg  # candidates ranked below Kg never finish
         hist_tok.append(active.spread(tok))
         hist_src.append(active.spread(src))
         if att is not None:
             hist_att.append(active.spread(att.float().view(Ba, G, Kg, -1)))
-        is_eos = tok == eos
         # finished hypotheses: <end> extensions ranked within the top Kg of their group
-        new_fin = torch.where(is_eos & (rank < Kg), top_scores / _length_penalty(t + 1, length_penalty),
-                              float("-inf"))
-        merged = torch.cat([active.take(pool_scores), new_fin], dim=2)  # (Ba, G, Kg + 2Kg)
-        pool_a, keep = torch.topk(merged, Kg, dim=2)
+        new_fin = top_scores.masked_fill((tok != eos) | out_of_top, float("-inf"))
+        if length_penalty:
+            new_fin = new_fin / _length_penalty(t + 1, length_penalty)
+        pool_a, keep = torch.topk(torch.cat([active.take(pool_scores), new_fin], dim=2), Kg, dim=2)
         pool_scores = active.put(pool_scores, pool_a)
-        pool_len = active.put(pool_len, torch.cat([active.take(pool_len), torch.full_like(tok, t + 1)], dim=2)
-                              .gather(2, keep))
-        pool_cand = active.put(pool_cand, torch.cat([active.take(pool_cand), rank.expand_as(tok)], dim=2)
+        pool_code = active.put(pool_code, torch.cat([active.take(pool_code), rank.expand_as(tok) + (t + 1) * C], dim=2)
                                .gather(2, keep))
         # live beams: the Kg best extensions of each group that did not end
         live_a = top_scores.gather(2, pick)
         live_scores = active.put(live_scores, live_a)
         hist_pick.append(active.spread(pick))
-        base = (torch.arange(Ba, device=device)[:, None, None] * K + torch.arange(G, device=device)[None, :, None] * Kg)
         rows = (base + src.gather(2, pick)).view(-1)
         state = decoder.reorder_state(state, rows)
         prev = tok.gather(2, pick).view(-1)
@@ -624,7 +653,8 @@ def beam_search(decoder: Any, enc: EncoderOutput, *, bos: int, eos: int, beam_si
             history = torch.cat([history.index_select(0, rows), prev[:, None]], dim=1)
         steps = t + 1
         # done: in every group the pool is full and no live beam can still beat its worst entry
-        done = ((pool_a[..., -1] > float("-inf")) & (live_a.amax(dim=2) / bound_lp <= pool_a[..., -1])).all(dim=1)
+        worst = pool_a[..., -1]
+        done = ((worst > float("-inf")) & (live_a.amax(dim=2) / bound_lp <= worst)).all(dim=1)
         n_done = int(done.sum())  # one host sync per step, as the stopping test needs anyway
         if n_done == done.numel():
             break
@@ -632,7 +662,8 @@ def beam_search(decoder: Any, enc: EncoderOutput, *, bos: int, eos: int, beam_si
             # their live beams can no longer win: rule them out of the final choice
             live_scores = active.put(live_scores, live_a.masked_fill(done[:, None, None], float("-inf")))
             state, prev, history = active.remove(done, decoder, state, prev, K, history)
-    return _trace_back(hist_tok, hist_src, hist_pick, hist_att, pool_scores, pool_len, pool_cand,
+            base = torch.arange(Ba - n_done, device=device)[:, None, None] * K + group_base
+    return _trace_back(hist_tok, hist_src, hist_pick, hist_att, pool_scores, pool_code // C, pool_code % C,
                        live_scores / _length_penalty(steps, length_penalty), steps=steps, total=total, n=N, pad=pad,
                        prefix=prefix, prefix_att=prefix_att)
 

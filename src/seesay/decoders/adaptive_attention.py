@@ -6,15 +6,29 @@ Regions are projected to the decoder width, V = relu(W_a grid); the LSTM input i
 s_t = sigmoid(W_x x_t + W_h h_{t-1}) * tanh(c_t) competes with the regions in a softmax over
 N+1 scores computed from h_t; its weight beta_t ("how much not to look") is the last column of
 the returned attention. Words come from W_p(dropout(c_hat + h_t)). h and c start at zero.
+
+Teacher forcing computes the regions and their attention projection once per image
+(`image_rows`), the LSTM input's and the sentinel's products with [words; v_g] for every step in
+one product each, and the output layer over every step at once; the loop keeps the recurrence.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from seesay.decoders.base import Decoder, DecoderOutput
-from seesay.decoders.common import decode_order, image_ids, per_row, reorder_rows, restore_order
+from seesay.decoders.common import (
+    decode_order,
+    image_ids,
+    input_gates,
+    lstm_cell,
+    per_row,
+    reorder_rows,
+    row_memory,
+    unpack_steps,
+)
 from seesay.encoders.base import EncoderOutput
 from seesay.layers.attention import SentinelAttention
 from seesay.layers.embedding import WordEmbedding
@@ -23,6 +37,7 @@ from seesay.registry import register_decoder
 
 class AdaptiveAttentionDecoder(Decoder):
     has_sentinel = True
+    takes_image_rows = True
 
     def __init__(self, *, vocab_size: int, enc_dim: int, embed_dim: int = 512, attention_dim: int = 512,
                  decoder_dim: int = 512, dropout: float = 0.5, alpha_c: float = 0.0) -> None:
@@ -42,30 +57,63 @@ class AdaptiveAttentionDecoder(Decoder):
         nn.init.uniform_(self.fc.weight, -0.1, 0.1)
         nn.init.zeros_(self.fc.bias)
 
-    def _start(self, grid: Tensor) -> dict[str, Tensor]:
-        regions = torch.relu(self.region_proj(grid))  # (B, N, H)
-        zeros = grid.new_zeros(grid.shape[0], self.decoder_dim)
-        return {"h": zeros, "c": zeros, "mem_regions": regions, "mem_proj": self.attention.project(regions),
-                "mem_global": torch.relu(self.global_proj(grid.mean(dim=1))), "img": image_ids(grid.shape[0], grid.device)}
+    def _start(self, grid: Tensor, rows: Tensor | None = None) -> dict[str, Tensor]:
+        """grid (M, N, D), one row per image; `rows` [R] the image of each decoder row (None: one row each)."""
+        regions = torch.relu(self.region_proj(grid))  # (M, N, H), once per image
+        proj = self.attention.project(regions)
+        glob = torch.relu(self.global_proj(grid.mean(dim=1)))
+        regions, proj, glob = row_memory(regions, rows), row_memory(proj, rows), row_memory(glob, rows)
+        zeros = grid.new_zeros(regions.shape[0], self.decoder_dim)
+        return {"h": zeros, "c": zeros, "mem_regions": regions, "mem_proj": proj, "mem_global": glob,
+                "img": image_ids(regions.shape[0], grid.device)}
 
-    def _core(self, emb: Tensor, s: dict[str, Tensor], rows: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        h_prev, c_prev = s["h"][:rows], s["c"][:rows]
-        x = torch.cat([emb, per_row(s["mem_global"], rows)], dim=-1)
-        h, c = self.lstm(x, (h_prev, c_prev))
-        sentinel = torch.sigmoid(self.sentinel_x(x) + self.sentinel_h(h_prev)) * torch.tanh(c)
-        context, alpha_hat = self.attention(s["mem_regions"][:rows], s["mem_proj"][:rows], h, sentinel)
-        return h, c, self.fc(self.dropout(context + h)), alpha_hat
+    def _inputs(self, emb: Tensor, glob: Tensor) -> tuple[Tensor, Tensor]:
+        """The LSTM gates' and the sentinel's shares of x = [emb; v_g]: emb ([t,] R, E), glob (R, E)."""
+        E = self.embedding.table.embedding_dim
+        g_gates, g_sent = F.linear(glob, self.lstm.weight_ih[:, E:]), F.linear(glob, self.sentinel_x.weight[:, E:])
+        if emb.dim() == 3:  # (t, R, E): every step of teacher forcing
+            g_gates, g_sent = g_gates[None], g_sent[None]
+        return input_gates(self.lstm, emb, 0, E) + g_gates, F.linear(emb, self.sentinel_x.weight[:, :E]) + g_sent
 
-    def forward(self, enc: EncoderOutput, tokens: Tensor, lengths: Tensor) -> DecoderOutput:
+    def _core(self, x_gates: Tensor, x_sent: Tensor, s: dict[str, Tensor], rows: int
+              ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """One step for the first `rows` rows of the state; x_gates (rows, 4H), x_sent (rows, H) from
+        `_inputs`. Returns h for every row of the state (rows past `rows` unchanged), and c,
+        c_hat + h (the output layer's input) and alpha_hat for the first `rows`.
+
+        As in soft attention, the attention runs over every row of the state, so that teacher
+        forcing never slices the per-image memory (a full-size gradient per step).
+        """
+        h_all = s["h"]
+        h_prev, c_prev = h_all[:rows], s["c"][:rows]
+        h, c = lstm_cell(x_gates + F.linear(h_prev, self.lstm.weight_hh), c_prev)
+        sentinel = torch.sigmoid(x_sent + self.sentinel_h(h_prev)) * torch.tanh(c)
+        R = h_all.shape[0]
+        h_q, sentinel_q = h, sentinel
+        if rows < R:  # finished rows: their old h and no sentinel; their results are dropped
+            h_q, sentinel_q = torch.cat([h, h_all[rows:]]), F.pad(sentinel, (0, 0, 0, R - rows))
+        context, alpha_hat = self.attention(s["mem_regions"], s["mem_proj"], h_q, sentinel_q)
+        return h_q, c, context[:rows] + h, alpha_hat[:rows]
+
+    def forward(self, enc: EncoderOutput, tokens: Tensor, lengths: Tensor,
+                image_rows: Tensor | None = None) -> DecoderOutput:
+        """`enc` holds one row per image when `image_rows` [B] names each caption's image, else one per caption."""
         B, T = tokens.shape
         order, steps, rows_per_step = decode_order(lengths)
-        s = self._start(enc.grid.index_select(0, order))
-        emb = self.embedding(tokens.index_select(0, order)[:, :steps])
-        logits = emb.new_zeros(B, T - 1, self.vocab_size)
-        alphas = emb.new_zeros(B, T - 1, enc.grid.shape[1] + 1)
-        for t, rows in enumerate(rows_per_step):
-            s["h"], s["c"], logits[:rows, t], alphas[:rows, t] = self._core(emb[:rows, t], s, rows)
-        logits, alphas = restore_order(order, logits, alphas)
+        rows = order if image_rows is None else image_rows.to(order.device).index_select(0, order)
+        s = self._start(enc.grid, rows)
+        words = self.embedding(tokens.index_select(0, order)[:, :steps].t())  # (t, B, E), time-major
+        x_gates, x_sent = self._inputs(words, s["mem_global"])
+        x_gates, x_sent = x_gates.unbind(0), x_sent.unbind(0)  # per step, from one product for all steps
+        outs, alphas = [], []
+        for t, n in enumerate(rows_per_step):  # n rows still decoding at step t (sorted longest first)
+            s["h"], s["c"], out, alpha = self._core(x_gates[t][:n], x_sent[t][:n], s, n)
+            outs.append(out)
+            alphas.append(alpha)
+        logits = self.fc(self.dropout(torch.cat(outs))) if outs else s["h"].new_zeros(0, self.vocab_size)
+        logits = unpack_steps(logits, order, rows_per_step, T - 1)
+        alphas = unpack_steps(torch.cat(alphas) if alphas else logits.new_zeros(0, enc.grid.shape[1] + 1), order,
+                              rows_per_step, T - 1)
         extras = {"sentinel_gate": alphas[..., -1]}
         if self.alpha_c > 0:  # Xu et al.'s regulariser on the spatial weights, renormalised without the sentinel
             spatial = alphas[..., :-1] / (1.0 - alphas[..., -1:]).clamp(min=1e-6)
@@ -76,8 +124,10 @@ class AdaptiveAttentionDecoder(Decoder):
         return self._start(enc.grid)
 
     def step(self, prev_tokens: Tensor, state: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor], Tensor]:
-        h, c, logits, alpha_hat = self._core(self.embedding(prev_tokens), state, prev_tokens.shape[0])
-        return torch.log_softmax(logits, dim=-1), {**state, "h": h, "c": c}, alpha_hat
+        rows = prev_tokens.shape[0]
+        x_gates, x_sent = self._inputs(self.embedding(prev_tokens), per_row(state["mem_global"], rows))
+        h, c, out, alpha_hat = self._core(x_gates, x_sent, state, rows)
+        return torch.log_softmax(self.fc(self.dropout(out)), dim=-1), {**state, "h": h, "c": c}, alpha_hat
 
     def reorder_state(self, state: dict[str, Tensor], index: Tensor) -> dict[str, Tensor]:
         return reorder_rows(state, index)

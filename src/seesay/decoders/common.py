@@ -82,3 +82,51 @@ def per_row(mem: Tensor, rows: int) -> Tensor:
 
 def image_ids(batch: int, device: torch.device) -> Tensor:
     return torch.arange(batch, device=device)
+
+
+# -- teacher forcing without per-step work that does not depend on the recurrence --------------
+
+
+def row_memory(mem: Tensor, rows: Tensor | None) -> Tensor:
+    """Per-image tensor `mem` (M, ...) as one row per decoder row: `rows` [R] names each row's image
+    (None: row i is image i). Decoders compute per-image work (grid projections, keys/values) on
+    the M images first and copy the results to their rows here, instead of recomputing it per row."""
+    return mem if rows is None else mem.index_select(0, rows)
+
+
+def lstm_cell(gates: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
+    """nn.LSTMCell's update from its summed pre-activations `gates` (R, 4H) in its order i, f, g, o.
+
+    Teacher forcing computes the parts of `gates` that do not depend on the recurrence (the word
+    embedding's product with W_ih, both biases) for every step in one product before the loop.
+    """
+    i, f, g, o = gates.chunk(4, dim=1)
+    c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+    return torch.sigmoid(o) * torch.tanh(c), c
+
+
+def input_gates(lstm: torch.nn.LSTMCell, x: Tensor, start: int = 0, stop: int | None = None) -> Tensor:
+    """x @ W_ih[:, start:stop].T + b_ih + b_hh: the LSTM input's share of the gates for an input slice
+    (the words of every step at once in teacher forcing)."""
+    bias = lstm.bias_ih + lstm.bias_hh if lstm.bias else None
+    return torch.nn.functional.linear(x, lstm.weight_ih[:, start:stop], bias)
+
+
+def unpack_steps(packed: Tensor, order: Tensor, rows_per_step: list[int], time: int) -> Tensor:
+    """Step-major outputs of a length-sorted loop -> (B, time, X) in the caller's row order.
+
+    `packed` (sum(rows_per_step), X) concatenates step t's outputs for the first rows_per_step[t]
+    sorted rows; sorted row r is the caller's row order[r] (`decode_order`). Positions no step
+    reached are zeros, as the decoder contract asks of padding. One product over `packed` (the
+    output layer) replaces one per step.
+    """
+    B = order.numel()
+    X = packed.shape[-1]
+    out = packed.new_zeros(B * time, X)
+    if packed.shape[0]:
+        counts = torch.tensor(rows_per_step, device=order.device)
+        t = torch.repeat_interleave(torch.arange(len(rows_per_step), device=order.device), counts)
+        starts = torch.cumsum(counts, 0) - counts
+        r = torch.arange(packed.shape[0], device=order.device) - starts.repeat_interleave(counts)
+        out = out.index_copy(0, order[r] * time + t, packed)
+    return out.view(B, time, X)

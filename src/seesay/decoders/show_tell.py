@@ -3,21 +3,34 @@
 # b - batch, t - time, d - encoder width, e - embedding width, h - decoder width
 As in the paper, the image is the LSTM's first input: x_{-1} = BatchNorm(Linear(pooled)),
 and the state after that step is the initial state for the words. No attention.
+
+Teacher forcing computes the words' share of the LSTM gates for every step in one product and
+the output layer over every step at once; the loop runs only the recurrence.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from seesay.decoders.base import Decoder, DecoderOutput
-from seesay.decoders.common import decode_order, reorder_rows, restore_order
+from seesay.decoders.common import (
+    decode_order,
+    input_gates,
+    lstm_cell,
+    reorder_rows,
+    row_memory,
+    unpack_steps,
+)
 from seesay.encoders.base import EncoderOutput
 from seesay.layers.embedding import WordEmbedding
 from seesay.registry import register_decoder
 
 
 class ShowTellDecoder(Decoder):
+    takes_image_rows = True
+
     def __init__(self, *, vocab_size: int, enc_dim: int, embed_dim: int = 512, decoder_dim: int = 512,
                  dropout: float = 0.5) -> None:
         super().__init__()
@@ -35,18 +48,23 @@ class ShowTellDecoder(Decoder):
         h, c = self.lstm(self.image_norm(self.image_proj(pooled)))  # image fed as step -1, from a zero state
         return {"h": h, "c": c}
 
-    def forward(self, enc: EncoderOutput, tokens: Tensor, lengths: Tensor) -> DecoderOutput:
+    def forward(self, enc: EncoderOutput, tokens: Tensor, lengths: Tensor,
+                image_rows: Tensor | None = None) -> DecoderOutput:
+        """`enc` holds one row per image when `image_rows` [B] names each caption's image, else one per caption."""
         B, T = tokens.shape
         order, steps, rows_per_step = decode_order(lengths)
-        s = self._start(enc.pooled.index_select(0, order))
-        emb = self.embedding(tokens.index_select(0, order)[:, :steps])  # (B, t, E)
-        logits = emb.new_zeros(B, T - 1, self.vocab_size)
+        rows = order if image_rows is None else image_rows.to(order.device).index_select(0, order)
+        # per caption row, not per image: BatchNorm's batch statistics count each caption
+        s = self._start(row_memory(enc.pooled, rows))
+        words = self.embedding(tokens.index_select(0, order)[:, :steps].t())  # (t, B, E), time-major
+        word_gates = input_gates(self.lstm, words).unbind(0)  # t x (B, 4H): one product for all steps
         h, c = s["h"], s["c"]
-        for t, rows in enumerate(rows_per_step):
-            h, c = self.lstm(emb[:rows, t], (h[:rows], c[:rows]))
-            logits[:rows, t] = self.fc(self.dropout(h))
-        (logits,) = restore_order(order, logits)
-        return DecoderOutput(logits, None, {})
+        hs = []
+        for t, n in enumerate(rows_per_step):  # n rows still decoding at step t (sorted longest first)
+            h, c = lstm_cell(word_gates[t][:n] + F.linear(h[:n], self.lstm.weight_hh), c[:n])
+            hs.append(h)
+        logits = self.fc(self.dropout(torch.cat(hs))) if hs else h.new_zeros(0, self.vocab_size)
+        return DecoderOutput(unpack_steps(logits, order, rows_per_step, T - 1), None, {})
 
     def init_state(self, enc: EncoderOutput) -> dict[str, Tensor]:
         return self._start(enc.pooled)

@@ -5,15 +5,29 @@ Each step attends with the previous hidden state, gates the context with
 beta = sigmoid(f_beta(h)), and feeds [word embedding; gated context] to an LSTMCell.
 h and c start from the mean region feature. The doubly stochastic regulariser
 alpha_c * mean_b (1 - sum_t alpha_bt)^2 is returned as extras["aux_loss"].
+
+Teacher forcing does outside the step loop what does not depend on the recurrence: the grid's
+attention projection once per image (`image_rows`: several captions of one image share it), the
+words' share of the LSTM gates for every step in one product, and the output layer over every
+step's hidden state in one product. The loop keeps the attention, the gate and the recurrence.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from seesay.decoders.base import Decoder, DecoderOutput
-from seesay.decoders.common import decode_order, image_ids, reorder_rows, restore_order
+from seesay.decoders.common import (
+    decode_order,
+    image_ids,
+    input_gates,
+    lstm_cell,
+    reorder_rows,
+    row_memory,
+    unpack_steps,
+)
 from seesay.encoders.base import EncoderOutput
 from seesay.layers.attention import AdditiveAttention
 from seesay.layers.embedding import WordEmbedding
@@ -21,6 +35,8 @@ from seesay.registry import register_decoder
 
 
 class SoftAttentionDecoder(Decoder):
+    takes_image_rows = True
+
     def __init__(self, *, vocab_size: int, enc_dim: int, embed_dim: int = 512, attention_dim: int = 512,
                  decoder_dim: int = 512, dropout: float = 0.5, alpha_c: float = 0.0) -> None:
         super().__init__()
@@ -37,31 +53,55 @@ class SoftAttentionDecoder(Decoder):
         nn.init.uniform_(self.fc.weight, -0.1, 0.1)
         nn.init.zeros_(self.fc.bias)
 
-    def _start(self, grid: Tensor) -> dict[str, Tensor]:
-        mean = grid.mean(dim=1)
-        return {"h": self.init_h(mean), "c": self.init_c(mean), "mem_grid": grid, "mem_proj": self.attention.project(grid),
+    def _start(self, grid: Tensor, rows: Tensor | None = None) -> dict[str, Tensor]:
+        """grid (M, N, D), one row per image; `rows` [R] the image of each decoder row (None: one row each)."""
+        mean = row_memory(grid.mean(dim=1), rows)
+        proj = row_memory(self.attention.project(grid), rows)  # once per image, then copied to its rows
+        grid = row_memory(grid, rows)
+        return {"h": self.init_h(mean), "c": self.init_c(mean), "mem_grid": grid, "mem_proj": proj,
                 "img": image_ids(grid.shape[0], grid.device)}
 
-    def _core(self, emb: Tensor, s: dict[str, Tensor], rows: int) -> tuple[Tensor, Tensor, Tensor]:
-        h, c = s["h"][:rows], s["c"][:rows]
-        context, alpha = self.attention(s["mem_grid"][:rows], s["mem_proj"][:rows], h)
-        context = torch.sigmoid(self.f_beta(h)) * context
-        h, c = self.lstm(torch.cat([emb, context], dim=-1), (h, c))
-        return h, c, alpha
+    def _core(self, word_gates: Tensor, s: dict[str, Tensor], rows: int, w_context: Tensor
+              ) -> tuple[Tensor, Tensor, Tensor]:
+        """One step for the first `rows` rows of the state; word_gates (rows, 4H) is the words' share
+        of the LSTM gates (`input_gates`), w_context = W_ih[:, E:] (taken once per forward: a slice
+        taken per step would cost a full-size gradient of W_ih per step). Returns h for every row of
+        the state (rows past `rows` unchanged), c and alpha for the first `rows`.
 
-    def forward(self, enc: EncoderOutput, tokens: Tensor, lengths: Tensor) -> DecoderOutput:
+        The attention runs over every row of the state: in teacher forcing the rows that finished
+        (sorted last) are attended to and dropped, because slicing the per-image memory to the rows
+        still running would cost a gradient of the memory's full size at every step.
+        """
+        h_all = s["h"]
+        context, alpha = self.attention(s["mem_grid"], s["mem_proj"], h_all)
+        h = h_all[:rows]
+        context = torch.sigmoid(self.f_beta(h)) * context[:rows]
+        gates = word_gates + F.linear(context, w_context) + F.linear(h, self.lstm.weight_hh)
+        h, c = lstm_cell(gates, s["c"][:rows])
+        if rows < h_all.shape[0]:
+            h = torch.cat([h, h_all[rows:]])
+        return h, c, alpha[:rows]
+
+    def forward(self, enc: EncoderOutput, tokens: Tensor, lengths: Tensor,
+                image_rows: Tensor | None = None) -> DecoderOutput:
+        """`enc` holds one row per image when `image_rows` [B] names each caption's image, else one per caption."""
         B, T = tokens.shape
         order, steps, rows_per_step = decode_order(lengths)
-        s = self._start(enc.grid.index_select(0, order))
-        emb = self.embedding(tokens.index_select(0, order)[:, :steps])  # (B, t, E)
-        logits = emb.new_zeros(B, T - 1, self.vocab_size)
-        alphas = emb.new_zeros(B, T - 1, enc.grid.shape[1])
-        for t, rows in enumerate(rows_per_step):  # rows still decoding at step t (sorted longest first)
-            h, c, alpha = self._core(emb[:rows, t], s, rows)
-            s["h"], s["c"] = h, c
-            logits[:rows, t] = self.fc(self.dropout(h))
-            alphas[:rows, t] = alpha
-        logits, alphas = restore_order(order, logits, alphas)
+        rows = order if image_rows is None else image_rows.to(order.device).index_select(0, order)
+        s = self._start(enc.grid, rows)
+        E = self.embedding.table.embedding_dim
+        words = self.embedding(tokens.index_select(0, order)[:, :steps].t())  # (t, B, E), time-major
+        word_gates = input_gates(self.lstm, words, 0, E).unbind(0)  # t x (B, 4H): one product for all steps
+        w_context = self.lstm.weight_ih[:, E:]
+        hs, alphas = [], []
+        for t, n in enumerate(rows_per_step):  # n rows still decoding at step t (sorted longest first)
+            s["h"], s["c"], alpha = self._core(word_gates[t][:n], s, n, w_context)
+            hs.append(s["h"][:n])
+            alphas.append(alpha)
+        logits = self.fc(self.dropout(torch.cat(hs))) if hs else s["h"].new_zeros(0, self.vocab_size)
+        logits = unpack_steps(logits, order, rows_per_step, T - 1)
+        alphas = unpack_steps(torch.cat(alphas) if alphas else logits.new_zeros(0, enc.grid.shape[1]), order,
+                              rows_per_step, T - 1)
         extras = {}
         if self.alpha_c > 0:
             extras["aux_loss"] = self.alpha_c * ((1.0 - alphas.sum(dim=1)) ** 2).mean()
@@ -71,7 +111,9 @@ class SoftAttentionDecoder(Decoder):
         return self._start(enc.grid)
 
     def step(self, prev_tokens: Tensor, state: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor], Tensor]:
-        h, c, alpha = self._core(self.embedding(prev_tokens), state, prev_tokens.shape[0])
+        E = self.embedding.table.embedding_dim
+        h, c, alpha = self._core(input_gates(self.lstm, self.embedding(prev_tokens), 0, E), state, prev_tokens.shape[0],
+                                 self.lstm.weight_ih[:, E:])
         state = {**state, "h": h, "c": c}
         return torch.log_softmax(self.fc(self.dropout(h)), dim=-1), state, alpha
 

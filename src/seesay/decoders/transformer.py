@@ -11,7 +11,9 @@ hides every padding key from every real position (a key-padding mask would chang
 there) and the batch is trimmed to the longest caption. Decoding keeps a KV cache: each step
 runs one position through the layers, with the grid's cross-attention keys/values computed
 once in init_state. `use_cache=False` recomputes the whole prefix each step (for tests and
-the benchmark).
+the benchmark). Teacher forcing with `image_rows` computes the keys/values once per image too:
+an image's caption rows query its memory together when they come image-major (as the
+image-grouped batches do), else each row gets a copy of its image's keys/values.
 """
 
 from __future__ import annotations
@@ -100,6 +102,8 @@ class DecoderLayer(nn.Module):
 
 
 class TransformerDecoder(Decoder):
+    takes_image_rows = True
+
     def __init__(self, *, vocab_size: int, enc_dim: int, d_model: int = 512, heads: int = 8, layers: int = 3,
                  ff_dim: int = 2048, dropout: float = 0.1) -> None:
         super().__init__()
@@ -138,10 +142,19 @@ class TransformerDecoder(Decoder):
                 attention = att
         return self.fc(self.norm(x)), new_caches, attention
 
-    def forward(self, enc: EncoderOutput, tokens: Tensor, lengths: Tensor) -> DecoderOutput:
+    def forward(self, enc: EncoderOutput, tokens: Tensor, lengths: Tensor,
+                image_rows: Tensor | None = None) -> DecoderOutput:
+        """`enc` holds one row per image when `image_rows` [B] names each caption's image, else one per caption."""
         B, T = tokens.shape
         steps = max(int(lengths.max()) - 1, 0) if B else 0
-        logits, _, attention = self._run(self._embed(tokens[:, :steps], 0), self._memory(enc), None)
+        memory = self._memory(enc)
+        if image_rows is not None:
+            image_rows = image_rows.to(tokens.device)
+            M = enc.grid.shape[0]
+            G = B // M if M and B % M == 0 else 0
+            if not (G and torch.equal(image_rows, torch.arange(M, device=tokens.device).repeat_interleave(G))):
+                memory = [(k.index_select(0, image_rows), v.index_select(0, image_rows)) for k, v in memory]
+        logits, _, attention = self._run(self._embed(tokens[:, :steps], 0), memory, None)
         valid = (torch.arange(steps, device=tokens.device)[None, :] < (lengths.to(tokens.device) - 1)[:, None])
         valid = valid[..., None].to(logits.dtype)
         logits, attention = logits * valid, attention * valid  # padding positions are exact zeros

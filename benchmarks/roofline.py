@@ -1,0 +1,76 @@
+"""What this machine's matrix products reach (GMAC/s), the roofline other benchmarks compare with.
+
+Prints JSON: multiply-adds per second of float32 products at a large shape (the rate a
+well-batched training step can approach) and at 5-row shapes (one image's beam-5 decoding
+step: the LSTM's and the output layer's products at tutorial sizes), measured in this run.
+`train_throughput.py` and `decode_throughput.py` import `measure` and report the fraction of
+the large-shape rate their decoders achieve, counting each decoder's multiply-adds per caption.
+
+    python benchmarks/roofline.py [--device cpu|cuda] [--threads N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+# (rows, inner, out): a large product, and the 5-row products of a beam-5 step at tutorial sizes
+SHAPES = {
+    "large_500x3072x2048": (500, 3072, 2048),
+    "lstm_5x2560x2048": (5, 2560, 2048),
+    "output_5x512x10000": (5, 512, 10000),
+    "lstm_500x2560x2048": (500, 2560, 2048),
+}
+
+
+def gmacs(rows: int, inner: int, out: int, *, device: torch.device, dtype: torch.dtype = torch.float32,
+          min_seconds: float = 0.2, repeats: int = 3) -> float:
+    """Best-of-`repeats` GMAC/s of (rows x inner) @ (inner x out), each timing at least `min_seconds`."""
+    a = torch.randn(rows, inner, device=device, dtype=dtype)
+    b = torch.randn(inner, out, device=device, dtype=dtype)
+    c = torch.empty(rows, out, device=device, dtype=dtype)
+    torch.mm(a, b, out=c)
+    n = 1
+    best = 0.0
+    for _ in range(repeats):
+        while True:
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(n):
+                torch.mm(a, b, out=c)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            dt = time.perf_counter() - t0
+            if dt >= min_seconds:
+                break
+            n *= 2
+        best = max(best, rows * inner * out * n / dt / 1e9)
+    return best
+
+
+def measure(device: torch.device | str = "cpu", *, quick: bool = False) -> dict:
+    """GMAC/s per shape name, plus "peak": the large product's rate (the roofline)."""
+    device = torch.device(device)
+    kw = {"min_seconds": 0.05, "repeats": 2} if quick else {}
+    out = {name: round(gmacs(*shape, device=device, **kw), 2) for name, shape in SHAPES.items()}
+    out["peak"] = out["large_500x3072x2048"]
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--threads", type=int, default=None)
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(json.dumps({"device": args.device, "torch": torch.__version__, "threads": torch.get_num_threads(),
+                      "gmacs": measure(args.device)}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

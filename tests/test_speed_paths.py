@@ -1,0 +1,304 @@
+"""The fast formulations agree with the plain ones they replace (issue 17).
+
+- teacher forcing with the non-recurrent work out of the step loop (words' share of the LSTM
+  gates, output layer over all steps) == a plain per-step loop over nn.LSTMCell, logits and
+  gradients;
+- image-grouped teacher forcing (`image_rows`, one feature row per image) == the same captions
+  with their image's features copied per row;
+- checkpoints load the same weights through the fast path.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from seesay.decoders.common import unpack_steps
+from seesay.encoders.base import EncoderOutput
+from seesay.registry import build_decoder
+
+torch.set_num_threads(1)
+
+V, D, N = 31, 16, 9
+SIZES = {
+    "show_tell": {"embed_dim": 12, "decoder_dim": 20},
+    "soft_attention": {"embed_dim": 12, "attention_dim": 14, "decoder_dim": 20},
+    "adaptive_attention": {"embed_dim": 12, "attention_dim": 14, "decoder_dim": 20},
+    "transformer": {"d_model": 16, "heads": 2, "layers": 2, "ff_dim": 32},
+}
+TOL = {"atol": 1e-5, "rtol": 1e-4}
+
+
+def _enc(n: int, seed: int = 0) -> EncoderOutput:
+    g = torch.Generator().manual_seed(seed)
+    grid = torch.randn(n, N, D, generator=g)
+    return EncoderOutput(grid, grid.mean(1), (3, 3))
+
+
+def _captions(lengths: list[int], seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    T = max(lengths) + 2  # extra padding columns: logits beyond the longest caption stay zero
+    tokens = torch.zeros(len(lengths), T, dtype=torch.long)
+    for i, L in enumerate(lengths):
+        tokens[i, 0], tokens[i, L - 1] = 1, 2
+        tokens[i, 1: L - 1] = torch.randint(4, V, (L - 2,), generator=g)
+    return tokens, torch.tensor(lengths)
+
+
+def _decoder(name: str, **kw) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return build_decoder(name, vocab_size=V, enc_dim=D, **{**SIZES[name], **kw}).eval()
+
+
+# -- plain formulations, written the straightforward way ------------------------------------------
+
+
+def _valid(lengths: torch.Tensor, t: int) -> torch.Tensor:
+    return (t < lengths - 1)[:, None].float()
+
+
+def _plain_show_tell(dec, enc, tokens, lengths):
+    h, c = dec.lstm(dec.image_norm(dec.image_proj(enc.pooled)))
+    emb = dec.embedding(tokens)
+    out = []
+    for t in range(tokens.shape[1] - 1):
+        h, c = dec.lstm(emb[:, t], (h, c))
+        out.append(dec.fc(h) * _valid(lengths, t))
+    return torch.stack(out, 1), None
+
+
+def _plain_soft(dec, enc, tokens, lengths):
+    grid, att = enc.grid, dec.attention
+    mean = grid.mean(1)
+    h, c = dec.init_h(mean), dec.init_c(mean)
+    proj = att.enc_proj(grid)
+    emb = dec.embedding(tokens)
+    out, alphas = [], []
+    for t in range(tokens.shape[1] - 1):
+        alpha = torch.softmax(att.score(torch.relu(proj + att.dec_proj(h)[:, None])).squeeze(-1), -1)
+        context = torch.sigmoid(dec.f_beta(h)) * (alpha[..., None] * grid).sum(1)
+        h, c = dec.lstm(torch.cat([emb[:, t], context], -1), (h, c))
+        out.append(dec.fc(h) * _valid(lengths, t))
+        alphas.append(alpha * _valid(lengths, t))
+    return torch.stack(out, 1), torch.stack(alphas, 1)
+
+
+def _plain_adaptive(dec, enc, tokens, lengths):
+    att = dec.attention
+    regions = torch.relu(dec.region_proj(enc.grid))
+    glob = torch.relu(dec.global_proj(enc.grid.mean(1)))
+    h = c = enc.grid.new_zeros(enc.grid.shape[0], dec.decoder_dim)
+    emb = dec.embedding(tokens)
+    out, alphas = [], []
+    for t in range(tokens.shape[1] - 1):
+        x = torch.cat([emb[:, t], glob], -1)
+        h_new, c = dec.lstm(x, (h, c))
+        sentinel = torch.sigmoid(dec.sentinel_x(x) + dec.sentinel_h(h)) * torch.tanh(c)
+        h = h_new
+        g = att.g_proj(h)
+        z = att.score(torch.tanh(att.v_proj(regions) + g[:, None])).squeeze(-1)
+        z_s = att.score(torch.tanh(att.s_proj(sentinel) + g))
+        a = torch.softmax(torch.cat([z, z_s], -1), -1)
+        context = (a[:, :-1, None] * regions).sum(1) + a[:, -1:] * sentinel
+        out.append(dec.fc(context + h) * _valid(lengths, t))
+        alphas.append(a * _valid(lengths, t))
+    return torch.stack(out, 1), torch.stack(alphas, 1)
+
+
+PLAIN = {"show_tell": _plain_show_tell, "soft_attention": _plain_soft, "adaptive_attention": _plain_adaptive}
+
+
+@pytest.mark.parametrize("name", sorted(PLAIN))
+def test_hoisted_teacher_forcing_equals_the_plain_loop(name):
+    dec = _decoder(name)
+    enc = _enc(5)
+    tokens, lengths = _captions([4, 7, 2, 7, 5])
+    out = dec(enc, tokens, lengths)
+    logits, alphas = PLAIN[name](dec, enc, tokens, lengths)
+    torch.testing.assert_close(out.logits, logits, **TOL)
+    if alphas is not None:
+        torch.testing.assert_close(out.attention, alphas, **TOL)
+    # the gradients of every parameter agree too
+    w = torch.randn_like(logits)
+    new = torch.autograd.grad((out.logits * w).sum(), list(dec.parameters()), allow_unused=True)
+    old = torch.autograd.grad((logits * w).sum(), list(dec.parameters()), allow_unused=True)
+    for (pname, _), a, b in zip(dec.named_parameters(), new, old):
+        assert (a is None) == (b is None), pname
+        if a is not None:
+            torch.testing.assert_close(a, b, **TOL, msg=pname)
+
+
+@pytest.mark.parametrize("name", sorted(SIZES))
+@pytest.mark.parametrize("layout", ["image_major", "shuffled"])
+def test_image_grouped_forward_equals_row_expanded(name, layout):
+    """One feature row per image + image_rows == every caption with its own copy of the features."""
+    dec = _decoder(name, **({"alpha_c": 1.0} if "attention" in name else {}))
+    enc = _enc(3, seed=4)
+    rows = torch.arange(3).repeat_interleave(2) if layout == "image_major" else torch.tensor([2, 0, 1, 0, 2, 1])
+    tokens, lengths = _captions([5, 3, 6, 4, 2, 6], seed=5)
+    grouped_enc = EncoderOutput(enc.grid.clone().requires_grad_(), enc.pooled, enc.grid_hw)
+    expanded_enc = EncoderOutput(enc.grid.clone().requires_grad_(), enc.pooled, enc.grid_hw)
+    grouped = dec(grouped_enc, tokens, lengths, image_rows=rows)
+    expanded = dec(expanded_enc.index_select(rows), tokens, lengths)
+    torch.testing.assert_close(grouped.logits, expanded.logits, **TOL)
+    if expanded.attention is not None:
+        torch.testing.assert_close(grouped.attention, expanded.attention, **TOL)
+    for key in expanded.extras:
+        torch.testing.assert_close(grouped.extras[key], expanded.extras[key], **TOL)
+    w = torch.randn_like(expanded.logits)
+    ga = torch.autograd.grad((grouped.logits * w).sum(), [grouped_enc.grid, *dec.parameters()], allow_unused=True)
+    gb = torch.autograd.grad((expanded.logits * w).sum(), [expanded_enc.grid, *dec.parameters()], allow_unused=True)
+    for a, b in zip(ga, gb):
+        if a is not None or b is not None:
+            torch.testing.assert_close(a, b, **TOL)
+
+
+@pytest.mark.parametrize("name", sorted(SIZES))
+def test_caption_model_passes_image_rows_to_decoders_that_take_them(name, monkeypatch):
+    from seesay.model import build_model
+
+    torch.manual_seed(0)
+    model = build_model({"encoder": {"name": "small_cnn", "width": 16, "encoded_size": 3, "image_size": 24},
+                         "decoder": {"name": name, "vocab_size": V, **SIZES[name]}}).eval()
+    assert model.decoder.takes_image_rows
+    images = torch.randint(0, 256, (2, 3, 24, 24), dtype=torch.uint8)
+    rows = torch.tensor([0, 0, 1, 1, 1])
+    tokens, lengths = _captions([4, 6, 3, 5, 6])
+    seen = []
+    original = type(model.decoder).forward
+
+    def spy(self, enc, *a, **kw):
+        seen.append(enc.grid.shape[0])
+        return original(self, enc, *a, **kw)
+
+    monkeypatch.setattr(type(model.decoder), "forward", spy)
+    out = model(images, tokens, lengths, rows)
+    assert seen == [2]  # one feature row per image reached the decoder
+    ref = original(model.decoder, model.encode(images).index_select(rows), tokens, lengths)
+    torch.testing.assert_close(out.logits, ref.logits, **TOL)
+
+
+def test_unpack_steps_places_each_step_at_its_row_and_time():
+    order = torch.tensor([2, 0, 1])  # sorted row r is caller row order[r]
+    rows_per_step = [3, 2, 1]
+    packed = torch.arange(6.0)[:, None]  # step 0: 0 1 2, step 1: 3 4, step 2: 5
+    out = unpack_steps(packed, order, rows_per_step, 4)[..., 0]
+    assert out.tolist() == [[1, 4, 0, 0], [2, 0, 0, 0], [0, 3, 5, 0]]
+
+
+def test_lstm_cell_matches_torch():
+    from seesay.decoders.common import input_gates, lstm_cell
+
+    torch.manual_seed(0)
+    cell = torch.nn.LSTMCell(6, 5)
+    x, h, c = torch.randn(4, 6), torch.randn(4, 5), torch.randn(4, 5)
+    ref = cell(x, (h, c))
+    got = lstm_cell(input_gates(cell, x) + F.linear(h, cell.weight_hh), c)
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, **TOL)
+
+
+# beam search results of the implementation before issue 17's bookkeeping changes (same seeds)
+BEAM_GOLDEN = {
+    "soft_attention/beam3": {"tokens": [[2, 0, 0, 0, 0, 0, 0], [12, 12, 12, 12, 12, 12, 12], [6, 6, 6, 8, 3, 3, 3], [7, 12, 12, 0, 0, 0, 0]], "lengths": [1, 7, 7, 7], "scores": [-2.5432, -17.5805, -17.6854, -17.6895]},
+    "soft_attention/beam4_lp": {"tokens": [[2, 0, 0, 0, 0, 0, 0], [0, 10, 10, 6, 6, 6, 6], [12, 12, 12, 12, 12, 12, 12], [12, 12, 12, 12, 12, 12, 1], [6, 6, 6, 8, 3, 3, 3], [6, 6, 6, 8, 8, 3, 3], [7, 12, 12, 0, 0, 0, 0], [7, 12, 0, 0, 0, 0, 0]], "lengths": [1, 7, 7, 7, 7, 7, 7, 7], "scores": [-2.5432, -10.8931, -10.822, -10.8265, -10.8867, -10.8867, -10.8892, -10.8894]},
+    "soft_attention/diverse": {"tokens": [[2, 0, 0, 0, 0, 0, 0], [0, 10, 10, 6, 6, 6, 6], [12, 12, 12, 12, 12, 12, 12], [12, 12, 12, 12, 12, 12, 1], [6, 6, 6, 8, 3, 3, 3], [6, 6, 10, 8, 3, 3, 3], [7, 12, 12, 0, 0, 0, 0], [7, 12, 0, 0, 0, 0, 0]], "lengths": [1, 7, 7, 7, 7, 7, 7, 7], "scores": [-2.5432, -17.6959, -17.5805, -17.5877, -17.6854, -17.687, -17.6895, -17.6898]},
+    "soft_attention/beam3_ngram": {"tokens": [[0, 10, 10, 6, 8, 1, 1], [12, 12, 6, 12, 1, 1, 12], [6, 6, 10, 8, 8, 3, 3], [7, 12, 12, 0, 0, 10, 0]], "lengths": [7, 7, 7, 7], "scores": [-17.6961, -17.6362, -17.6862, -17.7055]},
+    "transformer/beam3": {"tokens": [[2], [2], [2], [2]], "lengths": [1, 1, 1, 1], "scores": [-2.1424, -2.1496, -2.119, -2.1143]},
+    "transformer/beam4_lp": {"tokens": [[2, 0, 0, 0, 0], [3, 3, 3, 3, 2], [2, 0, 0, 0, 0], [3, 3, 3, 3, 2], [2, 0, 0, 0, 0], [3, 3, 3, 3, 2], [2, 0, 0, 0, 0], [6, 2, 0, 0, 0]], "lengths": [1, 5, 1, 5, 1, 5, 1, 2], "scores": [-2.1424, -6.1146, -2.1496, -6.2316, -2.119, -6.1648, -2.1143, -3.7273]},
+    "transformer/diverse": {"tokens": [[2, 0, 0, 0, 0], [3, 3, 3, 3, 2], [2, 0, 0, 0, 0], [3, 3, 3, 3, 2], [2, 0, 0, 0, 0], [3, 3, 3, 3, 2], [2, 0, 0, 0, 0], [3, 3, 3, 3, 2]], "lengths": [1, 5, 1, 5, 1, 5, 1, 5], "scores": [-2.1424, -8.743, -2.1496, -8.9103, -2.119, -8.8148, -2.1143, -8.9759]},
+    "transformer/beam3_ngram": {"tokens": [[3, 1, 3, 3, 2], [3, 3, 1, 3, 2], [3, 3, 1, 3, 2], [3, 1, 3, 3, 2]], "lengths": [5, 5, 5, 5], "scores": [-9.2747, -9.4115, -9.3077, -9.4704]},
+}
+
+
+@pytest.mark.parametrize("key", sorted(BEAM_GOLDEN))
+def test_beam_search_results_unchanged(key):
+    from seesay.decoding import Beam, Constraints, DiverseBeam, decode
+
+    name, label = key.split("/")
+    strategies = {"beam3": (Beam(3), 1, None), "beam4_lp": (Beam(4, 0.7), 2, None),
+                  "diverse": (DiverseBeam(4, 2, 0.5), 2, None),
+                  "beam3_ngram": (Beam(3), 1, Constraints(no_repeat_ngram_size=2, min_length=2))}
+    sizes = {"soft_attention": {"embed_dim": 12, "attention_dim": 14, "decoder_dim": 20},
+             "transformer": {"d_model": 16, "heads": 2, "layers": 2, "ff_dim": 32}}
+    torch.manual_seed(0)
+    dec = build_decoder(name, vocab_size=13, enc_dim=16, **sizes[name]).eval()
+    g = torch.Generator().manual_seed(3)
+    grid = torch.randn(4, 9, 16, generator=g) * 2
+    strategy, n, constraints = strategies[label]
+    res = decode(dec, EncoderOutput(grid, grid.mean(1), (3, 3)), strategy, bos=1, eos=2, max_len=7, num_captions=n,
+                 constraints=constraints)
+    want = BEAM_GOLDEN[key]
+    assert res.tokens.tolist() == want["tokens"]
+    assert res.lengths.tolist() == want["lengths"]
+    assert res.scores.tolist() == pytest.approx(want["scores"], abs=2e-4)
+
+
+# -- checkpoints load without building random weights first ------------------------------------------
+
+
+def _saved(tmp_path, decoder: str, **dec_kw):
+    from seesay.checkpoint import save_checkpoint
+    from seesay.data.tokenize import build_vocab
+    from seesay.model import build_model
+
+    vocab = build_vocab([[f"w{i}" for i in range(20)]], min_word_freq=1)
+    spec = {"encoder": {"name": "small_cnn", "width": 16, "encoded_size": 3, "image_size": 24},
+            "decoder": {"name": decoder, "vocab_size": len(vocab), **dec_kw}}
+    torch.manual_seed(0)
+    model = build_model(spec, tokenizer=vocab, image_size=24).eval()
+    return model, save_checkpoint(tmp_path / "ck", model=model, config={"model": spec})
+
+
+@pytest.mark.parametrize("name", [*sorted(SIZES), "titans_mac"])
+def test_checkpoint_loads_identical_weights_through_the_meta_device(tmp_path, name):
+    from conftest import TINY_DECODERS
+    from seesay import checkpoint
+    from seesay.decoding import Beam
+
+    model, path = _saved(tmp_path, name, **TINY_DECODERS[name])
+    state = checkpoint.read_weights(path / checkpoint.MODEL_FILE)
+    config, tok, pre = checkpoint.read_checkpoint_files(path)
+    fast = checkpoint._load_without_init(config["model"], tok, pre, state)
+    # titans_mac's library keeps non-persistent buffers (rotary caches) that a checkpoint cannot
+    # fill: it takes the plain way
+    assert (fast is None) == (name == "titans_mac")
+    loaded = checkpoint.load_checkpoint(path).model
+    want = model.state_dict()
+    for got in ([fast.state_dict()] if fast is not None else []) + [loaded.state_dict()]:
+        assert got.keys() == want.keys()
+        for k, v in want.items():
+            assert torch.equal(got[k], v) and not got[k].is_meta, k
+    assert not any(p.is_meta for p in loaded.parameters()) and not any(b.is_meta for b in loaded.buffers())
+    images = torch.randint(0, 256, (2, 3, 24, 24), dtype=torch.uint8)
+    a, b = model.generate(images, Beam(2), max_len=5), loaded.generate(images, Beam(2), max_len=5)
+    assert torch.equal(a.tokens, b.tokens)
+
+
+def test_checkpoint_falls_back_to_the_plain_load_for_tied_or_unfilled_tensors(tmp_path, monkeypatch):
+    from seesay import checkpoint
+
+    model, path = _saved(tmp_path, "show_tell", embed_dim=12, decoder_dim=12)
+    state = checkpoint.read_weights(path / checkpoint.MODEL_FILE)
+    config, tok, pre = checkpoint.read_checkpoint_files(path)
+    from seesay.decoders.show_tell import ShowTellDecoder
+
+    original_init = ShowTellDecoder.__init__
+
+    def with_extra_tensor(self, **kw):
+        original_init(self, **kw)
+        self.lookup = torch.arange(5.0)  # a plain tensor attribute: the checkpoint cannot fill it
+
+    monkeypatch.setattr(ShowTellDecoder, "__init__", with_extra_tensor)
+    assert checkpoint._load_without_init(config["model"], tok, pre, state) is None
+    assert torch.equal(checkpoint.load_checkpoint(path).model.decoder.lookup, torch.arange(5.0))
+
+    def tied(self, **kw):
+        original_init(self, **kw)
+        self.fc.weight = self.embedding.table.weight if self.fc.weight.shape == self.embedding.table.weight.shape \
+            else self.fc.weight
+        self.same_projection = self.image_proj  # the same parameters under two names: assigning would untie them
+
+    monkeypatch.setattr(ShowTellDecoder, "__init__", tied)
+    assert checkpoint._load_without_init(config["model"], tok, pre, state) is None
