@@ -30,6 +30,9 @@ TINY_ENCODERS: dict[str, dict[str, Any]] = {
     "resnet101": dict(weights="none", encoded_size=2, image_size=32),
     "efficientnet_lite0": dict(weights="none", encoded_size=2, image_size=64),
     "vit": dict(image_size=32, patch_size=8, dim=32, depth=2, heads=2, mlp_dim=64, dropout=0.1),
+    # built from a config (no hub, no file): 32 px, 4 px patches, two stages -> a 4x4 grid of width 16
+    "swinv2": dict(image_model_name=None, weights="none", image_size=32,
+                   config=dict(patch_size=4, embed_dim=8, depths=[1, 1], num_heads=[2, 2], window_size=4)),
 }
 
 # kwargs for build_decoder besides vocab_size and enc_dim. A family that has dropout names it
@@ -39,6 +42,10 @@ TINY_DECODERS: dict[str, dict[str, Any]] = {
     "soft_attention": dict(embed_dim=16, attention_dim=16, decoder_dim=16, dropout=0.0),
     "adaptive_attention": dict(embed_dim=16, attention_dim=16, decoder_dim=16, dropout=0.0),
     "transformer": dict(d_model=16, heads=2, layers=2, ff_dim=32, dropout=0.0),
+    # built from a config (no hub, no file); the vocabulary is the tokenizer's
+    "t5": dict(language_model_name=None, dropout=0.0,
+               config=dict(d_model=16, d_kv=8, d_ff=32, num_layers=2, num_decoder_layers=2, num_heads=2,
+                           relative_attention_num_buckets=8)),
     # depth 1: the one layer carries the neural memory; each layer costs a lot of Python per step
     "titans_mac": dict(dim=16, depth=1, heads=2, dim_head=8, num_image_tokens=4, num_persist_mem_tokens=2,
                        num_longterm_mem_tokens=2, max_len=12),

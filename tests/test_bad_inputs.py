@@ -107,7 +107,7 @@ def _old_vocab(text: str):
 
 # -- the cases: (id, argv, exit status, the one line (str: exact; re.Pattern: full match), setup) ---------
 
-ENCODERS = "efficientnet_lite0, resnet101, resnet18, resnet50, small_cnn, vit"
+ENCODERS = "efficientnet_lite0, resnet101, resnet18, resnet50, small_cnn, swinv2, vit"
 CASES = [
     # seesay train: settings refused before any data is read (so no RUN_DIR, no best/)
     ("train-batch-size-0", [*TRAIN, "--batch-size", "0"], 2,
@@ -230,8 +230,8 @@ CASES = [
     ("plot-cols-0", ["plot", "{root}/run", "--output", "{tmp}/c.png", "--cols", "0"], 2,
      "--cols must be >= 1, not 0"),
     # images and checkpoints that are not what they should be: the message names the file
-    ("caption-directory-as-image", ["caption", "--checkpoint", "{ckpt}", "{raw}", "--device", "cpu"], 1,
-     "{raw}: is a directory, not an image file"),
+    ("caption-folder-without-images", ["caption", "--checkpoint", "{ckpt}", "{tmp}", "--device", "cpu"], 2,
+     "{tmp}: no image files found"),
     ("visualize-directory-as-image", ["visualize", "--checkpoint", "{ckpt}", "--image", "{raw}", "--device", "cpu",
                                       "--output", "{tmp}/v.png"], 2, "{raw}: is a directory, not an image file"),
     ("caption-preprocess-not-json", ["caption", "--checkpoint", "{tmp}/ck", "{image}", "--device", "cpu"], 2,

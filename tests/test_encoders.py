@@ -15,9 +15,10 @@ from seesay.errors import SeesayError
 from seesay.registry import build_encoder, list_encoders
 
 ENCODERS = list_encoders()  # every registered family (tests/test_contracts.py: each has a tiny config)
-OUT_DIM = {"small_cnn": 16, "resnet18": 512, "resnet50": 2048, "resnet101": 2048, "efficientnet_lite0": 1280, "vit": 32}
+OUT_DIM = {"small_cnn": 16, "resnet18": 512, "resnet50": 2048, "resnet101": 2048, "efficientnet_lite0": 1280, "vit": 32,
+           "swinv2": 16}
 GRID_HW = {"small_cnn": (4, 4), "resnet18": (2, 2), "resnet50": (2, 2), "resnet101": (2, 2),
-           "efficientnet_lite0": (2, 2), "vit": (4, 4)}
+           "efficientnet_lite0": (2, 2), "vit": (4, 4), "swinv2": (4, 4)}
 
 _CACHE: dict[str, Encoder] = {}
 
@@ -113,7 +114,7 @@ def _bn_state(enc: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.clone() for k, v in enc.state_dict().items() if "running" in k or "num_batches" in k}
 
 
-@pytest.mark.parametrize("name", [n for n in ENCODERS if n != "vit"])
+@pytest.mark.parametrize("name", [n for n in ENCODERS if n not in ("vit", "swinv2")])  # no BatchNorm in these
 def test_frozen_batchnorm_stays_eval(name):
     enc = tiny(name)
     before = _bn_state(enc)

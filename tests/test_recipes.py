@@ -17,13 +17,21 @@ from seesay.train.caption_task import captioner_spec
 torch.set_num_threads(1)
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted((ROOT / "configs").glob("*.yaml"))
+# the vision-language recipes at full size name hub models (Swin v2 base, T5 large): parsed and
+# checked against the builders' options, never built here (that would download them)
+FULL_SIZE = {f"vlm_{task}_{mode}" for task in ("pretrain", "caption", "classify") for mode in ("frozen", "trained")}
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=[p.stem for p in RECIPES])
 def test_every_recipe_loads_and_builds(recipe):
+    from seesay.config import check_model_options
+
     cfg = load_config(recipe)
     vocab = Vocab([*SPECIALS, *[f"w{i}" for i in range(20)]])
     spec = captioner_spec(cfg, vocab)
+    if recipe.stem in FULL_SIZE:
+        check_model_options(cfg)
+        return
     # without external weights: no download, no package file needed to check the architecture
     model = build_captioner(spec, vocab, {"image_size": spec.get("encoder", {}).get("image_size", 0)},
                             external_weights=False)
@@ -97,3 +105,23 @@ def test_default_small_cnn_trains_its_encoder_and_soft_attention_has_no_alpha_c(
     a, b = load_file(str(run / "last" / "model.safetensors")), load_file(str(frozen / "last" / "model.safetensors"))
     enc_keys = [k for k in a if k.startswith("encoder.") and a[k].is_floating_point()]
     assert enc_keys and any(not torch.equal(a[k], b[k]) for k in enc_keys)
+
+
+def test_full_size_vision_language_recipes_use_the_recipe_sets_names_and_defaults():
+    """The six recipes of issue 12: Swin v2 base + T5 large, lr 0.001, AdamW, batch 64, seed 999;
+    pretrain on redcaps, caption on coco, classify on imagenet + sun397; frozen or trained Swin."""
+    import yaml
+
+    assert {p.stem for p in RECIPES} >= FULL_SIZE | {"vlm_tiny_caption", "vlm_tiny_classify", "vlm_tiny_pretrain"}
+    datasets = {"pretrain": ["redcaps"], "caption": ["coco"], "classify": ["imagenet", "sun397"]}
+    for name in sorted(FULL_SIZE):
+        raw = yaml.safe_load((ROOT / "configs" / f"{name}.yaml").read_text())
+        assert raw["image_model_name"] == "microsoft/swinv2-base-patch4-window8-256"
+        assert raw["language_model_name"] == "t5-large"
+        cfg = load_config(ROOT / "configs" / f"{name}.yaml")
+        task, mode = name.split("_")[1:]
+        assert (cfg.encoder.name, cfg.decoder.name) == ("swinv2", "t5")
+        assert cfg.encoder.fine_tune is (mode == "trained")
+        assert (cfg.decoder.lr, cfg.train.optimizer, cfg.train.batch_size, cfg.train.seed) == (0.001, "adamw", 64, 999)
+        assert cfg.data.datasets == datasets[task] and cfg.data.task == ("pretrain" if task == "pretrain" else None)
+        assert cfg.decoder.options["max_source_length"] == cfg.decoder.options["max_target_length"] == 512

@@ -13,17 +13,19 @@ A captioner is an `nn.Module` (weights via state_dict, `.to`, `.train/.eval`) wi
                               `preprocess_config()`). A batch is `torch.stack` of these.
     encode(images)            images [B,3,H,W] -> features (`EncoderOutput`): what a frozen image
                               model's feature cache stores.
-    forward(src, tokens, lengths, image_rows=None) -> DecoderOutput
+    forward(src, tokens, lengths, image_rows=None, prompt=None) -> DecoderOutput
                               teacher forcing. `src` is images [B,3,H,W] or `encode`'s features;
                               `tokens` [R,T] are `bos w1 .. wn eos pad..` rows (`lengths` [R] count
                               bos and eos), `image_rows` [R] names each row's image (None: row i is
                               image i). logits [R,T-1,V] (logits[:, t] predicts tokens[:, t+1]),
                               attention [R,T-1,A] where the family has it, extras["aux_loss"] a
-                              family's own regulariser (already weighted).
+                              family's own regulariser (already weighted). `prompt` [R,P]: each
+                              row's input text ids (pad-padded), for captioners that read one.
     generate(src, strategy=Greedy(), *, prompt=None, max_len=50, constraints=None, num_captions=1)
                               -> DecodeResult
                               `src` as for forward; `strategy` a `seesay.decoding` value; `prompt`
-                              text (or ids) every caption starts with. `max_len` counts the tokens
+                              text (or ids; or one per image) every caption starts with, or the
+                              input text of a captioner that reads one (`reads_prompt`). `max_len` counts the tokens
                               generated after the prompt. `constraints` a `seesay.decoding.Constraints`
                               (bad endings may be words: `resolve_constraints` turns them into
                               ids); `num_captions` N gives B*N rows, image-major, best first. The
@@ -37,8 +39,10 @@ A captioner is an `nn.Module` (weights via state_dict, `.to`, `.train/.eval`) wi
 Optional, for training: `param_groups()` -> {"encoder": [...], "decoder": [...]} (each gets its own
 learning rate; default: every trainable parameter in "decoder"), `set_fine_tune(flag)`,
 `features_trainable` (False lets training cache `encode` once per image), `image_model_pretrained`
-(False: training's default trains the image model, since random frozen features carry little), and
-`ddp_find_unused_parameters` (True when some parameters get no gradient in some steps).
+(False: training's default trains the image model, since random frozen features carry little),
+`ddp_find_unused_parameters` (True when some parameters get no gradient in some steps), and
+`reads_prompt` (True: the prompt is the model's input text, e.g. T5's encoder side, so training
+gives each row its dataset's prompt, `seesay.data.tasks`; False or absent: a forced caption prefix).
 
 The functions below (`caption_images`, `decode_batches`, `decode_split`, `evaluation_lang`) are
 how the applications use a captioner, so there is one copy of each.
@@ -46,6 +50,7 @@ how the applications use a captioner, so there is one copy of each.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 from collections.abc import Iterator, Sequence
@@ -69,7 +74,8 @@ class Captioner(Protocol):
 
     def encode(self, images: Tensor) -> Any: ...
 
-    def forward(self, src: Any, tokens: Tensor, lengths: Tensor, image_rows: Tensor | None = None) -> Any: ...
+    def forward(self, src: Any, tokens: Tensor, lengths: Tensor, image_rows: Tensor | None = None,
+                prompt: Tensor | None = None) -> Any: ...
 
     def generate(self, src: Any, strategy: Strategy = Greedy(), *, prompt: Any = None,
                  max_len: int = 50, constraints: Constraints | None = None, num_captions: int = 1) -> DecodeResult: ...
@@ -119,7 +125,7 @@ def resolve_constraints(tokenizer: Any, constraints: Constraints | None) -> Cons
     if len(ids) == len(constraints.bad_ending_ids):
         raise SeesayError(f"bad endings: none of {', '.join(constraints.bad_endings)} is a single word of this model's "
                           "vocabulary")
-    return Constraints(constraints.no_repeat_ngram_size, constraints.min_length, tuple(ids))
+    return dataclasses.replace(constraints, bad_ending_ids=tuple(ids), bad_endings=())
 
 
 def device_of(module: Any) -> torch.device:

@@ -40,6 +40,18 @@ class DataConfig:
     # language-model rows with an all-zero "no image" encoding; see docs/training.md
     text_data_path: str | None = None
     text_ratio: float = 0.25  # text-only rows per epoch, as a fraction of the train split's caption count
+    shuffle_buffer: int = 1000  # samples in the shuffle buffer when training streams WebDataset shards
+    # several prepared datasets trained together (`--data A --data B`, the recipe's `datasets`); relative
+    # names are under root_dir; the first is validated on. See seesay.data.tasks and docs/vlm.md
+    datasets: list[str] = field(default_factory=list)
+    data_weights: list[float] | None = None  # mixing weights (None: in proportion to the datasets' sizes)
+    root_dir: str | None = None
+    task: str | None = None  # train every dataset as this task (the recipe's `pretrain: true`); None: their own
+    # image and location tokens (issue 13, docs/vlm.md): a VQ directory (seesay train-vq / convert vqgan)
+    # turns on masked image modelling for pretrain datasets and adds <img_i> to the tokenizer
+    vae_ckpt_path: str | None = None
+    image_vocab_size: int = 16384  # must equal the VQ's codebook size
+    loc_vocab_size: int | None = None  # location bins; None: the region data's (prepare --loc-vocab-size)
 
 
 @dataclass
@@ -110,6 +122,7 @@ class TrainConfig:
     cache_features: bool = True  # frozen encoder: compute features once and cache them
     feature_cache_dir: str | None = None  # default RUN_DIR/features
     max_steps_per_epoch: int | None = None  # for smoke tests
+    image_mask_ratio: float = 0.75  # masked image modelling: share of Swin patches masked (seesay.train.mim)
     max_minutes: float | None = None  # wall-clock budget: no new epoch that would end past it
     save_every_steps: int = 0  # also write RUN_DIR/last every N optimizer steps inside an epoch (0: off)
     save_every_minutes: float | None = None  # ... or every M minutes (None: off)
@@ -171,6 +184,9 @@ def merge_into(cfg: Config, d: dict[str, Any], source: str = "config") -> Config
     for section, values in d.items():
         if section == "model":  # the model spec saved in checkpoints: informational
             continue
+        if section in RECIPE_ALIASES:
+            merge_into(cfg, recipe_alias(section, values, f"{source}: {section}"), source=source)
+            continue
         if section not in _SECTIONS:
             raise SeesayError(f"{source}: unknown section {section!r} (use {', '.join(_SECTIONS)})")
         if values is None:
@@ -197,6 +213,70 @@ def merge_into(cfg: Config, d: dict[str, Any], source: str = "config") -> Config
     return cfg
 
 
+# The vision-language recipe set's parameter names (issue 12; docs/vlm.md), accepted as top-level recipe
+# keys and as `--set key=value`: each maps to seesay's own keys.
+RECIPE_ALIASES: dict[str, str] = {
+    "image_model_name": "encoder.name = swinv2, encoder.image_model_name",
+    "image_model_train": "encoder.fine_tune",
+    "language_model_name": "decoder.name = t5, decoder.language_model_name",
+    "ffn": "decoder.ffn",
+    "max_source_length": "decoder.max_source_length",
+    "max_target_length": "decoder.max_target_length",
+    "pretrain": "data.task = pretrain",
+    "seed": "train.seed",
+    "lr": "decoder.lr and encoder.lr",
+    "optimizer": "train.optimizer",
+    "lr_scheduler": "train.lr_scheduler",
+    "batch_size": "train.batch_size",
+    "accumulation_steps": "train.grad_accum",
+    "num_epochs": "train.epochs",
+    "num_steps": "train.num_steps",
+    "warmup_steps": "train.warmup_steps",
+    "save_interval": "train.save_interval",
+    "datasets": "data.datasets",
+    "root_dir": "data.root_dir",
+    "result_dir": "train.output",
+    "image_vocab_size": "data.image_vocab_size",
+    "loc_vocab_size": "data.loc_vocab_size",
+    "vae_ckpt_path": "data.vae_ckpt_path",
+    "image_mask_ratio": "train.image_mask_ratio",
+}
+_ALIAS_FIELDS = {"image_model_train": ("encoder", "fine_tune"), "ffn": ("decoder", "ffn"),
+                 "max_source_length": ("decoder", "max_source_length"),
+                 "max_target_length": ("decoder", "max_target_length"), "seed": ("train", "seed"),
+                 "batch_size": ("train", "batch_size"), "accumulation_steps": ("train", "grad_accum"),
+                 "num_epochs": ("train", "epochs"), "num_steps": ("train", "num_steps"),
+                 "warmup_steps": ("train", "warmup_steps"), "save_interval": ("train", "save_interval"),
+                 "root_dir": ("data", "root_dir"), "result_dir": ("train", "output"),
+                 "image_vocab_size": ("data", "image_vocab_size"), "loc_vocab_size": ("data", "loc_vocab_size"),
+                 "vae_ckpt_path": ("data", "vae_ckpt_path"), "image_mask_ratio": ("train", "image_mask_ratio")}
+_ALIAS_OPTIONAL = {"num_epochs", "num_steps", "save_interval", "root_dir", "image_model_train", "vae_ckpt_path",
+                   "loc_vocab_size"}
+
+
+def recipe_alias(key: str, value: Any, where: str) -> dict[str, Any]:
+    """One recipe key of `RECIPE_ALIASES` as seesay's {section: {key: value}} ("-" or null: the default)."""
+    if value == "-" or (value is None and key not in _ALIAS_OPTIONAL and key != "lr_scheduler"):
+        return {}
+    if key == "image_model_name":
+        return {"encoder": {"name": "swinv2", "image_model_name": value}}
+    if key == "language_model_name":
+        return {"decoder": {"name": "t5", "language_model_name": value}}
+    if key == "pretrain":
+        return {"data": {"task": "pretrain" if _coerce(value, False, where) else None}}
+    if key == "lr":
+        return {"decoder": {"lr": value}, "encoder": {"lr": value}}
+    if key in ("optimizer", "lr_scheduler"):
+        return {"train": {key: "none" if value is None else str(value).lower()}}
+    if key == "datasets":
+        names = value.replace(",", " ").split() if isinstance(value, str) else value
+        if not isinstance(names, list) or not all(isinstance(n, str) and n for n in names):
+            raise SeesayError(f"{where}: expected a list of dataset names, got {value!r}")
+        return {"data": {"datasets": list(names)}}
+    section, name = _ALIAS_FIELDS[key]
+    return {section: {name: value}}
+
+
 def load_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     try:
@@ -221,8 +301,9 @@ def parse_override(item: str) -> tuple[list[str], Any]:
         raise SeesayError(f"--set {item!r}: expected section.key=value")
     key, raw = item.split("=", 1)
     parts = key.strip().split(".")
-    if len(parts) < 2 or not all(parts):
-        raise SeesayError(f"--set {item!r}: key must look like section.key (e.g. train.epochs)")
+    if (len(parts) < 2 and parts[0] not in RECIPE_ALIASES) or not all(parts):
+        raise SeesayError(f"--set {item!r}: key must look like section.key (e.g. train.epochs) or be a recipe key "
+                          f"({', '.join(RECIPE_ALIASES)})")
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError:

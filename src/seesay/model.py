@@ -78,21 +78,35 @@ class CaptionModel(nn.Module):
     def preprocess_config(self) -> dict[str, Any]:
         return {"encoder": self.encoder.preprocess.to_dict(), "image_size": self.image_loader.image_size or 0}
 
-    def encode(self, images: Tensor) -> EncoderOutput:
-        """uint8 [B,3,H,W] (0..255) or float [B,3,H,W] (0..1) images -> EncoderOutput."""
+    def encode(self, images: Tensor, bool_masked_pos: Tensor | None = None) -> EncoderOutput:
+        """uint8 [B,3,H,W] (0..255) or float [B,3,H,W] (0..1) images -> EncoderOutput.
+        `bool_masked_pos` [B, patches] hides patches (masked image modelling, `seesay.train.mim`)."""
         x = self.encoder.preprocess(images.to(self._device()))
-        return self.encoder(x)
+        if bool_masked_pos is None:
+            return self.encoder(x)
+        if not getattr(self.encoder, "masks_patches", False):
+            raise SeesayError(f"masked image modelling needs an encoder that masks patches (swinv2), not "
+                              f"{type(self.encoder).__name__}")
+        return self.encoder(x, bool_masked_pos=bool_masked_pos.to(x.device))
 
     def forward(self, src: Tensor | EncoderOutput, tokens: Tensor, lengths: Tensor,
-                image_rows: Tensor | None = None) -> DecoderOutput:
-        """Teacher forcing. Each image is encoded once; `image_rows` [R] names the image of each caption row."""
-        enc = src if isinstance(src, EncoderOutput) else self.encode(src)
-        return self.forward_features(enc, tokens, lengths, image_rows)
+                image_rows: Tensor | None = None, prompt: Tensor | None = None,
+                bool_masked_pos: Tensor | None = None) -> DecoderOutput:
+        """Teacher forcing. Each image is encoded once; `image_rows` [R] names the image of each caption row;
+        `prompt` [R, P] (ids, right-padded with pad) is each row's input text for decoders that read one;
+        `bool_masked_pos` [B, patches] masks image patches (`seesay.train.mim`)."""
+        enc = src if isinstance(src, EncoderOutput) else self.encode(src, bool_masked_pos)
+        return self.forward_features(enc, tokens, lengths, image_rows, prompt=prompt)
 
     def forward_features(self, enc: EncoderOutput, tokens: Tensor, lengths: Tensor,
-                         image_rows: Tensor | None = None) -> DecoderOutput:
+                         image_rows: Tensor | None = None, prompt: Tensor | None = None) -> DecoderOutput:
         if image_rows is not None:
+            # per-image work once per image (features stay one row per image; prompts are per row)
+            if getattr(self.decoder, "takes_image_rows", False) and prompt is None:
+                return self.decoder(enc, tokens, lengths, image_rows=image_rows.to(enc.grid.device))
             enc = enc.index_select(image_rows.to(enc.grid.device))
+        if prompt is not None:  # one per caption row, so after the row selection
+            enc = enc._replace(prompt=prompt.to(enc.grid.device))
         return self.decoder(enc, tokens, lengths)
 
     @torch.no_grad()
@@ -102,12 +116,21 @@ class CaptionModel(nn.Module):
         """Caption images (or their `encode` features) with `strategy`; `prompt` (text or ids) is
         forced at the start of every caption; `max_len` counts tokens after it. `constraints`
         (bad endings as words or ids) hold for every caption; `num_captions` N gives B*N rows,
-        image-major, best first (`seesay.decoding.grouped` regroups them)."""
+        image-major, best first (`seesay.decoding.grouped` regroups them).
+
+        A decoder that reads prompts (`reads_prompt`, T5) gets the prompt as input instead
+        (`enc.prompt`): one text or ids for every image, or a list with one per image; captions
+        then start from bos as usual. Its `max_target_length` caps `max_len`."""
         from seesay.captioner import prompt_ids, resolve_constraints
 
         tok = self._require_tokenizer()
         constraints = resolve_constraints(tok, constraints)
         enc = src if isinstance(src, EncoderOutput) else self.encode(src)
+        if getattr(self.decoder, "reads_prompt", False):
+            max_len = min(max_len, int(getattr(self.decoder, "max_target_length", max_len)))
+            if prompt is not None:
+                enc = enc._replace(prompt=_prompt_rows(tok, prompt, enc.grid.shape[0], enc.grid.device))
+            prompt = None
         ids = prompt_ids(tok, prompt)
         prefix = torch.tensor(ids, dtype=torch.long, device=enc.grid.device) if ids else None
         return decode(self.decoder, enc, strategy, bos=tok.bos_id, eos=tok.eos_id, pad=tok.pad_id,
@@ -132,6 +155,11 @@ class CaptionModel(nn.Module):
         return bool(getattr(self.encoder, "pretrained", True))
 
     @property
+    def reads_prompt(self) -> bool:
+        """Whether the prompt is the model's input text (T5) rather than a forced caption prefix."""
+        return bool(getattr(self.decoder, "reads_prompt", False))
+
+    @property
     def ddp_find_unused_parameters(self) -> bool:
         return bool(getattr(self.decoder, "ddp_find_unused_parameters", False)
                     or getattr(self.encoder, "ddp_find_unused_parameters", False))
@@ -147,13 +175,37 @@ class CaptionModel(nn.Module):
         return torch.device("cpu")
 
 
+def _prompt_rows(tok: Any, prompt: Any, batch: int, device: torch.device) -> Tensor | None:
+    """A generate() prompt as (B, P) ids right-padded with the pad id: one prompt (text, ids, a 1-D
+    tensor) for every image, or one per image (a list of texts / id lists, a 2-D tensor)."""
+    from seesay.captioner import prompt_ids
+
+    if isinstance(prompt, Tensor) and prompt.dim() == 2:
+        rows = [prompt_ids(tok, r) for r in prompt]
+    elif isinstance(prompt, list | tuple) and prompt and isinstance(prompt[0], str | list | tuple | Tensor):
+        rows = [prompt_ids(tok, p) for p in prompt]
+    else:
+        rows = [prompt_ids(tok, prompt)] * batch
+    if len(rows) != batch:
+        raise SeesayError(f"prompt: {len(rows)} prompts for {batch} images (give one, or one per image)")
+    width = max((len(r) for r in rows), default=0)
+    if width == 0:
+        return None
+    out = torch.full((batch, width), int(tok.pad_id), dtype=torch.long)
+    for i, r in enumerate(rows):
+        out[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+    return out.to(device)
+
+
 def build_model(spec: dict[str, Any], *, tokenizer: Any = None, image_size: int | None = None,
                 external_weights: bool = True) -> CaptionModel:
     """Build the encoder and decoder named in `spec`.
 
     The decoder receives `enc_dim` from the encoder's `out_dim`. `external_weights=False` builds
     without reading pretrained files (a checkpoint's weights follow): every encoder that takes
-    `weights` gets "none".
+    `weights` gets "none", every decoder that takes `pretrained` gets False. A part built from a
+    hub name or directory (`resolved_options()`, e.g. swinv2 / t5) adds what it read (its full
+    config) to the spec, so a checkpoint rebuilds it offline.
     """
     try:
         enc_spec = dict(spec["encoder"])
@@ -168,13 +220,19 @@ def build_model(spec: dict[str, Any], *, tokenizer: Any = None, image_size: int 
         dec_spec.pop(legacy, None)
     if not external_weights and takes_option("encoder", enc_name, "weights"):
         enc_spec["weights"] = "none"
+    if not external_weights and takes_option("decoder", dec_name, "pretrained"):
+        dec_spec["pretrained"] = False
     encoder = build_encoder(enc_name, **enc_spec)
     dec_spec["enc_dim"] = encoder.out_dim
     decoder = build_decoder(dec_name, **dec_spec)
     if tokenizer is not None and len(tokenizer) != int(dec_spec["vocab_size"]):
         raise SeesayError(f"the tokenizer has {len(tokenizer)} tokens but the model spec says vocab_size "
                           f"{dec_spec['vocab_size']}")
-    return CaptionModel(encoder, decoder, json.loads(json.dumps(spec)), tokenizer=tokenizer, image_size=image_size)
+    spec = json.loads(json.dumps(spec))
+    for part, module in (("encoder", encoder), ("decoder", decoder)):
+        if hasattr(module, "resolved_options"):
+            spec[part].update(module.resolved_options())
+    return CaptionModel(encoder, decoder, spec, tokenizer=tokenizer, image_size=image_size)
 
 
 @register_captioner("encoder_decoder")

@@ -69,6 +69,7 @@ def register_tokenizer(type_name: str) -> Callable[[Callable[[Path, dict[str, An
 def _ensure_builtin_loaders() -> None:
     import seesay.data.tokenize  # noqa: F401  (registers "seesay-vocab")
     import seesay.multimodal  # noqa: F401  (registers "seesay-bytes"; titans_pytorch stays unimported)
+    import seesay.spm  # noqa: F401  (registers "sentencepiece"; sentencepiece is imported when one loads)
 
 
 def load_tokenizer(directory: str | os.PathLike) -> Any:

@@ -26,7 +26,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-captions", type=int, default=1, metavar="N",
                    help='N captions per image (the N best beams, N <= --beam-size): the --results entries get '
                         '"captions": [{caption, score}, ...], best first; the metrics score the best')
-    p.add_argument("--per-image", default=None, help="also write per-image scores here, worst first")
+    p.add_argument("--per-image", default=None, help="also write per-image scores here, worst first (classify "
+                   "datasets: JSON lines of image, generated, predicted, closed_set, gold)")
     p.add_argument("--lang", choices=("auto", "en", "zh"), default="auto",
                    help="auto: the data's language (zh for AI Challenger, jieba or Chinese references), else en")  # fmt: skip
     p.add_argument("--tokenizer", choices=("auto", "python", "java"), default="auto",
@@ -74,9 +75,20 @@ def run(args: argparse.Namespace) -> int:
         limit=args.limit,
         num_captions=args.num_captions,
     )
-    print(format_report(ev.report))
+    if hasattr(ev, "scores") and ev.task == "grounding":  # seesay.evaluate.evaluate_regions
+        print(f"grounding accuracy {100 * ev.scores['grounding_accuracy']:.2f}% (IoU >= 0.5); mean IoU "
+              f"{ev.scores['mean_iou']:.3f}")
+    elif hasattr(ev, "scores"):  # region captions
+        print("  ".join(f"{k} {v:.3f}" for k, v in ev.scores.items() if k not in ("regions", "exact_match"))
+              + f"; exact match {100 * ev.scores['exact_match']:.2f}%")
+    elif hasattr(ev, "closed_set_accuracy"):  # a classify dataset: accuracy (seesay.evaluate.evaluate_classification)
+        print(f"top-1 accuracy {100 * ev.accuracy:.2f}% (generated text = \"a photo of <label>\"); "
+              f"closed-set accuracy {100 * ev.closed_set_accuracy:.2f}% (likeliest label)")
+    else:
+        print(format_report(ev.report))
     written = [str(x) for x in (output, args.results, args.per_image) if x]
-    print(f"{len(ev.captions)} images in {ev.seconds:.1f} s; wrote {', '.join(written)}")
+    what = "regions" if hasattr(ev, "scores") else "images"
+    print(f"{len(ev.captions)} {what} in {ev.seconds:.1f} s; wrote {', '.join(written)}")
     return 0
 
 

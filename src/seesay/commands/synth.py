@@ -21,10 +21,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--image-size", type=int, default=128, help="image side in pixels")
     parser.add_argument("--val-fraction", type=float, default=0.1, help="fraction of images in val")
     parser.add_argument("--test-fraction", type=float, default=0.1, help="fraction of images in test")
+    parser.add_argument("--format", choices=["karpathy", "imagefolder"], default="karpathy",
+                        help="karpathy: captioned scenes (dataset_shapes.json); imagefolder: one object per image in "
+                             "OUTPUT/{train,val,test}/<colour>_<shape>/, for classification (default: karpathy)")
 
 
 def run(args: argparse.Namespace) -> int:
-    from seesay.data.synth import HELD_OUT_PAIRS, make_shapes, split_counts
+    from seesay.data.synth import HELD_OUT_PAIRS, make_shapes, make_shapes_imagefolder, split_counts
+
+    if args.format == "imagefolder":
+        out = make_shapes_imagefolder(args.output, num_images=args.num_images, seed=args.seed,
+                                      image_size=args.image_size, val_fraction=args.val_fraction,
+                                      test_fraction=args.test_fraction)
+        counts = {s: sum(1 for _ in (out / s).glob("*/*.png")) for s in ("train", "val", "test")}
+        print(f"wrote {args.num_images} images ({args.image_size}x{args.image_size}; train {counts['train']} / "
+              f"val {counts['val']} / test {counts['test']}; one object each, class = colour and shape) to {out}\n"
+              f"next: seesay prepare --format imagefolder --images {out} --output DATA_DIR")
+        return 0
 
     path = make_shapes(
         args.output,

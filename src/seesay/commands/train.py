@@ -9,7 +9,7 @@ HELP = "train a captioner on a prepared dataset (single GPU/CPU, or DDP under to
 
 # flag dest -> (config section, field)
 _FLAGS: dict[str, tuple[str, str]] = {
-    "data": ("data", "path"),
+    "data_weights": ("data", "data_weights"),
     "coco_dir": ("data", "coco_dir"),
     "workers": ("data", "workers"),
     "val_max_images": ("data", "val_max_images"),
@@ -69,7 +69,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         return f" (default: {getattr(getattr(d, section), key)})"
 
     g = p.add_argument_group("data")
-    g.add_argument("--data", metavar="DATA_DIR", default=S, help="a prepared dataset (`seesay prepare`)")
+    g.add_argument("--data", metavar="DATA_DIR", action="append", default=S,
+                   help="a prepared dataset (`seesay prepare`); repeat it to train on several, mixed (validation "
+                        "on the first; see docs/vlm.md)")
+    g.add_argument("--data-weights", metavar="W1,W2", default=S,
+                   help="with several --data: mixing weights, one per dataset (default: by size)")
     g.add_argument("--coco-dir", metavar="DIR", default=S,
                    help="raw COCO directory: prepared into RUN_DIR/data when needed (DIR is only read), "
                         "then used as --data; other runs can pass --data RUN_DIR/data")
@@ -206,6 +210,9 @@ def build_config(args: argparse.Namespace) -> Any:
             merge_into(cfg, recipe, source=args.config)
     recipe_cfg = copy.deepcopy(cfg)
     apply_overrides(cfg, args.overrides)
+    if hasattr(args, "data"):  # one --data trains alone (replacing a recipe's datasets); several mix
+        paths = args.data if isinstance(args.data, list) else [args.data]
+        merge_into(cfg, {"data": {"path": paths[0], "datasets": paths if len(paths) > 1 else []}}, source="--data")
     for dest, (section, field) in _FLAGS.items():
         if hasattr(args, dest):
             merge_into(cfg, {section: {field: getattr(args, dest)}}, source=f"--{dest.replace('_', '-')}")

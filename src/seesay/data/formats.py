@@ -18,6 +18,10 @@ Formats (see docs/data.md):
   are one image with several captions. Without any "split": the deterministic split below.
 - ``aichallenger``: `[{"image_id": "x.jpg", "caption": [...]}]` (AI Challenger 2017), split as
   for pairs unless entries carry a "split".
+- ``imagefolder``, ``imagenet``, ``sun397`` (classification as captioning: `classify_formats`) and
+  ``redcaps`` (`redcaps`) read a dataset folder (`images`). Their readers mark items they reject
+  (a label naming no class, an annotation without text) with `Record.bad`: prepare lists and
+  counts them like bad images.
 
 Every image of a Karpathy file must have a `split` (train, val, test or restval): an image
 without one is refused with one line (it used to join train, which can leak test images into
@@ -41,7 +45,7 @@ from typing import Any
 
 from seesay.errors import SeesayError
 
-FORMATS = ("karpathy", "coco", "pairs", "aichallenger")
+FORMATS = ("karpathy", "coco", "pairs", "aichallenger", "imagefolder", "imagenet", "sun397", "redcaps")
 
 
 @dataclass
@@ -53,6 +57,7 @@ class Record:
     extra: dict[str, Any] = field(default_factory=dict)
     blank_captions: int = 0  # blank sentences the reader dropped (counted in the manifest)
     root: str | None = None  # the folder `image_path` must resolve inside (None: not confined)
+    bad: str | None = None  # why the reader rejected the item (a label naming no class...): prepare lists and counts it
 
     @classmethod
     def from_any(cls, r: Any) -> Record:
@@ -329,8 +334,22 @@ def read_aichallenger(annotations: str | os.PathLike, images: str | os.PathLike)
 
 
 def read_records(fmt: str, *, annotations: str | os.PathLike | None = None, images: str | os.PathLike | None = None,
-                 coco_dir: str | os.PathLike | None = None, keep_restval: bool = False) -> list[Record]:
-    """Dispatch to the reader for `fmt` after checking its required options."""
+                 coco_dir: str | os.PathLike | None = None, keep_restval: bool = False, partition: int | None = None,
+                 redcaps_text: str = "caption") -> list[Record]:
+    """Dispatch to the reader for `fmt` after checking its required options (the folder formats
+    imagefolder, imagenet, sun397 and redcaps read `images`; see classify_formats and redcaps)."""
+    if fmt in ("imagefolder", "imagenet", "sun397", "redcaps"):
+        from seesay.data import classify_formats, redcaps
+
+        if images is None:
+            raise SeesayError(f"--format {fmt} needs --images DIR (the dataset folder)")
+        if fmt == "imagefolder":
+            return classify_formats.read_imagefolder(images)
+        if fmt == "imagenet":  # --annotations: the synset mapping file, when not in DIR
+            return classify_formats.read_imagenet(images, annotations)
+        if fmt == "sun397":
+            return classify_formats.read_sun397(images, partition)
+        return redcaps.read_redcaps(images, text=redcaps_text, annotations=annotations)
     if fmt == "coco":
         if coco_dir is None:
             raise SeesayError("--format coco needs --coco-dir")
@@ -351,7 +370,7 @@ def read_records(fmt: str, *, annotations: str | os.PathLike | None = None, imag
 def records_fingerprint(records: list[Record]) -> str:
     h = hashlib.sha256()
     for r in records:
-        h.update(json.dumps([r.image_path, r.image_id, r.split, r.sentences, r.extra], sort_keys=True,
-                            ensure_ascii=False, default=str).encode("utf-8"))
+        item = [r.image_path, r.image_id, r.split, r.sentences, r.extra] + ([r.bad] if r.bad is not None else [])
+        h.update(json.dumps(item, sort_keys=True, ensure_ascii=False, default=str).encode("utf-8"))
         h.update(b"\n")
     return h.hexdigest()

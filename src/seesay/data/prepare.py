@@ -410,14 +410,27 @@ def _process_images(partial: Path, recs: list[Record], members: dict[str, list[i
 
 def _write_split(partial: Path, split: str, recs: list[Record], rows: list[int], kept: list[list[list[str]]],
                  orig: dict[int, list[int]], vocab: Vocab, *, captions_per_image: int, max_len: int,
-                 seed: int) -> None:
-    """captions.npy, lengths.npy, references.jsonl and meta.jsonl of one split."""
-    caps = np.zeros((len(rows), captions_per_image, max_len + 2), dtype=np.int32)
+                 seed: int, boxes: list[list[list[float]]] | None = None, loc_bins: int | None = None) -> None:
+    """captions.npy, lengths.npy, references.jsonl and meta.jsonl of one split (and boxes.npy for
+    region data: each row then starts with its box's four location tokens, `seesay.data.region_tasks`)."""
+    extra_width = 4 if boxes is not None else 0
+    caps = np.zeros((len(rows), captions_per_image, max_len + 2 + extra_width), dtype=np.int32)
     lens = np.zeros((len(rows), captions_per_image), dtype=np.int32)
+    row_boxes: list[list[list[float]]] = []
     refs, meta = [], []
     for n, i in enumerate(rows):
         r = recs[i]
-        for c, toks in enumerate(_select_captions(kept[i], captions_per_image, seed, split, r.image_id)):
+        if boxes is not None:  # the same seeded choice, made on positions so each row keeps its box
+            from seesay.data.region_tasks import encode_region_row
+
+            picked = _select_captions(list(range(len(kept[i]))), captions_per_image, seed, split, r.image_id)
+            row_boxes.append([boxes[i][k] for k in picked])
+            for c, k in enumerate(picked):
+                ids = encode_region_row(vocab, kept[i][k], boxes[i][k], int(loc_bins))
+                caps[n, c, :len(ids)] = ids
+                lens[n, c] = len(ids)
+        for c, toks in enumerate([] if boxes is not None else
+                                 _select_captions(kept[i], captions_per_image, seed, split, r.image_id)):
             ids = vocab.encode_tokens(toks, add_special=True)
             caps[n, c, :len(ids)] = ids
             lens[n, c] = len(ids)
@@ -426,6 +439,10 @@ def _write_split(partial: Path, split: str, recs: list[Record], rows: list[int],
                             "extra": {**r.extra, "orig_size": orig[i]}}) + "\n")
     np.save(partial / split / "captions.npy", caps)
     np.save(partial / split / "lengths.npy", lens)
+    if boxes is not None:
+        from seesay.data.region_tasks import write_boxes
+
+        write_boxes(partial / split / "boxes.npy", row_boxes, captions_per_image)
     write_text_atomic(partial / split / "references.jsonl", "".join(refs))
     write_text_atomic(partial / split / "meta.jsonl", "".join(meta))
 
@@ -454,11 +471,13 @@ def prepare_dataset(
     images: str | os.PathLike | None = None,
     coco_dir: str | os.PathLike | None = None,
     keep_restval: bool = False,
-    min_word_freq: int = 5,
+    min_word_freq: int | None = None,
     max_len: int = 50,
-    captions_per_image: int = 5,
+    captions_per_image: int | None = None,
     image_size: int = 256,
     tokenizer: str | None = None,
+    vocab_size: int | None = None,
+    tokenizer_model: str | os.PathLike | None = None,
     workers: int | None = None,
     max_skip_fraction: float = 0.01,
     progress: bool = True,
@@ -466,6 +485,15 @@ def prepare_dataset(
     records: Any = None,
     overwrite: bool = False,
     allow_outside_images: bool = False,
+    task: str | None = None,
+    prompt: str | None = None,
+    partition: int | None = None,
+    redcaps_text: str = "caption",
+    loc_vocab_size: int | None = None,
+    output_format: str = "store",
+    shard_size: int = 1000,
+    shards: str | None = None,
+    val_shards: str | None = None,
     _chunk_size: int = CHUNK_SIZE,
     _stop_after_chunks: int | None = None,
 ) -> dict[str, Any]:
@@ -476,14 +504,54 @@ def prepare_dataset(
     aichallenger and word otherwise. `--images` defaults to the annotation file's folder.
     Image paths from annotation files must resolve inside `--images` (COCO: `coco_dir/train2014`,
     `coco_dir/val2014`); others are skipped unopened unless `allow_outside_images`.
+    `task` / `prompt` go to the manifest (`seesay.data.tasks`; defaults per format, as do
+    `captions_per_image=None`: 1 for classification formats and redcaps, else 5, and
+    `min_word_freq=None`: 1 for classification formats, else 5).
     """
+    from seesay.data.classify_formats import class_labels
+    from seesay.data.region_tasks import REGION_FORMATS
+    from seesay.data.tasks import CLASSIFY_FORMATS, default_captions_per_image, manifest_fields
+
+    region_source = None
+    if fmt in REGION_FORMATS:  # data with boxes: one record per image, its regions as captions (region_tasks)
+        from seesay.data.region_tasks import region_records
+
+        task = task or "region"
+        if tokenizer != "sentencepiece":
+            raise SeesayError(f"--format {fmt} needs --tokenizer sentencepiece (the <loc_i> location tokens are "
+                              "added to it)")
+        if output_format != "store":
+            raise SeesayError(f"--format {fmt} is prepared as a store, not --output-format {output_format}")
+        records = region_records(fmt, images=images, coco_dir=coco_dir)
+        region_source = {"format": fmt, **{k: str(Path(v).absolute()) for k, v in
+                                           (("images", images), ("coco_dir", coco_dir)) if v is not None}}
+    elif loc_vocab_size is not None:
+        raise SeesayError("--loc-vocab-size goes with --format shapes-regions or coco-instances")
+    if captions_per_image is None:
+        captions_per_image = default_captions_per_image(fmt, task)
+    if min_word_freq is None:
+        min_word_freq = 1 if fmt in CLASSIFY_FORMATS else 5
+    if output_format not in ("store", "shards"):
+        raise SeesayError(f"--output-format must be store or shards, not {output_format!r}")
+    if output_format == "shards" or fmt == "webdataset":  # WebDataset tars: seesay.data.shards, docs/shards.md
+        from seesay.data.shards import prepare_shards
+
+        return prepare_shards(fmt, output, shard_size=shard_size, shards=shards, val_shards=val_shards,
+                              annotations=annotations, images=images, coco_dir=coco_dir, keep_restval=keep_restval,
+                              min_word_freq=min_word_freq, max_len=max_len, captions_per_image=captions_per_image,
+                              image_size=image_size, tokenizer=tokenizer, workers=workers,
+                              max_skip_fraction=max_skip_fraction, progress=progress, seed=seed, records=records,
+                              overwrite=overwrite, allow_outside_images=allow_outside_images, task=task,
+                              prompt=prompt, partition=partition, redcaps_text=redcaps_text)
     # -- options and records ----------------------------------------------------------------------
-    if fmt is not None and fmt not in FORMATS:
+    if fmt is not None and fmt not in FORMATS and fmt not in REGION_FORMATS:
         raise SeesayError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
     if tokenizer is None:
         tokenizer = "jieba" if fmt == "aichallenger" else "word"
-    if tokenizer not in TOKENIZERS:
-        raise SeesayError(f"unknown tokenizer {tokenizer!r}; choose one of {', '.join(TOKENIZERS)}")
+    if tokenizer not in (*TOKENIZERS, "sentencepiece"):
+        raise SeesayError(f"unknown tokenizer {tokenizer!r}; choose one of {', '.join(TOKENIZERS)}, sentencepiece")
+    if tokenizer != "sentencepiece" and (vocab_size is not None or tokenizer_model is not None):
+        raise SeesayError("--vocab-size and --tokenizer-model go with --tokenizer sentencepiece")
     for name, value, low in (("--max-len", max_len, 1), ("--captions-per-image", captions_per_image, 1),
                              ("--image-size", image_size, 1), ("--min-word-freq", min_word_freq, 0)):
         if int(value) < low:
@@ -500,15 +568,19 @@ def prepare_dataset(
     where_images = "the records' image paths"
     if records is not None:
         recs = [Record.from_any(r) for r in records]
-        source: dict[str, Any] = {"format": fmt or "records"}
+        source: dict[str, Any] = region_source or {"format": fmt or "records"}
     else:
         if fmt is None:
             raise SeesayError("give a format or records")
         annotations, images, coco_dir = (None if v is None else Path(v).absolute()
                                          for v in (annotations, images, coco_dir))
         recs = read_records(fmt, annotations=annotations, images=images, coco_dir=coco_dir,
-                            keep_restval=keep_restval)
+                            keep_restval=keep_restval, partition=partition, redcaps_text=redcaps_text)
         source = {"format": fmt}
+        if partition is not None and fmt == "sun397":
+            source["partition"] = int(partition)
+        if fmt == "redcaps":
+            source["redcaps_text"] = redcaps_text
         for k, v in (("annotations", annotations), ("images", images), ("coco_dir", coco_dir)):
             if v is not None:
                 source[k] = str(v)
@@ -521,6 +593,7 @@ def prepare_dataset(
             where_images = f"{images} (--images): check --images and the file names in {annotations}"
     if not recs:
         raise SeesayError("the dataset has no images")
+    task_info = manifest_fields(fmt, task, prompt, class_labels(recs), loc_vocab_size)
     for r in recs:
         if not r.split or any(c in r.split for c in "/\\.") or r.split != r.split.strip():
             raise SeesayError(f"image {r.image_id!r}: bad split name {r.split!r}")
@@ -528,14 +601,24 @@ def prepare_dataset(
     options = {"format_version": FORMAT_VERSION, "image_size": image_size, "max_len": max_len,
                "captions_per_image": captions_per_image, "tokenizer": tokenizer,
                "min_word_freq": int(min_word_freq), "seed": int(seed), "source": source}
+    if task_info.get("loc_vocab_size"):  # region data: the same arrays for region and grounding
+        options["loc_vocab_size"] = task_info["loc_vocab_size"]
     if allow_outside_images:  # only when set, so datasets prepared before the option keep their fingerprint
         options["allow_outside_images"] = True
+    if tokenizer == "sentencepiece":  # --vocab-size or the --tokenizer-model file: part of the fingerprint
+        from seesay.spm import prepare_options
+
+        options.update(prepare_options(vocab_size, tokenizer_model))
     fingerprint = hashlib.sha256((records_fingerprint(recs) + ":" + _dumps(options)).encode("utf-8")).hexdigest()
     try:
         with _exclusive(out):
             done = _check_output(out, fingerprint, overwrite)
             if done is not None:
                 log.info("%s is already prepared with these inputs and options", out)
+                if any(done.get(k) != v for k, v in task_info.items()):  # only the task or prompt changed
+                    done = {**{k: v for k, v in done.items() if k != "labels"}, **task_info}
+                    write_text_atomic(out / "manifest.json",
+                                      json.dumps(done, ensure_ascii=False, sort_keys=True, indent=1) + "\n")
                 return done
             _start_partial(partial, fingerprint, _chunk_size)
             return _build(recs, partial, out, options, fingerprint, workers=workers, tokenizer=tokenizer,
@@ -544,7 +627,7 @@ def prepare_dataset(
                           seed=int(seed), progress=progress, chunk_size=_chunk_size,
                           stop_after_chunks=_stop_after_chunks, allow_outside=bool(allow_outside_images),
                           root_flag="--coco-dir" if fmt == "coco" and records is None else "--images",
-                          where_images=where_images)
+                          where_images=where_images, task_info=task_info)
     except OSError as e:  # writing failed (disk full, quota, permissions): one line, the partial build kept
         raise _write_error(e, partial) from None
 
@@ -561,7 +644,8 @@ def _build(recs: list[Record], partial: Path, out: Path, options: dict[str, Any]
            workers: int, tokenizer: str, max_len: int, captions_per_image: int, image_size: int,
            min_word_freq: int, max_skip_fraction: float, seed: int, progress: bool, chunk_size: int,
            stop_after_chunks: int | None, allow_outside: bool = False, root_flag: str = "--images",
-           where_images: str = "the records' image paths") -> dict[str, Any]:
+           where_images: str = "the records' image paths", task_info: dict[str, Any] | None = None
+           ) -> dict[str, Any]:
     _chunk_size, _stop_after_chunks = chunk_size, stop_after_chunks
 
     # -- tokens and images (in parallel) ----------------------------------------------------------
@@ -574,12 +658,31 @@ def _build(recs: list[Record], partial: Path, out: Path, options: dict[str, Any]
             # fork is fast; spawn when torch (and its threads) is already loaded in this process
             method = "fork" if sys.platform == "linux" and "torch" not in sys.modules else "spawn"
             pool = mp.get_context(method).Pool(workers, initializer=_worker_init)
-        tokens = _tokenize_all(recs, tokenizer, pool)
+        spm = None
+        if tokenizer == "sentencepiece":  # trained on the train split's captions, or --tokenizer-model
+            from seesay.spm import sentencepiece_for_prepare
+
+            spm = sentencepiece_for_prepare(recs, options)
+            if options.get("loc_vocab_size"):  # region data: <loc_0> .. <loc_{n-1}> (seesay.locations)
+                from seesay.locations import loc_tokens
+
+                spm.add_tokens(loc_tokens(int(options["loc_vocab_size"])))
+            tokens = [[spm.tokenize(s) for s in r.sentences] for r in recs]
+        else:
+            tokens = _tokenize_all(recs, tokenizer, pool)
         # captions: drop empty and too long ones; images left with none are skipped
         kept = [[t for t in toks if 1 <= len(t) <= max_len] for toks in tokens]
+        rejected = [i for i, r in enumerate(recs) if r.bad is not None]  # the reader's bad items
+        for i in rejected:
+            kept[i] = []
+        boxes = None
+        if options.get("loc_vocab_size"):  # each kept region's box, aligned with kept
+            from seesay.data.region_tasks import kept_boxes
+
+            boxes = kept_boxes(recs, [tokens[i] if kept[i] else [] for i in range(len(recs))], max_len)
         long_captions = sum(len(t) > max_len for toks in tokens for t in toks)
         empty_captions = sum(r.blank_captions for r in recs) + sum(not t for toks in tokens for t in toks)
-        no_caption = [i for i, k in enumerate(kept) if not k]
+        no_caption = [i for i, k in enumerate(kept) if not k and recs[i].bad is None]
         split_names = sorted({r.split for r in recs},
                              key=lambda s: (SPLIT_ORDER.index(s) if s in SPLIT_ORDER else len(SPLIT_ORDER), s))
         members: dict[str, list[int]] = {s: [] for s in split_names}
@@ -612,11 +715,15 @@ def _build(recs: list[Record], partial: Path, out: Path, options: dict[str, Any]
                     reasons[_reason_kind(reason)] += 1
                     skipped_lines.append({"split": s, "image_id": recs[i].image_id, "image": recs[i].image_path,
                                           "reason": reason})
+    for i in rejected:
+        reasons[_reason_kind(recs[i].bad)] += 1
+        skipped_lines.append({"split": recs[i].split, "image_id": recs[i].image_id, "image": recs[i].image_path,
+                              "reason": recs[i].bad})
     for i in no_caption:
         skipped_lines.append({"split": recs[i].split, "image_id": recs[i].image_id, "image": recs[i].image_path,
                               "reason": f"no caption of 1 to {max_len} tokens"})
     write_text_atomic(partial / "skipped.jsonl", "".join(_dumps(x) + "\n" for x in skipped_lines))
-    n_bad, total = sum(reasons.values()), sum(len(v) for v in members.values())
+    n_bad, total = sum(reasons.values()), sum(len(v) for v in members.values()) + len(rejected)
     hint = _missing_hint(reasons, total, where_images)
     if total and n_bad / total > max_skip_fraction:
         raise SeesayError(
@@ -634,18 +741,22 @@ def _build(recs: list[Record], partial: Path, out: Path, options: dict[str, Any]
     good_rows = {s: [i for i, f in zip(members[s], ok[s]) if f] for s in split_names}
     if not good_rows.get("train"):
         raise SeesayError("the dataset has no usable training images (split 'train' is empty)" + hint)
-    vocab = build_vocab((t for i in good_rows["train"] for t in kept[i]), tokenizer, min_word_freq)
-    vocab.save(partial / "vocab.json")
+    if spm is not None:  # DATA_DIR/tokenizer/ (tokenizer.json + spiece.model) instead of vocab.json
+        vocab = spm
+        spm.save_pretrained(partial / "tokenizer")
+    else:
+        vocab = build_vocab((t for i in good_rows["train"] for t in kept[i]), tokenizer, min_word_freq)
+        vocab.save(partial / "vocab.json")
     for s in split_names:
         if len(good_rows[s]) < len(members[s]):
             _compact(partial / s / "images.npy", [j for j, f in enumerate(ok[s]) if f], image_size)
         _write_split(partial, s, recs, good_rows[s], kept, orig, vocab, captions_per_image=captions_per_image,
-                     max_len=max_len, seed=int(seed))
+                     max_len=max_len, seed=int(seed), boxes=boxes, loc_bins=options.get("loc_vocab_size"))
     manifest = {
         **options,
         "splits": {s: {"images": len(good_rows[s]), "captions": len(good_rows[s]) * captions_per_image}
                    for s in split_names},
-        "caption_length": max_len + 2,
+        "caption_length": max_len + 2 + (4 if boxes is not None else 0),
         "vocab_size": len(vocab),
         "skipped": n_bad,
         "skipped_reasons": dict(sorted(reasons.items())),
@@ -654,6 +765,7 @@ def _build(recs: list[Record], partial: Path, out: Path, options: dict[str, Any]
         "long_captions": long_captions,  # more than max_len tokens
         "empty_captions": empty_captions,  # blank, or no tokens left after tokenisation
         "fingerprint": fingerprint,
+        **(task_info or {}),
     }
     write_text_atomic(partial / "manifest.json", json.dumps(manifest, ensure_ascii=False, sort_keys=True, indent=1) + "\n")
     _publish(partial, out)

@@ -166,7 +166,13 @@ class PreparedData:
         _check_manifest(path, self.manifest)
 
     @cached_property
-    def vocab(self) -> Vocab:
+    def vocab(self) -> Any:
+        """The dataset's tokenizer: DATA_DIR/tokenizer/ (any registered type, e.g. SentencePiece:
+        `seesay.tokenizers.load_tokenizer`) when present, else the word/char/byte/jieba vocab.json."""
+        if (self.root / "tokenizer" / "tokenizer.json").is_file():
+            from seesay.tokenizers import load_tokenizer
+
+            return load_tokenizer(self.root / "tokenizer")
         return Vocab.load(self.root / "vocab.json")
 
     @property

@@ -15,6 +15,8 @@
 - Decoding functions only reorder rows within images or keep a subset of whole images, in
   image order (`seesay.decoding`). The dict-state decoders use that: per-image memory stays
   one row per image while the step runs K rows (beams) per image (`decoders/common.py`).
+- `enc.prompt` [B,P] (ids, right-padded with the tokenizer's pad id, or None) is a text given to
+  the model as input; only decoders with `reads_prompt = True` (T5) read it, others ignore it.
 """
 
 from __future__ import annotations
@@ -37,6 +39,12 @@ class DecoderOutput(NamedTuple):
 class Decoder(nn.Module):
     vocab_size: int
     has_sentinel: bool = False
+    # True: the decoder reads `enc.prompt` (a text given as input, e.g. T5's encoder side) instead of
+    # having a prompt forced as the caption's first tokens (`CaptionModel.generate`)
+    reads_prompt: bool = False
+    # True: forward(enc, tokens, lengths, image_rows=None) takes `enc` with one row per image and
+    # `image_rows` [B] naming each caption's image, so per-image work is done once per image
+    takes_image_rows: bool = False
 
     def forward(self, enc: EncoderOutput, tokens: Tensor, lengths: Tensor) -> DecoderOutput:  # pragma: no cover
         raise NotImplementedError

@@ -23,13 +23,21 @@ class EncoderOutput(NamedTuple):
     grid: Tensor  # (B, N, D)
     pooled: Tensor  # (B, D)
     grid_hw: tuple[int, int]
+    # (B, P) long ids of a text given to the model as input (T5's encoder side), right-padded with
+    # the tokenizer's pad id; read only by decoders with `reads_prompt = True`
+    prompt: Tensor | None = None
 
     def index_select(self, index: Tensor) -> EncoderOutput:
         """Rows picked by `index` (used to repeat an image per caption or per beam)."""
-        return EncoderOutput(self.grid.index_select(0, index), self.pooled.index_select(0, index), self.grid_hw)
+        prompt = None if self.prompt is None else self.prompt.index_select(0, index.to(self.prompt.device))
+        return EncoderOutput(self.grid.index_select(0, index), self.pooled.index_select(0, index), self.grid_hw,
+                             prompt)
 
     def to(self, *args: Any, **kwargs: Any) -> EncoderOutput:
-        return EncoderOutput(self.grid.to(*args, **kwargs), self.pooled.to(*args, **kwargs), self.grid_hw)
+        """Moved / cast; the prompt's ids only move (they stay long)."""
+        grid = self.grid.to(*args, **kwargs)
+        prompt = None if self.prompt is None else self.prompt.to(grid.device)
+        return EncoderOutput(grid, self.pooled.to(*args, **kwargs), self.grid_hw, prompt)
 
 
 @dataclass(frozen=True)

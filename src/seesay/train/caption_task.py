@@ -35,13 +35,26 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import ConcatDataset, DataLoader, Dataset, DistributedSampler
 
 from seesay.captioner import decode_split, evaluation_lang
 from seesay.checkpoint import read_weights, save_checkpoint
 from seesay.config import Config
 from seesay.data.loader import CaptionDataset, ImageCaptionDataset, collate_captions, collate_images
+from seesay.data.shards import ShardSplit, check_resume_workers, is_sharded, shard_loader
 from seesay.data.store import PreparedData, SplitStore
+from seesay.data.tasks import (
+    ConcatFeatures,
+    MixtureSampler,
+    Tagged,
+    dataset_paths,
+    image_prompts,
+    open_sources,
+    reads_prompt,
+    resolve_datasets,
+    tagged_collate,
+    task_rows,
+)
 from seesay.decoding import strategy_from_options
 from seesay.encoders.base import EncoderOutput
 from seesay.errors import SeesayError
@@ -57,6 +70,7 @@ from seesay.train.data import (
 )
 from seesay.train.distributed import DistInfo, barrier
 from seesay.train.features import FeatureStore, build_feature_cache, cache_key, encoder_fingerprint
+from seesay.train.mim import build_mim, extends
 from seesay.train.objectives import CrossEntropy, SelfCritical
 from seesay.train.setup import check_objective, init_weights, prepare_if_needed, resolve_pairs_text
 
@@ -74,6 +88,14 @@ def captioner_spec(cfg: Config, tokenizer: Any) -> dict[str, Any]:
     return {"captioner": "encoder_decoder", "encoder": enc, "decoder": dec}
 
 
+def metric_names() -> list[str]:
+    """What validation can return. Region data validates on its own scores
+    (`seesay.data.region_tasks.region_scores`): a grounding run selects on grounding_accuracy."""
+    from seesay.data.region_tasks import REGION_METRICS
+
+    return ["Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr", "SPICE", *REGION_METRICS]
+
+
 class CaptionTask:
     """Builds the captioner and data for `cfg` and implements the loop's task interface."""
 
@@ -86,20 +108,31 @@ class CaptionTask:
         self.prepared = PreparedData(self.data_dir)
         self.manifest = self.prepared.manifest
         self.tokenizer = self.prepared.vocab
-        self.train_data: SplitStore = self.prepared.split(cfg.data.train_split)
+        self.sharded = is_sharded(self.manifest, cfg.data.train_split)  # WebDataset shards: seesay.data.shards
+        self.train_data: Any = (ShardSplit(self.prepared, cfg.data.train_split) if self.sharded
+                                else self.prepared.split(cfg.data.train_split))
         self.val_data: SplitStore = self.prepared.split(cfg.data.val_split)
+        # every training dataset with its task and prompt (seesay.data.tasks); the first is validated on
+        self.sources = open_sources(dataset_paths(cfg.data), self.prepared, cfg.data.task)
+        if self.sharded and len(self.sources) > 1:
+            raise SeesayError(f"{self.data_dir}: sharded data trains alone (several --data need prepared stores)")
         if len(self.train_data) == 0 or len(self.val_data) == 0:
             raise SeesayError(f"{self.data_dir}: the {cfg.data.train_split!r} and {cfg.data.val_split!r} splits need images")
+        self._image_and_location_tokens()
         self.model = self._build_model(model)
         self.tokenizer = self.model.tokenizer  # a family may bring its own (T5's SentencePiece, ...)
+        self.reads_prompt = reads_prompt(self.model)  # rows then carry their dataset's prompt (seesay.data.tasks)
+        self.prompt_ids: dict[int, list[int]] = {}  # dataset index -> its prompt's ids (encoded once)
         self.eval_lang = evaluation_lang(self.tokenizer, self.manifest, self.val_data.references)
         self.objective: CrossEntropy | SelfCritical = self._build_objective()
         self.cached = not getattr(self.model, "features_trainable", True) and cfg.train.cache_features
         self.module: torch.nn.Module = self.model  # what trains (DDP wraps it)
         if self.cached:
-            self.train_feats = self._features(self.train_data)
+            self.train_feats = self._features(self.train_data) if len(self.sources) == 1 else ConcatFeatures(
+                [self._features(s.prepared.split(cfg.data.train_split), s.root) for s in self.sources])
             self.val_feats = self._features(self.val_data)
         self._build_loader()
+        self.mim = build_mim(self)  # masked image modelling rows (seesay.train.mim), or None
         self._add_text_data()
         # DDP must search for parameters without a gradient when some go unused in a step: families
         # that say so (titans_mac's neural memory), and the image model during text-only steps when
@@ -108,6 +141,20 @@ class CaptionTask:
                                                or (self.text_rows_per_epoch > 0 and not self.cached))
 
     # -- set-up ---------------------------------------------------------------------------------
+    def _image_and_location_tokens(self) -> None:
+        """`<img_i>` for a recipe with a VQ (`data.vae_ckpt_path`), and the recipe's `loc_vocab_size`
+        checked against the region data's (docs/vlm.md)."""
+        data = self.cfg.data
+        for s in self.sources:
+            if data.loc_vocab_size is not None and s.task.loc_vocab_size not in (None, data.loc_vocab_size):
+                raise SeesayError(f"loc_vocab_size {data.loc_vocab_size} does not match --data {s.root}, prepared "
+                                  f"with --loc-vocab-size {s.task.loc_vocab_size}")
+        if data.vae_ckpt_path:
+            from seesay.train.mim import load_checked_vq, with_image_tokens
+
+            vq = load_checked_vq(data.vae_ckpt_path, data.image_vocab_size)
+            self.tokenizer = with_image_tokens(self.tokenizer, int(vq.codebook_size))
+
     def _build_objective(self) -> CrossEntropy | SelfCritical:
         t = self.cfg.train
         check_objective(self.cfg)
@@ -157,8 +204,16 @@ class CaptionTask:
 
     def _build_loader(self) -> None:
         cfg, dist = self.cfg, self.dist
+        if self.sharded:
+            self._build_shard_loader()
+            return
         encoded = None
-        if self.tokenizer != self.prepared.vocab:  # the captioner's own tokenizer: re-encode the references
+        own = not extends(self.tokenizer, self.prepared.vocab)  # not the data's (plus <img_i>): re-encode
+        if own and any(s.task.loc_vocab_size for s in self.sources):
+            raise SeesayError(f"{self.data_dir}: region data trains with the tokenizer it was prepared with (its "
+                              "<loc_i> tokens), not the model's own; drop language_model_name's tokenizer or prepare "
+                              "the data with --tokenizer-model pointing at it")
+        if own:  # the captioner's own tokenizer: re-encode the references
             max_len = int(self.manifest.get("max_len", self.train_data.captions.shape[-1] - 2))
             encoded = encode_references(self.train_data, self.tokenizer, max_len, self.train_data.captions_per_image)
             if dist.is_main:
@@ -178,8 +233,13 @@ class CaptionTask:
             self.train_set = ImageCaptionDataset(self.prepared, cfg.data.train_split, encoded=encoded)
             batch_size = max(1, cfg.train.batch_size // self.train_data.captions_per_image)
             collate = functools.partial(collate_images, pad_id=pad)
-        self.sampler = SkippingSampler(DistributedSampler(self.train_set, num_replicas=dist.world_size, rank=dist.rank,
-                                                          shuffle=True, seed=cfg.train.seed, drop_last=False))
+        if len(self.sources) > 1:  # several datasets: tagged rows, mixed by size or weights (seesay.data.tasks)
+            inner: Any = self._mix_datasets(encoded is not None)
+            collate = tagged_collate(collate)
+        else:
+            inner = DistributedSampler(self.train_set, num_replicas=dist.world_size, rank=dist.rank, shuffle=True,
+                                       seed=cfg.train.seed, drop_last=False)
+        self.sampler = SkippingSampler(inner)
         self.batch_size = batch_size
         workers = cfg.data.workers
         # the loader's own generator (worker seeds) keeps it off the global RNG, which then only
@@ -189,6 +249,41 @@ class CaptionTask:
                                  persistent_workers=workers > 0, drop_last=False,
                                  generator=torch.Generator().manual_seed(cfg.train.seed),
                                  worker_init_fn=worker_leaves_signals_to_trainer)
+
+    def _mix_datasets(self, reencode: bool) -> MixtureSampler:
+        """self.train_set becomes every dataset's training set (the same kind as the first's), tagged."""
+        cfg = self.cfg
+        parts, offset = [], 0
+        for k, src in enumerate(self.sources):
+            ds = self.train_set
+            if k:
+                store, encoded = src.prepared.split(cfg.data.train_split), None
+                if reencode:
+                    max_len = int(src.prepared.manifest.get("max_len", store.captions.shape[-1] - 2))
+                    encoded = encode_references(store, self.tokenizer, max_len, store.captions_per_image)
+                ds = type(self.train_set)(src.prepared, cfg.data.train_split, load_images=self.train_set.load_images,
+                                          encoded=encoded)
+            parts.append(Tagged(ds, k, offset))
+            offset += len(ds.store)
+        self.train_set = ConcatDataset(parts)
+        return MixtureSampler([len(p) for p in parts], cfg.data.data_weights, seed=cfg.train.seed,
+                              rank=self.dist.rank, world_size=self.dist.world_size)
+
+    def _build_shard_loader(self) -> None:
+        """Train batches streamed from the shards, with the store loaders' keys (`seesay.data.shards`):
+        `self.sampler` is the stream, whose `set_epoch(epoch, skip)` resumes inside an epoch exactly."""
+        cfg, dist = self.cfg, self.dist
+        per = cfg.train.scst_samples if self.objective.by_image else self.train_data.captions_per_image
+        mode = "by_image" if self.objective.by_image else "captions" if self.cached else "images"
+        self.batch_size = max(1, cfg.train.batch_size // per)  # images per batch
+        if cfg.train.resume:
+            check_resume_workers(self.run_dir, cfg.data.workers)
+        self.sampler, self.loader = shard_loader(
+            self.train_data, self.tokenizer, batch_size=self.batch_size, mode=mode, load_images=not self.cached,
+            seed=cfg.train.seed, rank=dist.rank, world_size=dist.world_size, workers=cfg.data.workers,
+            buffer=int(getattr(cfg.data, "shuffle_buffer", 1000)), pin_memory=self.device.type == "cuda",
+            worker_init_fn=worker_leaves_signals_to_trainer)
+        self.train_set = self.sampler
 
     def _add_text_data(self) -> None:
         """Text-only captions: language-model rows given an all-zero ("no image") encoding."""
@@ -234,11 +329,12 @@ class CaptionTask:
         return EncoderOutput(torch.zeros((rows, *grid), device=self.device),
                              torch.zeros((rows, *pooled), device=self.device), hw)
 
-    def _features(self, data: SplitStore) -> FeatureStore:
+    def _features(self, data: SplitStore, data_dir: Path | None = None) -> FeatureStore:
         model = self.model
         spec = model.spec()
         image_model = getattr(model, "encoder", model)
-        key = cache_key(data=str(Path(self.data_dir).resolve()), split=data.split, n=len(data),
+        data_dir = Path(data_dir or self.data_dir)
+        key = cache_key(data=str(data_dir.resolve()), split=data.split, n=len(data),
                         spec=spec.get("encoder", spec), preprocess=model.preprocess_config(),
                         weights=encoder_fingerprint(image_model))
         root = Path(self.cfg.train.feature_cache_dir or self.run_dir / "features")
@@ -247,7 +343,7 @@ class CaptionTask:
             model.eval()
             build_feature_cache(model.encode, data.images, directory, device=self.device,
                                 progress=self.cfg.train.progress,
-                                meta={"data": str(self.data_dir), "split": data.split, "model": spec.get("encoder", spec)})
+                                meta={"data": str(data_dir), "split": data.split, "model": spec.get("encoder", spec)})
         barrier()
         return FeatureStore(directory, device=self.device)
 
@@ -263,11 +359,21 @@ class CaptionTask:
                 groups.append({"params": params, "lr": lrs.get(name, self.cfg.decoder.lr), "name": name})
         return groups
 
+    def batch_layout(self) -> dict[str, Any]:
+        """What an epoch's batches depend on besides the loop's batch size and process count: a run
+        saved inside an epoch resumes only with the same (the loop checks, `train.resume.check_layout`)."""
+        layout: dict[str, Any] = {"datasets": [str(s.root) for s in self.sources],
+                                  "data_weights": self.cfg.data.data_weights}
+        if self.sharded:  # a stream's order depends on how it is split across workers
+            layout["data_workers"] = max(1, int(self.cfg.data.workers))
+        return layout
+
     def metric_names(self) -> list[str]:
-        return ["Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr", "SPICE"]
+        return metric_names()
 
     def train_batches(self, epoch: int, start: int = 0) -> DataLoader | MixedBatches:
         """This process's batches of `epoch`, from its `start`-th batch on."""
+        self.epoch = epoch  # seeds pretraining's span corruption (seesay.data.tasks.task_rows)
         self.sampler.set_epoch(epoch)
         full_image_batches = len(self.loader)
         if self.text_tokens is None or self.text_rows_per_epoch == 0:
@@ -287,6 +393,10 @@ class CaptionTask:
         image_rows = None
         if self.objective.by_image:
             src = self.train_feats.get(batch["image_index"]) if self.cached else batch["images"].to(dev, non_blocking=True)
+            prompt = image_prompts(batch, len(batch["references"]), self.sources, self.tokenizer, self.reads_prompt,
+                                   self.prompt_ids)
+            if prompt is not None:
+                return self.objective(model, src, batch["references"], prompt=prompt.to(dev))
             return self.objective(model, src, batch["references"])
         if batch.get("text_only"):
             self.text_rows_seen += int(tokens.size(0))
@@ -296,6 +406,16 @@ class CaptionTask:
         else:
             src = batch["images"].to(dev, non_blocking=True)
             image_rows = batch["image_rows"].to(dev, non_blocking=True)
+        prompt, tokens, lengths = task_rows(batch, tokens, lengths, image_rows, self.sources, self.tokenizer,
+                                            prompts=self.reads_prompt, seed=self.cfg.train.seed,
+                                            epoch=getattr(self, "epoch", 0), cache=self.prompt_ids)
+        if self.mim is not None and image_rows is not None:  # + a masked-image row per pretrain image
+            src, masked, tokens, lengths, image_rows, prompt = self.mim.extend(
+                batch, src, tokens, lengths, image_rows, prompt, getattr(self, "epoch", 0))
+            if masked is not None:
+                return self.objective(model, src, tokens, lengths, image_rows, prompt=prompt, bool_masked_pos=masked)
+        if prompt is not None:  # the rows' input texts (seesay.data.tasks), for models that read one
+            return self.objective(model, src, tokens, lengths, image_rows, prompt=prompt.to(dev))
         return self.objective(model, src, tokens, lengths, image_rows)
 
     def validate(self) -> dict[str, float]:
@@ -303,9 +423,35 @@ class CaptionTask:
 
         cfg = self.cfg
         strategy = strategy_from_options(beam_size=cfg.train.val_beam_size)
-        results = decode_split(self.model, self.val_data, strategy, limit=cfg.data.val_max_images,
-                               features=self.val_feats if self.cached else None, max_len=cfg.train.val_max_len,
-                               batch_size=64)
+        task = self.sources[0].task
+        if task.task in ("region", "grounding"):  # every region of the val images (seesay.data.region_tasks)
+            from seesay.data.region_tasks import decode_regions, region_scores
+
+            rows = decode_regions(self.model, self.val_data, task.task, task.prompt or "", int(task.loc_vocab_size),
+                                  strategy=strategy, max_len=cfg.train.val_max_len, batch_size=64,
+                                  limit=cfg.data.val_max_images)
+            return {k: v for k, v in region_scores(rows, task.task, lang=self.eval_lang).items() if k != "regions"}
+        text = self.sources[0].task.prompt if self.reads_prompt else None
+        if text and 0 not in self.prompt_ids:
+            self.prompt_ids[0] = list(self.tokenizer.encode_prompt(text))
+        prompt = self.prompt_ids[0] if text else None
+        if prompt is None:
+            results = decode_split(self.model, self.val_data, strategy, limit=cfg.data.val_max_images,
+                                   features=self.val_feats if self.cached else None, max_len=cfg.train.val_max_len,
+                                   batch_size=64)
+        else:  # the first dataset's input text
+            from seesay.captioner import decode_batches
+            from seesay.data.region_tasks import answer_constraints
+
+            words_only = answer_constraints(self.tokenizer, task.task)  # no <loc_i> / <img_i> in a caption
+            n = len(self.val_data) if cfg.data.val_max_images is None else min(cfg.data.val_max_images,
+                                                                                len(self.val_data))
+            results = {str(self.val_data.image_ids[i]): c.caption
+                       for b in decode_batches(self.model, self.val_data, strategy, indices=range(n), prompt=prompt,
+                                               features=self.val_feats if self.cached else None,
+                                               max_len=cfg.train.val_max_len, batch_size=64,
+                                               constraints=words_only)
+                       for i, c in zip(b.indices, b.captions)}
         refs = {data_id: r for data_id, r in zip(self.val_data.image_ids, self.val_data.references) if data_id in results}
         report = compute_scores(results, refs, full=False, lang=self.eval_lang)
         return {k: float(v) for k, v in report.corpus.items() if v is not None}
@@ -330,13 +476,14 @@ def train_captioner(cfg: Config) -> Any:
     from seesay.train.state import seed_everything
 
     # every setting a user can get wrong, as one line before data is prepared or features computed
-    check_config(cfg.train)  # the loop's settings; the metric names default to CaptionTask.metric_names'
+    check_config(cfg.train, metric_names())  # the loop's settings
     check_ranges(cfg)
     check_model_options(cfg)
     check_objective(cfg)
     check_output_dir(cfg.train.output)
     dist = setup_distributed(cfg.train.device)  # --device cuda without a GPU: one line too
     try:
+        resolve_datasets(cfg)  # recipe `datasets` under `root_dir`; data.path becomes the first
         resolve_pairs_text(cfg)
         if dist.is_main:
             prepare_if_needed(cfg)

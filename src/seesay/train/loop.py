@@ -110,7 +110,8 @@ class _Trainer:
             run_dir.mkdir(parents=True, exist_ok=True)
         self.last_dir = run_dir / "last"
         # what an epoch's batches depend on: a save inside an epoch resumes only with the same
-        self.layout = {"batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum, "processes": dist.world_size}
+        self.layout = {"batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum, "processes": dist.world_size,
+                       **(task.batch_layout() if hasattr(task, "batch_layout") else {})}
         self.max_epochs = max_epochs(cfg)
         self.state, resume_state = LoopState(), None
         if cfg.resume:  # weights before DDP broadcasts rank 0's

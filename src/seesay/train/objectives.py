@@ -3,7 +3,8 @@
 # r - caption rows, t - time, v - vocabulary
 An objective is called as `objective(model, src, tokens, lengths, image_rows)` (`model` is the
 captioner, possibly inside DDP; `src` images or cached features; `tokens` [R,T] `bos w.. eos pad..`
-rows with `lengths` [R]; `image_rows` [R] or None) and returns:
+rows with `lengths` [R]; `image_rows` [R] or None), plus `prompt=` [R,P] ids (each row's input text,
+`seesay.data.tasks`) for models that read one, and returns:
 
     "loss_<name>"   scalar tensors; the loop backpropagates their sum
     "n"             rows in the batch (the weight of this batch in the logged averages)
@@ -66,8 +67,11 @@ class CrossEntropy:
     by_image = False
 
     def __call__(self, model: Any, src: Any, tokens: torch.Tensor, lengths: torch.Tensor,
-                 image_rows: torch.Tensor | None = None) -> dict[str, Any]:
-        out = model(src, tokens, lengths, image_rows)
+                 image_rows: torch.Tensor | None = None, prompt: torch.Tensor | None = None,
+                 bool_masked_pos: torch.Tensor | None = None) -> dict[str, Any]:
+        extra = {} if bool_masked_pos is None else {"bool_masked_pos": bool_masked_pos}  # masked image modelling
+        out = model(src, tokens, lengths, image_rows, **extra) if prompt is None else model(
+            src, tokens, lengths, image_rows, prompt=prompt, **extra)
         ce, n_tok, hits = token_cross_entropy(out.logits, tokens, lengths, label_smoothing=self.label_smoothing)
         result: dict[str, Any] = {"loss_ce": ce, "top5": hits.double() / n_tok.clamp(min=1),
                                   "n": int(tokens.size(0))}
@@ -125,15 +129,18 @@ class SelfCritical:
         self.reward, self.samples, self.baseline, self.max_len = reward, samples, baseline, int(max_len)
 
     @torch.no_grad()
-    def _decode(self, captioner: Any, enc: Any, strategy: Any) -> tuple[Any, list[str], list[bool]]:
-        res = captioner.generate(enc, strategy, max_len=self.max_len)
+    def _decode(self, captioner: Any, enc: Any, strategy: Any, prompt: torch.Tensor | None = None
+                ) -> tuple[Any, list[str], list[bool]]:
+        res = (captioner.generate(enc, strategy, max_len=self.max_len) if prompt is None
+               else captioner.generate(enc, strategy, max_len=self.max_len, prompt=prompt))
         tok = captioner.tokenizer
         rows, lengths = res.tokens.cpu().tolist(), res.lengths.cpu().tolist()
         texts = [tok.decode(row[:n]) for row, n in zip(rows, lengths)]
         finished = [n > 0 and row[n - 1] == tok.eos_id for row, n in zip(rows, lengths)]
         return res, texts, finished
 
-    def __call__(self, model: Any, src: Any, references: list[list[str]]) -> dict[str, Any]:
+    def __call__(self, model: Any, src: Any, references: list[list[str]], prompt: torch.Tensor | None = None
+                 ) -> dict[str, Any]:
         from seesay.captioner import device_of
         from seesay.checkpoint import unwrap
         from seesay.decoding import Greedy, Sample
@@ -148,8 +155,10 @@ class SelfCritical:
         try:
             with torch.no_grad():
                 enc = captioner.encode(src) if isinstance(src, torch.Tensor) else src
-                res, texts, finished = self._decode(captioner, enc.index_select(image_rows), Sample(temperature=1.0))
-                greedy = self._decode(captioner, enc, Greedy()) if self.baseline == "greedy" else None
+                rows_prompt = None if prompt is None else prompt.index_select(0, image_rows.to(prompt.device))
+                res, texts, finished = self._decode(captioner, enc.index_select(image_rows), Sample(temperature=1.0),
+                                                    rows_prompt)
+                greedy = self._decode(captioner, enc, Greedy(), prompt) if self.baseline == "greedy" else None
         finally:
             captioner.train(was_training)
         rows = image_rows.tolist()
@@ -165,7 +174,8 @@ class SelfCritical:
         bos = torch.full((res.tokens.size(0), 1), tok.bos_id, dtype=res.tokens.dtype, device=res.tokens.device)
         tokens = torch.cat([bos, res.tokens], 1).to(device)
         lengths = (res.lengths + 1).to(device)
-        out = model(src, tokens, lengths, image_rows)
+        out = (model(src, tokens, lengths, image_rows) if prompt is None
+               else model(src, tokens, lengths, image_rows, prompt=prompt.index_select(0, image_rows.to(prompt.device))))
         logprob = sequence_logprobs(out.logits, tokens, lengths)
         advantage = (reward - base).detach()
         n_global = torch.tensor(float(logprob.numel()), dtype=torch.float64, device=device)
