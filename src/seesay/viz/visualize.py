@@ -193,3 +193,89 @@ def visualize_image(
         cols=cols,
     )
     return Visualized(str(image_path), res.caption, words, out, res.score)
+
+
+# ---- VQ image tokenizers: an image beside its reconstruction (`seesay visualize --vq DIR IMAGE...`) ----
+
+
+def reconstruction_figure(images: Any, vq: Any, predicted_codes: Any = None, titles: Sequence[str] | None = None) -> Any:
+    """A matplotlib figure: one row per image, the image (at the tokenizer's size) | its VQ
+    reconstruction (with PSNR) | with `predicted_codes` [B, h, w] (a masked-modelling model's
+    prediction of the codes), their decoding and the share of codes it got right.
+
+    `images` is uint8 [B, 3, H, W] (tensor or array) or a list of uint8 [H, W, 3] arrays."""
+    import torch
+
+    from seesay.viz.attention import pyplot
+
+    if isinstance(images, (list, tuple)):
+        images = np.stack([np.asarray(im) for im in images]).transpose(0, 3, 1, 2)
+    x = torch.as_tensor(np.asarray(images)) if not isinstance(images, torch.Tensor) else images
+    codes = vq.encode(x)
+    shown = ((vq.to_model_input(x) + 1) / 2).cpu()
+    columns = [("image", shown), ("VQ reconstruction", vq.decode(codes).cpu())]
+    if predicted_codes is not None:
+        predicted_codes = torch.as_tensor(predicted_codes).to(codes.device).long()
+        columns.append(("predicted codes", vq.decode(predicted_codes).cpu()))
+    plt = pyplot()
+    n, k = x.shape[0], len(columns)
+    fig, axes = plt.subplots(n, k, figsize=(3 * k, 3 * n), squeeze=False)
+    for i in range(n):
+        for j, (label, batch) in enumerate(columns):
+            ax = axes[i][j]
+            ax.imshow(batch[i].permute(1, 2, 0).numpy())
+            ax.set_xticks([])
+            ax.set_yticks([])
+            text = label if i == 0 else ""
+            if j > 0:
+                mse = float((batch[i] - shown[i]).pow(2).mean())
+                text += f"\nPSNR {10 * math.log10(1 / max(mse, 1e-12)):.1f} dB"
+            if j == 2:
+                text += f", {float((predicted_codes[i] == codes[i]).float().mean()):.0%} codes right"
+            if j == 0 and titles is not None:
+                text += ("\n" if text else "") + titles[i]
+            ax.set_title(text.strip(), fontsize=8)
+    fig.suptitle(f"{type(vq).__name__}: {vq.codebook_size} codes, {vq.grid_size}x{vq.grid_size} per image", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def visualize_vq(vq_dir: str | Path, image_paths: Sequence[str | Path], output: str | Path,
+                 device: str | None = "cpu", checkpoint: str | Path | None = None, mask_ratio: float = 0.75,
+                 prompt: str | None = None) -> Path:
+    """`seesay visualize --vq DIR IMAGE... --output FILE`: each image beside its reconstruction; with
+    `checkpoint` (a masked-image-modelling model, `seesay.train.mim`) also the codes it predicts for
+    the image with `mask_ratio` of its patches masked (and `prompt` as its context), decoded."""
+    import torch
+
+    from seesay.data.images import load_image_rgb
+    from seesay.files import check_output
+    from seesay.viz.attention import figure_png
+    from seesay.vq import load_vq
+
+    if not image_paths:
+        raise SeesayError("--vq: name at least one image to reconstruct")
+    check_output(output)
+    vq = load_vq(vq_dir, map_location=resolve_device(device))
+    arrays = [load_image_rgb(p, vq.image_size) for p in image_paths]  # a bad image: one line naming it
+    batch = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
+    predicted = None
+    if checkpoint is not None:
+        from seesay.checkpoint import load_checkpoint
+        from seesay.train.mim import predict_codes
+
+        model = load_checkpoint(checkpoint, map_location=resolve_device(device)).model.eval()
+        if model.tokenizer.token_to_id(f"<img_{vq.codebook_size - 1}>") is None:
+            raise SeesayError(f"--checkpoint {checkpoint}: no <img_i> tokens for the {vq.codebook_size} codes of "
+                              f"--vq {vq_dir} (train it with vae_ckpt_path: {vq_dir})")
+        images = torch.stack([model.preprocess(p) for p in image_paths])
+        predicted = predict_codes(model, images, vq.codebook_size, vq.grid_size, ratio=mask_ratio, prompt=prompt)
+    fig = reconstruction_figure(batch, vq, predicted_codes=predicted, titles=[Path(p).name for p in image_paths])
+    data = figure_png(fig)
+    out = Path(output)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_bytes(data)
+    except OSError as e:
+        raise SeesayError(f"{out}: cannot write the figure ({e.strerror or e})") from e
+    return out
