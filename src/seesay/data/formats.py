@@ -225,18 +225,17 @@ def _coco_annotations(path: Path) -> tuple[list[dict], dict[int, list[str]]]:
     return data["images"], by_image
 
 
-def read_coco(coco_dir: str | os.PathLike, *, keep_restval: bool = False) -> list[Record]:
-    root = Path(coco_dir)
-    if not root.is_dir():
-        raise SeesayError(f"{root}: COCO directory not found")
-    karpathy_split: dict[int, str] | None = None
+def coco_karpathy_split(root: Path, *, keep_restval: bool = False) -> dict[int, str] | None:
+    """COCO id -> Karpathy's split from ROOT/dataset_coco.json (or ROOT/annotations/), None without
+    one; restval counts as train unless `keep_restval`. Shared by the caption and instance readers,
+    so a test image's captions and regions are never trained on."""
     for cand in (root / "dataset_coco.json", root / "annotations" / "dataset_coco.json"):
         if cand.is_file():
             kd = load_json(cand)
             if not isinstance(kd, dict) or not isinstance(kd.get("images"), list):
                 raise _bad(cand, 'not a Karpathy split file (expected {"images": [...]})')
             _require_splits(cand, kd["images"])
-            karpathy_split = {}
+            split: dict[int, str] = {}
             for j, img in enumerate(kd["images"]):
                 if isinstance(img, dict) and "cocoid" in img:
                     s = img["split"]
@@ -244,8 +243,28 @@ def read_coco(coco_dir: str | os.PathLike, *, keep_restval: bool = False) -> lis
                         cocoid = int(img["cocoid"])
                     except (TypeError, ValueError):
                         raise _bad(cand, f"images[{j}]: 'cocoid' must be an integer") from None
-                    karpathy_split[cocoid] = "train" if s == "restval" and not keep_restval else s
-            break
+                    split[cocoid] = "train" if s == "restval" and not keep_restval else s
+            return split
+    return None
+
+
+def coco_splits(ids: list[int], sub: str, karpathy: dict[int, str] | None) -> list[str]:
+    """The split of each image of COCO's `sub` folder (`ids` sorted): Karpathy's when known (train
+    for images it lacks), else the first min(5000, n/4) of val2014 are val, the next as many test,
+    the rest and all of train2014 train."""
+    if karpathy is not None:
+        return [karpathy.get(i, "train") for i in ids]
+    if sub == "val2014":
+        k = min(5000, len(ids) // 4)
+        return ["val"] * k + ["test"] * k + ["train"] * (len(ids) - 2 * k)
+    return ["train"] * len(ids)
+
+
+def read_coco(coco_dir: str | os.PathLike, *, keep_restval: bool = False) -> list[Record]:
+    root = Path(coco_dir)
+    if not root.is_dir():
+        raise SeesayError(f"{root}: COCO directory not found")
+    karpathy_split = coco_karpathy_split(root, keep_restval=keep_restval)
     records: list[Record] = []
     found = False
     for sub in ("train2014", "val2014"):
@@ -255,14 +274,7 @@ def read_coco(coco_dir: str | os.PathLike, *, keep_restval: bool = False) -> lis
         found = True
         images, caps = _coco_annotations(ann)
         images = sorted(images, key=lambda im: int(im["id"]))
-        if karpathy_split is None and sub == "val2014":
-            n = len(images)
-            k = min(5000, n // 4)
-            splits = ["val"] * k + ["test"] * k + ["train"] * (n - 2 * k)
-        elif karpathy_split is None:
-            splits = ["train"] * len(images)
-        else:
-            splits = [karpathy_split.get(int(im["id"]), "train") for im in images]
+        splits = coco_splits([int(im["id"]) for im in images], sub, karpathy_split)
         for im, split in zip(images, splits):
             iid = int(im["id"])
             extra = {"cocoid": iid, "coco_split": sub}

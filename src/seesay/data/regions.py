@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from seesay.data.formats import load_json
+from seesay.data.formats import coco_karpathy_split, coco_splits, load_json
 from seesay.errors import SeesayError
 
 
@@ -78,20 +78,6 @@ def _int(v: Any) -> int | None:
 # ---- COCO instances ------------------------------------------------------------------------------
 
 
-def _karpathy_split(root: Path) -> dict[int, str] | None:
-    for cand in (root / "dataset_coco.json", root / "annotations" / "dataset_coco.json"):
-        if cand.is_file():
-            data = load_json(cand)
-            if not isinstance(data, dict) or not isinstance(data.get("images"), list):
-                raise _bad(cand, 'not a Karpathy split file (expected {"images": [...]})')
-            out = {}
-            for img in data["images"]:
-                if isinstance(img, dict) and _int(img.get("cocoid")) is not None and isinstance(img.get("split"), str):
-                    out[_int(img["cocoid"])] = "train" if img["split"] == "restval" else img["split"]
-            return out
-    return None
-
-
 def _coco_box(bbox: Any, width: int, height: int, min_size: float) -> tuple[float, float, float, float] | None:
     if not isinstance(bbox, (list, tuple)) or len(bbox) != 4:
         return None
@@ -138,7 +124,7 @@ def read_coco_instances(coco_dir: str | os.PathLike, *, min_size: float = 1.0) -
     root = Path(coco_dir)
     if not root.is_dir():
         raise SeesayError(f"{root}: COCO directory not found")
-    karpathy = _karpathy_split(root)
+    karpathy = coco_karpathy_split(root)  # the caption reader's split rule (seesay.data.formats)
     out = Regions([])
     found = False
     for sub in ("train2014", "val2014"):
@@ -148,13 +134,7 @@ def read_coco_instances(coco_dir: str | os.PathLike, *, min_size: float = 1.0) -
         found = True
         images, cats, anns = _read_instances(path)
         ids = sorted(images)
-        if karpathy is not None:
-            split_of = {i: karpathy.get(i, "train") for i in ids}
-        elif sub == "val2014":
-            k = min(5000, len(ids) // 4)
-            split_of = {i: "val" if n < k else "test" if n < 2 * k else "train" for n, i in enumerate(ids)}
-        else:
-            split_of = dict.fromkeys(ids, "train")
+        split_of = dict(zip(ids, coco_splits(ids, sub, karpathy)))
         for a in anns:
             iid, cid = _int(a["image_id"]), _int(a["category_id"])
             if iid not in images:
