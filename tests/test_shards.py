@@ -368,3 +368,12 @@ def test_self_critical_trains_from_shards(shapes, tmp_path):
                             max_steps_per_epoch=2)
     state = train_captioner(cfg)
     assert state.step == 2
+
+
+def test_sentencepiece_shards_are_refused_in_one_line(tmp_path):
+    from seesay.data.prepare import prepare_dataset
+
+    with pytest.raises(SeesayError, match="sentencepiece is not supported for shards"):
+        prepare_dataset("pairs", tmp_path / "out", annotations=tmp_path / "a.json", tokenizer="sentencepiece",
+                        output_format="shards")
+    assert not (tmp_path / "out").exists()

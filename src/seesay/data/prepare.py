@@ -536,6 +536,10 @@ def prepare_dataset(
     if output_format == "shards" or fmt == "webdataset":  # WebDataset tars: seesay.data.shards, docs/shards.md
         from seesay.data.shards import prepare_shards
 
+        if tokenizer == "sentencepiece":  # the shard writer builds word/char/byte/jieba vocabularies only
+            raise SeesayError("--tokenizer sentencepiece is not supported for shards yet (--output-format shards, "
+                              "--format webdataset): use word, char, byte or jieba, or prepare a store")
+
         return prepare_shards(fmt, output, shard_size=shard_size, shards=shards, val_shards=val_shards,
                               annotations=annotations, images=images, coco_dir=coco_dir, keep_restval=keep_restval,
                               min_word_freq=min_word_freq, max_len=max_len, captions_per_image=captions_per_image,
