@@ -42,6 +42,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from seesay.encoders.base import EncoderOutput
 from seesay.model import build_model
 from seesay.train.objectives import token_cross_entropy as caption_loss
+from seesay.train.optim import build_optimizer  # what `seesay train` steps with (fused Adam on CPU/CUDA)
 
 CPI = 5  # captions per image
 
@@ -128,7 +129,7 @@ def bench(preset: str, decoder: str, mode: str, *, device: torch.device, steps: 
         def forward():
             return module(images, tokens, lengths, rows)
     module.train()
-    opt = torch.optim.Adam([q for q in module.parameters() if q.requires_grad], lr=1e-4)
+    opt = build_optimizer("adam", [{"params": [q for q in module.parameters() if q.requires_grad], "lr": 1e-4}], 0.0)
     use_amp = amp and device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
 

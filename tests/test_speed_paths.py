@@ -130,12 +130,14 @@ def test_hoisted_teacher_forcing_equals_the_plain_loop(name):
 
 
 @pytest.mark.parametrize("name", sorted(SIZES))
-@pytest.mark.parametrize("layout", ["image_major", "shuffled"])
+@pytest.mark.parametrize("layout", ["image_major", "shuffled", "uneven"])
 def test_image_grouped_forward_equals_row_expanded(name, layout):
-    """One feature row per image + image_rows == every caption with its own copy of the features."""
+    """One feature row per image + image_rows == every caption with its own copy of the features
+    (uneven: images with 3, 2 and 1 captions, and a fourth image with none)."""
     dec = _decoder(name, **({"alpha_c": 1.0} if "attention" in name else {}))
-    enc = _enc(3, seed=4)
-    rows = torch.arange(3).repeat_interleave(2) if layout == "image_major" else torch.tensor([2, 0, 1, 0, 2, 1])
+    enc = _enc(3 if layout != "uneven" else 4, seed=4)
+    rows = {"image_major": torch.arange(3).repeat_interleave(2), "shuffled": torch.tensor([2, 0, 1, 0, 2, 1]),
+            "uneven": torch.tensor([2, 0, 2, 1, 2, 0])}[layout]
     tokens, lengths = _captions([5, 3, 6, 4, 2, 6], seed=5)
     grouped_enc = EncoderOutput(enc.grid.clone().requires_grad_(), enc.pooled, enc.grid_hw)
     expanded_enc = EncoderOutput(enc.grid.clone().requires_grad_(), enc.pooled, enc.grid_hw)
@@ -152,6 +154,53 @@ def test_image_grouped_forward_equals_row_expanded(name, layout):
     for a, b in zip(ga, gb):
         if a is not None or b is not None:
             torch.testing.assert_close(a, b, **TOL)
+
+
+def test_image_slots_place_each_row_among_its_images_rows():
+    from seesay.layers.attention import image_slots, slot_context
+
+    rows = torch.tensor([2, 0, 2, 1, 2, 0])
+    slot, G = image_slots(rows, 4)
+    assert G == 3
+    assert slot.tolist() == [2 * 3 + 0, 0, 2 * 3 + 1, 1 * 3, 2 * 3 + 2, 1]
+    grid = torch.randn(4, 5, 7)
+    alpha = torch.softmax(torch.randn(6, 5), -1)
+    for R in (6, 4, 1):  # teacher forcing's running rows are a prefix
+        torch.testing.assert_close(slot_context(alpha[:R], grid, slot, G), torch.bmm(alpha[:R, None], grid[rows[:R]])[:, 0])
+
+
+def test_loop_linear_gradients_equal_autograds_per_step_ones():
+    """LoopLinear's one-product weight gradient == autograd's per-step sum, with shrinking rows, a
+    step whose output is unused, a direct use of the weight outside the loop, and no grad mode."""
+    from seesay.layers.loop import LoopLinear
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(6, 6)
+    x0 = torch.randn(5, 6, requires_grad=True)
+
+    def run(loop: bool):
+        use = LoopLinear(lin.weight, lin.bias) if loop else lin
+        h, outs = x0, []
+        for t in range(4):
+            y = use(h[: 5 - t])
+            outs.append(y)
+            h = torch.tanh(y)
+        loss = sum((o ** 2).sum() for o in outs[:3]) + (lin.weight ** 3).sum()  # the last step's output unused
+        return torch.autograd.grad(loss, [lin.weight, lin.bias, x0])
+
+    for a, b in zip(run(False), run(True)):
+        torch.testing.assert_close(a, b, **TOL)
+    with torch.no_grad():
+        fast = LoopLinear(lin.weight, lin.bias)
+        assert not fast.track
+        torch.testing.assert_close(fast(x0), lin(x0))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fast = LoopLinear(lin.weight, lin.bias)
+        y = fast(x0)
+        assert y.dtype == torch.bfloat16
+        (g,) = torch.autograd.grad(y.float().sum(), [lin.weight])
+        assert g.dtype == torch.float32
+        torch.testing.assert_close(g, torch.ones(6, 1) * x0.sum(0), atol=0.1, rtol=0.02)
 
 
 @pytest.mark.parametrize("name", sorted(SIZES))

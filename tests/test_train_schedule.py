@@ -430,3 +430,30 @@ def test_save_interval_writes_loadable_step_checkpoints(data_dir, tmp_path):
     _same_weights(run / "step-4", run / "last")
     a, b = load_file(str(run / "step-2" / "model.safetensors")), load_file(str(run / "step-4" / "model.safetensors"))
     assert any(not torch.equal(a[k], b[k]) for k in a)
+
+
+def test_optimizer_is_fused_where_torch_supports_it_and_updates_like_the_loop():
+    """The fused Adam(W) (the default on CPU/CUDA) takes the same steps as the per-parameter loop."""
+    torch.manual_seed(0)
+    w0 = [torch.randn(7, 3), torch.randn(3)]
+    grads = [[torch.randn_like(w) for w in w0] for _ in range(4)]
+    for name, cls in (("adam", torch.optim.Adam), ("adamw", torch.optim.AdamW)):
+        fused = [torch.nn.Parameter(w.clone()) for w in w0]
+        loop = [torch.nn.Parameter(w.clone()) for w in w0]
+        opt = build_optimizer(name, [{"params": fused, "lr": 0.01}], 0.1)
+        assert opt.defaults["fused"] is True
+        ref = cls([{"params": loop, "lr": 0.01}], weight_decay=0.1, foreach=False)
+        for g in grads:
+            for p, q, gi in zip(fused, loop, g):
+                p.grad, q.grad = gi.clone(), gi.clone()
+            opt.step()
+            ref.step()
+        for p, q in zip(fused, loop):
+            assert torch.allclose(p, q, atol=1e-6)
+            assert not torch.equal(p, torch.zeros_like(p))
+        # the state dict is the loop's: a checkpoint written by one resumes in the other
+        ref.load_state_dict(opt.state_dict())
+        assert torch.equal(ref.state_dict()["state"][0]["exp_avg"], opt.state_dict()["state"][0]["exp_avg"])
+    # a device torch has no fused kernel for (here the meta device) keeps the per-parameter loop
+    assert build_optimizer("adam", [{"params": [torch.nn.Parameter(torch.zeros(2, device="meta"))], "lr": 1.0}],
+                           0.0).defaults["fused"] is None

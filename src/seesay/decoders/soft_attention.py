@@ -9,10 +9,15 @@ alpha_c * mean_b (1 - sum_t alpha_bt)^2 is returned as extras["aux_loss"].
 Teacher forcing does outside the step loop what does not depend on the recurrence: the grid's
 attention projection once per image (`image_rows`: several captions of one image share it), the
 words' share of the LSTM gates for every step in one product, and the output layer over every
-step's hidden state in one product. The loop keeps the attention, the gate and the recurrence.
+step's hidden state in one product. The loop keeps the attention, the gate and the recurrence; the
+weight gradients of the loop's linear maps are made once over all steps (`LoopLinear`), and the
+context reads each image's grid once for all its captions (`slot_context`).
 """
 
 from __future__ import annotations
+
+import functools
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -29,8 +34,9 @@ from seesay.decoders.common import (
     unpack_steps,
 )
 from seesay.encoders.base import EncoderOutput
-from seesay.layers.attention import AdditiveAttention
+from seesay.layers.attention import AdditiveAttention, image_slots
 from seesay.layers.embedding import WordEmbedding
+from seesay.layers.loop import LoopLinear
 from seesay.registry import register_decoder
 
 
@@ -54,33 +60,50 @@ class SoftAttentionDecoder(Decoder):
         nn.init.zeros_(self.fc.bias)
 
     def _start(self, grid: Tensor, rows: Tensor | None = None) -> dict[str, Tensor]:
-        """grid (M, N, D), one row per image; `rows` [R] the image of each decoder row (None: one row each)."""
+        """grid (M, N, D), one row per image; `rows` [R] the image of each decoder row (None: one row each).
+
+        With several rows per image (teacher forcing on grouped captions) the grid stays one row
+        per image and "slots" tells the attention where each row's image is (`image_slots`)."""
         mean = row_memory(grid.mean(dim=1), rows)
         proj = row_memory(self.attention.project(grid), rows)  # once per image, then copied to its rows
-        grid = row_memory(grid, rows)
-        return {"h": self.init_h(mean), "c": self.init_c(mean), "mem_grid": grid, "mem_proj": proj,
-                "img": image_ids(grid.shape[0], grid.device)}
+        s = {"h": self.init_h(mean), "c": self.init_c(mean), "mem_proj": proj,
+             "img": image_ids(proj.shape[0], grid.device)}
+        if rows is not None and rows.numel() > grid.shape[0]:
+            s["mem_grid"], s["slots"] = grid, image_slots(rows, grid.shape[0])
+        else:
+            s["mem_grid"] = row_memory(grid, rows)
+        return s
 
-    def _core(self, word_gates: Tensor, s: dict[str, Tensor], rows: int, w_context: Tensor
-              ) -> tuple[Tensor, Tensor, Tensor]:
+    def _core(self, word_gates: Tensor, s: dict[str, Tensor], rows: int, lin: dict[str, Any]) -> tuple[Tensor, Tensor, Tensor]:
         """One step for the first `rows` rows of the state; word_gates (rows, 4H) is the words' share
-        of the LSTM gates (`input_gates`), w_context = W_ih[:, E:] (taken once per forward: a slice
-        taken per step would cost a full-size gradient of W_ih per step). Returns h for every row of
-        the state (rows past `rows` unchanged), c and alpha for the first `rows`.
+        of the LSTM gates (`input_gates`), `lin` the step's linear maps (`_linears`). Returns h for
+        every row of the state (rows past `rows` unchanged), c and alpha for the first `rows`.
 
         The attention runs over every row of the state: in teacher forcing the rows that finished
         (sorted last) are attended to and dropped, because slicing the per-image memory to the rows
         still running would cost a gradient of the memory's full size at every step.
         """
         h_all = s["h"]
-        context, alpha = self.attention(s["mem_grid"], s["mem_proj"], h_all)
+        context, alpha = self.attention(s["mem_grid"], s["mem_proj"], h_all, lin["query"](h_all), s.get("slots"))
         h = h_all[:rows]
-        context = torch.sigmoid(self.f_beta(h)) * context[:rows]
-        gates = word_gates + F.linear(context, w_context) + F.linear(h, self.lstm.weight_hh)
+        context = torch.sigmoid(lin["beta"](h)) * context[:rows]
+        gates = word_gates + lin["context"](context) + lin["hh"](h)
         h, c = lstm_cell(gates, s["c"][:rows])
         if rows < h_all.shape[0]:
             h = torch.cat([h, h_all[rows:]])
         return h, c, alpha[:rows]
+
+    def _linears(self, loop: bool) -> dict[str, Any]:
+        """The step's linear maps: W_ih[:, E:] for the context (sliced once per forward: a slice taken
+        per step would cost a full-size gradient of W_ih per step), W_hh, f_beta and the attention's
+        query projection. `loop`: teacher forcing, whose weight gradients `LoopLinear` makes once."""
+        E = self.embedding.table.embedding_dim
+        maps = {"context": (self.lstm.weight_ih[:, E:], None), "hh": (self.lstm.weight_hh, None),
+                "beta": (self.f_beta.weight, self.f_beta.bias),
+                "query": (self.attention.dec_proj.weight, self.attention.dec_proj.bias)}
+        if loop:
+            return {k: LoopLinear(w, b) for k, (w, b) in maps.items()}
+        return {k: functools.partial(F.linear, weight=w, bias=b) for k, (w, b) in maps.items()}
 
     def forward(self, enc: EncoderOutput, tokens: Tensor, lengths: Tensor,
                 image_rows: Tensor | None = None) -> DecoderOutput:
@@ -92,10 +115,10 @@ class SoftAttentionDecoder(Decoder):
         E = self.embedding.table.embedding_dim
         words = self.embedding(tokens.index_select(0, order)[:, :steps].t())  # (t, B, E), time-major
         word_gates = input_gates(self.lstm, words, 0, E).unbind(0)  # t x (B, 4H): one product for all steps
-        w_context = self.lstm.weight_ih[:, E:]
+        lin = self._linears(loop=True)
         hs, alphas = [], []
         for t, n in enumerate(rows_per_step):  # n rows still decoding at step t (sorted longest first)
-            s["h"], s["c"], alpha = self._core(word_gates[t][:n], s, n, w_context)
+            s["h"], s["c"], alpha = self._core(word_gates[t][:n], s, n, lin)
             hs.append(s["h"][:n])
             alphas.append(alpha)
         logits = self.fc(self.dropout(torch.cat(hs))) if hs else s["h"].new_zeros(0, self.vocab_size)
@@ -113,7 +136,7 @@ class SoftAttentionDecoder(Decoder):
     def step(self, prev_tokens: Tensor, state: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor], Tensor]:
         E = self.embedding.table.embedding_dim
         h, c, alpha = self._core(input_gates(self.lstm, self.embedding(prev_tokens), 0, E), state, prev_tokens.shape[0],
-                                 self.lstm.weight_ih[:, E:])
+                                 self._linears(loop=False))
         state = {**state, "h": h, "c": c}
         return torch.log_softmax(self.fc(self.dropout(h)), dim=-1), state, alpha
 

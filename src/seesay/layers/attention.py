@@ -65,20 +65,56 @@ class AdditiveAttention(nn.Module):
     def project(self, grid: Tensor) -> Tensor:
         return self.enc_proj(grid)  # (M, N, A)
 
-    def forward(self, grid: Tensor, grid_proj: Tensor, h: Tensor) -> tuple[Tensor, Tensor]:
-        """grid (M, N, D), grid_proj (M, N, A), h (R, H) with R = M * G.
+    def forward(self, grid: Tensor, grid_proj: Tensor, h: Tensor, query: Tensor | None = None,
+                slots: tuple[Tensor, int] | None = None) -> tuple[Tensor, Tensor]:
+        """grid (M, N, D), grid_proj (M, N, A), h (R, H) with R = M * G; `query` is dec_proj(h)
+        when the caller made it (teacher forcing's `LoopLinear`).
 
+        `slots` (teacher forcing over several captions per image, `image_slots`): grid_proj has one
+        row per decoder row while `grid` keeps one per image, and the context is read per image.
         Returns the context (R, D) and the weights alpha (R, N).
         """
-        M, N, _ = grid.shape
+        N = grid.shape[1]
+        M = grid_proj.shape[0]
         R = h.shape[0]
         G = rows_per_image(M, R)
+        query = self.dec_proj(h) if query is None else query
         # in place: the (M, G, N, A) sum is the largest tensor of a beam step, and a second copy
         # of it costs ~2x batched decoding speed on CPU (measured, benchmarks/decode_throughput.py)
-        e = grouped_scores(grid_proj, self.dec_proj(h).view(M, G, -1), torch.relu_, self.score)  # (M, G, N)
+        e = grouped_scores(grid_proj, query.view(M, G, -1), torch.relu_, self.score)  # (M, G, N)
         alpha = torch.softmax(e, dim=-1)
+        if slots is not None:
+            return slot_context(alpha.view(R, N), grid, *slots), alpha.view(R, N)
         context = torch.bmm(alpha, grid)  # (M, G, D): one small matrix product per image, not per beam
         return context.view(R, -1), alpha.view(R, N)
+
+
+def image_slots(rows: Tensor, images: int) -> tuple[Tensor, int]:
+    """Each decoder row's slot among its image's rows: (image * G + k, G), where k counts the rows
+    of the same image before it and G is the most rows any image has (`rows` [R] image ids)."""
+    R = rows.numel()
+    by_image = torch.sort(rows, stable=True).indices
+    counts = torch.bincount(rows, minlength=images)
+    starts = torch.cumsum(counts, 0) - counts
+    k = torch.empty_like(rows)
+    k[by_image] = torch.arange(R, device=rows.device) - starts[rows[by_image]]
+    G = int(counts.max()) if R else 1
+    return rows * G + k, G
+
+
+def slot_context(alpha: Tensor, grid: Tensor, slot: Tensor, G: int) -> Tensor:
+    """sum_n alpha[r, n] grid[image(r), n] for rows r = 0..R-1 of several captions per image.
+
+    alpha (R, N) with R <= len(slot) (a prefix of the rows: teacher forcing's running rows), grid
+    (M, N, D) one row per image. The rows are placed in their image's G slots and each image's
+    grid is read once for its rows (a per-row copy of the grid reads it G times: at tutorial sizes
+    that read, not the arithmetic, sets the cost of the product).
+    """
+    R, N = alpha.shape
+    M, _, D = grid.shape
+    slot = slot[:R]
+    placed = alpha.new_zeros(M * G, N).index_copy(0, slot, alpha)
+    return torch.bmm(placed.view(M, G, N), grid).view(M * G, D).index_select(0, slot)
 
 
 class SentinelAttention(nn.Module):

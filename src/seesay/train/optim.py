@@ -27,12 +27,23 @@ SCHEDULERS = ("none", "plateau", "linear", "cosine")
 def build_optimizer(name: str, groups: list[dict[str, Any]], weight_decay: float) -> torch.optim.Optimizer:
     """adam: torch.optim.Adam, `weight_decay` added to the gradient (L2, what seesay always did);
     adamw: AdamW, decoupled decay (each step shrinks the weights by lr * weight_decay * w).
-    Each group keeps its own "lr"."""
-    if name == "adam":
-        return torch.optim.Adam(groups, weight_decay=weight_decay)
-    if name == "adamw":
-        return torch.optim.AdamW(groups, weight_decay=weight_decay)
-    raise ValueError(f"unknown optimizer {name!r} (use {', '.join(OPTIMIZERS)})")
+    Each group keeps its own "lr".
+
+    The fused implementation (one kernel over all parameters) is used when every parameter is a
+    floating-point tensor on the CPU or a CUDA device: the same update, 3.3x faster than the
+    per-parameter loop on this project's CPU (21 M parameters: 86 -> 26 ms a step,
+    docs/performance.md). Its state dict is the same, so checkpoints resume either way.
+    """
+    if name not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {name!r} (use {', '.join(OPTIMIZERS)})")
+    cls = torch.optim.Adam if name == "adam" else torch.optim.AdamW
+    return cls(groups, weight_decay=weight_decay, fused=fusable(groups) or None)
+
+
+def fusable(groups: list[dict[str, Any]]) -> bool:
+    """Whether torch's fused Adam(W) takes these parameters: floating point, on the CPU or CUDA."""
+    params = [p for g in groups for p in g["params"]]
+    return bool(params) and all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
 
 
 def lr_multiplier(kind: str, step: int, *, warmup: int = 0, total: int | None = None) -> float:
