@@ -14,6 +14,9 @@ one product each, and the output layer over every step at once; the loop keeps t
 
 from __future__ import annotations
 
+import functools
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -32,6 +35,7 @@ from seesay.decoders.common import (
 from seesay.encoders.base import EncoderOutput
 from seesay.layers.attention import SentinelAttention
 from seesay.layers.embedding import WordEmbedding
+from seesay.layers.loop import LoopLinear
 from seesay.registry import register_decoder
 
 
@@ -75,19 +79,27 @@ class AdaptiveAttentionDecoder(Decoder):
             g_gates, g_sent = g_gates[None], g_sent[None]
         return input_gates(self.lstm, emb, 0, E) + g_gates, F.linear(emb, self.sentinel_x.weight[:, :E]) + g_sent
 
-    def _core(self, x_gates: Tensor, x_sent: Tensor, s: dict[str, Tensor], rows: int
+    def _linears(self, loop: bool) -> dict[str, Any]:
+        """The step's recurrent linear maps, W_hh and the sentinel's W_h; `loop`: teacher forcing,
+        whose weight gradients `LoopLinear` makes once over all steps."""
+        maps = {"hh": (self.lstm.weight_hh, None), "sentinel": (self.sentinel_h.weight, self.sentinel_h.bias)}
+        if loop:
+            return {k: LoopLinear(w, b) for k, (w, b) in maps.items()}
+        return {k: functools.partial(F.linear, weight=w, bias=b) for k, (w, b) in maps.items()}
+
+    def _core(self, x_gates: Tensor, x_sent: Tensor, s: dict[str, Tensor], rows: int, lin: dict[str, Any]
               ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """One step for the first `rows` rows of the state; x_gates (rows, 4H), x_sent (rows, H) from
-        `_inputs`. Returns h for every row of the state (rows past `rows` unchanged), and c,
-        c_hat + h (the output layer's input) and alpha_hat for the first `rows`.
+        `_inputs`, `lin` from `_linears`. Returns h for every row of the state (rows past `rows`
+        unchanged), and c, c_hat + h (the output layer's input) and alpha_hat for the first `rows`.
 
         As in soft attention, the attention runs over every row of the state, so that teacher
         forcing never slices the per-image memory (a full-size gradient per step).
         """
         h_all = s["h"]
         h_prev, c_prev = h_all[:rows], s["c"][:rows]
-        h, c = lstm_cell(x_gates + F.linear(h_prev, self.lstm.weight_hh), c_prev)
-        sentinel = torch.sigmoid(x_sent + self.sentinel_h(h_prev)) * torch.tanh(c)
+        h, c = lstm_cell(x_gates + lin["hh"](h_prev), c_prev)
+        sentinel = torch.sigmoid(x_sent + lin["sentinel"](h_prev)) * torch.tanh(c)
         R = h_all.shape[0]
         h_q, sentinel_q = h, sentinel
         if rows < R:  # finished rows: their old h and no sentinel; their results are dropped
@@ -105,9 +117,10 @@ class AdaptiveAttentionDecoder(Decoder):
         words = self.embedding(tokens.index_select(0, order)[:, :steps].t())  # (t, B, E), time-major
         x_gates, x_sent = self._inputs(words, s["mem_global"])
         x_gates, x_sent = x_gates.unbind(0), x_sent.unbind(0)  # per step, from one product for all steps
+        lin = self._linears(loop=True)
         outs, alphas = [], []
         for t, n in enumerate(rows_per_step):  # n rows still decoding at step t (sorted longest first)
-            s["h"], s["c"], out, alpha = self._core(x_gates[t][:n], x_sent[t][:n], s, n)
+            s["h"], s["c"], out, alpha = self._core(x_gates[t][:n], x_sent[t][:n], s, n, lin)
             outs.append(out)
             alphas.append(alpha)
         logits = self.fc(self.dropout(torch.cat(outs))) if outs else s["h"].new_zeros(0, self.vocab_size)
@@ -126,7 +139,7 @@ class AdaptiveAttentionDecoder(Decoder):
     def step(self, prev_tokens: Tensor, state: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor], Tensor]:
         rows = prev_tokens.shape[0]
         x_gates, x_sent = self._inputs(self.embedding(prev_tokens), per_row(state["mem_global"], rows))
-        h, c, out, alpha_hat = self._core(x_gates, x_sent, state, rows)
+        h, c, out, alpha_hat = self._core(x_gates, x_sent, state, rows, self._linears(loop=False))
         return torch.log_softmax(self.fc(self.dropout(out)), dim=-1), {**state, "h": h, "c": c}, alpha_hat
 
     def reorder_state(self, state: dict[str, Tensor], index: Tensor) -> dict[str, Tensor]:

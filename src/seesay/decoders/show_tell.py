@@ -5,13 +5,13 @@ As in the paper, the image is the LSTM's first input: x_{-1} = BatchNorm(Linear(
 and the state after that step is the initial state for the words. No attention.
 
 Teacher forcing computes the words' share of the LSTM gates for every step in one product and
-the output layer over every step at once; the loop runs only the recurrence.
+the output layer over every step at once; the loop runs only the recurrence, and W_hh's gradient
+is made once over all steps (`LoopLinear`).
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from seesay.decoders.base import Decoder, DecoderOutput
@@ -25,6 +25,7 @@ from seesay.decoders.common import (
 )
 from seesay.encoders.base import EncoderOutput
 from seesay.layers.embedding import WordEmbedding
+from seesay.layers.loop import LoopLinear
 from seesay.registry import register_decoder
 
 
@@ -59,9 +60,10 @@ class ShowTellDecoder(Decoder):
         words = self.embedding(tokens.index_select(0, order)[:, :steps].t())  # (t, B, E), time-major
         word_gates = input_gates(self.lstm, words).unbind(0)  # t x (B, 4H): one product for all steps
         h, c = s["h"], s["c"]
+        hh = LoopLinear(self.lstm.weight_hh)  # W_hh's gradient in one product over all steps
         hs = []
         for t, n in enumerate(rows_per_step):  # n rows still decoding at step t (sorted longest first)
-            h, c = lstm_cell(word_gates[t][:n] + F.linear(h[:n], self.lstm.weight_hh), c[:n])
+            h, c = lstm_cell(word_gates[t][:n] + hh(h[:n]), c[:n])
             hs.append(h)
         logits = self.fc(self.dropout(torch.cat(hs))) if hs else h.new_zeros(0, self.vocab_size)
         return DecoderOutput(unpack_steps(logits, order, rows_per_step, T - 1), None, {})

@@ -34,7 +34,7 @@ from seesay.decoders.common import (
     unpack_steps,
 )
 from seesay.encoders.base import EncoderOutput
-from seesay.layers.attention import AdditiveAttention, image_slots
+from seesay.layers.attention import AdditiveAttention, LoopScores, image_slots
 from seesay.layers.embedding import WordEmbedding
 from seesay.layers.loop import LoopLinear
 from seesay.registry import register_decoder
@@ -62,13 +62,13 @@ class SoftAttentionDecoder(Decoder):
     def _start(self, grid: Tensor, rows: Tensor | None = None) -> dict[str, Tensor]:
         """grid (M, N, D), one row per image; `rows` [R] the image of each decoder row (None: one row each).
 
-        With several rows per image (teacher forcing on grouped captions) the grid stays one row
-        per image and "slots" tells the attention where each row's image is (`image_slots`)."""
+        In teacher forcing (`rows` given) the grid stays one row per image, never copied per
+        caption, and "slots" tells the attention where each row's image is (`image_slots`)."""
         mean = row_memory(grid.mean(dim=1), rows)
         proj = row_memory(self.attention.project(grid), rows)  # once per image, then copied to its rows
         s = {"h": self.init_h(mean), "c": self.init_c(mean), "mem_proj": proj,
              "img": image_ids(proj.shape[0], grid.device)}
-        if rows is not None and rows.numel() > grid.shape[0]:
+        if rows is not None:
             s["mem_grid"], s["slots"] = grid, image_slots(rows, grid.shape[0])
         else:
             s["mem_grid"] = row_memory(grid, rows)
@@ -84,7 +84,8 @@ class SoftAttentionDecoder(Decoder):
         still running would cost a gradient of the memory's full size at every step.
         """
         h_all = s["h"]
-        context, alpha = self.attention(s["mem_grid"], s["mem_proj"], h_all, lin["query"](h_all), s.get("slots"))
+        context, alpha = self.attention(s["mem_grid"], s["mem_proj"], h_all, lin["query"](h_all), s.get("slots"),
+                                        s.get("scores"))
         h = h_all[:rows]
         context = torch.sigmoid(lin["beta"](h)) * context[:rows]
         gates = word_gates + lin["context"](context) + lin["hh"](h)
@@ -116,6 +117,7 @@ class SoftAttentionDecoder(Decoder):
         words = self.embedding(tokens.index_select(0, order)[:, :steps].t())  # (t, B, E), time-major
         word_gates = input_gates(self.lstm, words, 0, E).unbind(0)  # t x (B, 4H): one product for all steps
         lin = self._linears(loop=True)
+        s["scores"] = LoopScores(s["mem_proj"], self.attention.score)
         hs, alphas = [], []
         for t, n in enumerate(rows_per_step):  # n rows still decoding at step t (sorted longest first)
             s["h"], s["c"], alpha = self._core(word_gates[t][:n], s, n, lin)

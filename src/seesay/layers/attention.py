@@ -10,6 +10,7 @@ G = 1 this is ordinary row-by-row attention (teacher forcing, greedy decoding).
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -66,12 +67,13 @@ class AdditiveAttention(nn.Module):
         return self.enc_proj(grid)  # (M, N, A)
 
     def forward(self, grid: Tensor, grid_proj: Tensor, h: Tensor, query: Tensor | None = None,
-                slots: tuple[Tensor, int] | None = None) -> tuple[Tensor, Tensor]:
+                slots: tuple[Tensor, int] | None = None, scores: LoopScores | None = None) -> tuple[Tensor, Tensor]:
         """grid (M, N, D), grid_proj (M, N, A), h (R, H) with R = M * G; `query` is dec_proj(h)
         when the caller made it (teacher forcing's `LoopLinear`).
 
-        `slots` (teacher forcing over several captions per image, `image_slots`): grid_proj has one
-        row per decoder row while `grid` keeps one per image, and the context is read per image.
+        Teacher forcing may also pass `slots` (several captions per image, `image_slots`):
+        grid_proj has one row per decoder row while `grid` keeps one per image, and the context is
+        read per image; and `scores`, the forward's `LoopScores` over grid_proj.
         Returns the context (R, D) and the weights alpha (R, N).
         """
         N = grid.shape[1]
@@ -79,14 +81,104 @@ class AdditiveAttention(nn.Module):
         R = h.shape[0]
         G = rows_per_image(M, R)
         query = self.dec_proj(h) if query is None else query
-        # in place: the (M, G, N, A) sum is the largest tensor of a beam step, and a second copy
-        # of it costs ~2x batched decoding speed on CPU (measured, benchmarks/decode_throughput.py)
-        e = grouped_scores(grid_proj, query.view(M, G, -1), torch.relu_, self.score)  # (M, G, N)
+        if scores is not None and scores.fused:
+            e = scores(query).view(M, G, N)
+        else:
+            # in place: the (M, G, N, A) sum is the largest tensor of a beam step, and a second copy
+            # of it costs ~2x batched decoding speed on CPU (measured, benchmarks/decode_throughput.py)
+            e = grouped_scores(grid_proj, query.view(M, G, -1), torch.relu_, self.score)  # (M, G, N)
         alpha = torch.softmax(e, dim=-1)
         if slots is not None:
             return slot_context(alpha.view(R, N), grid, *slots), alpha.view(R, N)
         context = torch.bmm(alpha, grid)  # (M, G, D): one small matrix product per image, not per beam
         return context.view(R, -1), alpha.view(R, N)
+
+
+class LoopScores:
+    """The additive scores w^T relu(P + q_t) + b of every step t of one teacher-forced forward.
+
+    # r - decoder rows, n - regions, a - attention width
+    Autograd would keep each step's (R, N, A) activation, make an (R, N, A) gradient per step,
+    add it into P's gradient and reduce it twice more (for q_t and w). Here the activation
+    s_t = relu(P + q_t) is made in one scratch tensor, in the forward and again in the backward
+    (cheaper on a CPU than a fresh tensor per step, whose pages the system must first map), and
+    its 0/1 pattern m_t = sign(s_t) enters matrix products: dq_t = w * (g_t m_t), dw += g_t s_t.
+    P's gradient, sum_t g_t m_t w, is accumulated without w in one fused multiply-add per step
+    and scaled by w once, when autograd reaches P after every step (as
+    `seesay.layers.loop.LoopLinear` does for weights). Outside autograd, or under autocast, the
+    attention computes the scores the plain way.
+    """
+
+    def __init__(self, proj: Tensor, score: nn.Linear) -> None:
+        self.fused = torch.is_grad_enabled() and not torch.is_autocast_enabled(proj.device.type)
+        self.acc: Tensor | None = None
+        self.scratch: Tensor | None = None
+        self.w, self.b = score.weight[0], score.bias
+        self.proj = _ScoresHand.apply(self, proj, self.w) if self.fused and proj.requires_grad else proj
+
+    def __call__(self, query: Tensor) -> Tensor:
+        """query (R, A) -> scores (R, N)."""
+        return _Scores.apply(self, self.proj, query, self.w, self.b)
+
+    def activation(self, proj: Tensor, query: Tensor) -> Tensor:
+        """relu(P + q) in the scratch tensor (overwritten by the next call)."""
+        if self.scratch is None or self.scratch.shape != proj.shape or self.scratch.dtype != proj.dtype:
+            self.scratch = torch.empty_like(proj)
+        return torch.add(proj, query[:, None], out=self.scratch).relu_()
+
+    def accumulate(self, grad: Tensor, pattern: Tensor) -> None:
+        if self.acc is None:
+            self.acc = grad[..., None] * pattern
+        else:
+            self.acc.addcmul_(grad[..., None], pattern)
+
+    def release(self) -> Tensor | None:
+        acc, self.acc, self.scratch = self.acc, None, None
+        return acc
+
+
+class _ScoresHand(torch.autograd.Function):
+    """Identity on P; its backward returns sum_t g_t m_t w from the steps' accumulation."""
+
+    @staticmethod
+    def forward(ctx: Any, owner: LoopScores, proj: Tensor, w: Tensor) -> Tensor:
+        ctx.owner = owner
+        ctx.save_for_backward(w)
+        ctx.set_materialize_grads(False)
+        return proj.view_as(proj)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor | None) -> Any:
+        (w,) = ctx.saved_tensors
+        acc = ctx.owner.release()
+        if acc is not None:
+            acc = acc.mul_(w)
+            grad = acc if grad is None else grad + acc
+        return None, grad, None
+
+
+class _Scores(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, owner: LoopScores, proj: Tensor, query: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
+        ctx.owner = owner
+        ctx.save_for_backward(proj, query, w)
+        e = torch.matmul(owner.activation(proj, query), w)
+        return e if b is None else e + b
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad: Tensor) -> Any:
+        proj, query, w = ctx.saved_tensors
+        owner = ctx.owner
+        s = owner.activation(proj, query)  # made again rather than kept per step
+        R, N, A = s.shape
+        dw = torch.mv(s.view(R * N, A).t(), grad.reshape(-1)) if ctx.needs_input_grad[3] else None
+        db = grad.sum().reshape(1) if ctx.needs_input_grad[4] else None
+        pattern = s.sign_()  # relu's derivative (s >= 0), in place: s is not needed any more
+        dq = torch.bmm(grad[:, None], pattern).squeeze(1).mul_(w) if ctx.needs_input_grad[2] else None
+        if ctx.needs_input_grad[1]:
+            owner.accumulate(grad, pattern)
+        return None, None, dq, dw, db
 
 
 def image_slots(rows: Tensor, images: int) -> tuple[Tensor, int]:
