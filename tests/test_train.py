@@ -143,16 +143,17 @@ def test_resume_is_exact(data_dir, tmp_path, fine_tune):
     assert [r["train_loss"] for r in full] == [r["train_loss"] for r in split]
 
 
-@pytest.mark.parametrize("fine_tune", [False, True], ids=["cached", "fine_tune"])
-def test_resume_inside_an_epoch_is_exact(data_dir, tmp_path, fine_tune, monkeypatch):
+@pytest.mark.parametrize("mode", ["cached", "cached_by_image", "fine_tune"])
+def test_resume_inside_an_epoch_is_exact(data_dir, tmp_path, mode, monkeypatch):
     """2 epochs in one go == a run that saves every 2 steps, dies in its 2nd epoch, and is resumed."""
     from seesay.checkpoint import load_train_state
     from seesay.train.caption_task import CaptionTask, train_captioner
 
     def cfg(out, resume):
-        c = _cfg(data_dir, out, epochs=2, resume=resume, seed=5, save_every_steps=2)
+        c = _cfg(data_dir, out, epochs=2, resume=resume, seed=5, save_every_steps=2,
+                 batch_by="image" if mode == "cached_by_image" else "caption")
         c.decoder.options["dropout"] = 0.3  # dropout draws random numbers: RNG state must resume too
-        c.encoder.fine_tune = fine_tune
+        c.encoder.fine_tune = mode == "fine_tune"
         return c
 
     train_captioner(cfg(tmp_path / "full", False))
@@ -268,6 +269,34 @@ def test_frozen_encoder_runs_once_per_image(data_dir, tmp_path, monkeypatch):
     cfg2 = _cfg(data_dir, tmp_path / "run2", epochs=1, feature_cache_dir=str(tmp_path / "run" / "features"))
     train_captioner(cfg2)
     assert seen["images"] == 0
+
+
+def test_cached_features_batched_by_image_reach_the_decoder_once_per_image(data_dir, tmp_path, monkeypatch):
+    """train.batch_by image: each batch is whole images with all their captions, the decoder gets one
+    feature row per image and `image_rows`; a caption batch (the default) gets one row per caption."""
+    from seesay.model import CaptionModel
+    from seesay.train.caption_task import train_captioner
+
+    seen = []
+    original = CaptionModel.forward
+
+    def spy(self, src, tokens, lengths, image_rows=None, **kw):
+        if self.training:
+            grid_rows = src.grid.shape[0] if hasattr(src, "grid") else src.shape[0]
+            seen.append((grid_rows, None if image_rows is None else image_rows.tolist(), tokens.shape[0]))
+        return original(self, src, tokens, lengths, image_rows, **kw)
+
+    monkeypatch.setattr(CaptionModel, "forward", spy)
+    state = train_captioner(_cfg(data_dir, tmp_path / "img", epochs=1, batch_by="image"))
+    assert state.step == len(seen) == 5  # 18 training images, 4 per batch of 20 captions
+    for grid_rows, rows, captions in seen:
+        assert rows == [i for i in range(grid_rows) for _ in range(5)] and captions == 5 * grid_rows
+    assert sum(g for g, _, _ in seen) == 18
+    seen.clear()
+    train_captioner(_cfg(data_dir, tmp_path / "cap", epochs=1))
+    assert all(rows is None and g == n for g, rows, n in seen)
+    with pytest.raises(SeesayError, match="--batch-by must be caption or image"):
+        train_captioner(_cfg(data_dir, tmp_path / "bad", epochs=1, batch_by="images"))
 
 
 def test_image_grouped_batches_encode_each_image_once(data_dir):

@@ -120,6 +120,9 @@ class TrainConfig:
     tensorboard: bool = True
     resume: bool = False
     cache_features: bool = True  # frozen encoder: compute features once and cache them
+    # cached features: caption (random caption batches) | image (batches of whole images with all
+    # their captions, so per-image work runs once per image; images in the loop always batch by image)
+    batch_by: str = "caption"
     feature_cache_dir: str | None = None  # default RUN_DIR/features
     max_steps_per_epoch: int | None = None  # for smoke tests
     image_mask_ratio: float = 0.75  # masked image modelling: share of Swin patches masked (seesay.train.mim)

@@ -52,6 +52,7 @@ _FLAGS: dict[str, tuple[str, str]] = {
     "wandb": ("train", "wandb"),
     "resume": ("train", "resume"),
     "cache_features": ("train", "cache_features"),
+    "batch_by": ("train", "batch_by"),
     "feature_cache_dir": ("train", "feature_cache_dir"),
     "max_steps_per_epoch": ("train", "max_steps_per_epoch"),
     "max_minutes": ("train", "max_minutes"),
@@ -168,6 +169,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "Ctrl-C or SIGTERM always saves it before stopping")
     g.add_argument("--no-cache-features", dest="cache_features", action="store_false", default=S,
                    help="frozen encoder: run it in the loop instead of caching its features")
+    g.add_argument("--batch-by", choices=("caption", "image"), default=S,
+                   help="cached features: random caption batches, or batches of whole images with all their "
+                        "captions (per-image work once per image: faster, docs/performance.md)"
+                        + default("train", "batch_by"))
     g.add_argument("--feature-cache-dir", default=S, help="where cached features go (default: RUN_DIR/features)")
     g.add_argument("--max-steps-per-epoch", type=int, default=S, help="cut epochs short (smoke tests)")
     g.add_argument("--max-minutes", type=float, default=S,

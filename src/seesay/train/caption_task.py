@@ -8,7 +8,9 @@ registered family. Two ways to feed it, chosen by whether its image features tra
 
 - frozen features (default for a frozen encoder): every image of train and val is encoded
   once (`train.features`), and training runs on caption-level batches that look the features
-  up by image index. The image model never runs during the epochs.
+  up by image index, or (`train.batch_by: image`) on whole images with all their captions, whose
+  features the decoder reads once per image (`image_rows`). The image model never runs during
+  the epochs.
 - features that train (`--fine-tune-encoder`, or `--no-cache-features`): batches are made of
   whole images with all their captions (`batch_size` counts captions, so a batch holds
   `batch_size // captions_per_image` images), each image is encoded once per step and its
@@ -225,12 +227,13 @@ class CaptionTask:
                                                  load_images=not self.cached)
             batch_size = max(1, cfg.train.batch_size // cfg.train.scst_samples)
             collate = functools.partial(collate_images, pad_id=pad)
-        elif self.cached:
+        elif self.cached and cfg.train.batch_by == "caption":
             self.train_set: Dataset = CaptionDataset(self.prepared, cfg.data.train_split, load_images=False,
                                                      encoded=encoded)
             batch_size, collate = cfg.train.batch_size, functools.partial(collate_captions, pad_id=pad)
-        else:
-            self.train_set = ImageCaptionDataset(self.prepared, cfg.data.train_split, encoded=encoded)
+        else:  # whole images with their captions: images in the loop, or cached features batched by image
+            self.train_set = ImageCaptionDataset(self.prepared, cfg.data.train_split, encoded=encoded,
+                                                 load_images=not self.cached)
             batch_size = max(1, cfg.train.batch_size // self.train_data.captions_per_image)
             collate = functools.partial(collate_images, pad_id=pad)
         if len(self.sources) > 1:  # several datasets: tagged rows, mixed by size or weights (seesay.data.tasks)
@@ -274,7 +277,8 @@ class CaptionTask:
         `self.sampler` is the stream, whose `set_epoch(epoch, skip)` resumes inside an epoch exactly."""
         cfg, dist = self.cfg, self.dist
         per = cfg.train.scst_samples if self.objective.by_image else self.train_data.captions_per_image
-        mode = "by_image" if self.objective.by_image else "captions" if self.cached else "images"
+        mode = ("by_image" if self.objective.by_image else "captions" if self.cached and cfg.train.batch_by == "caption"
+                else "images")
         self.batch_size = max(1, cfg.train.batch_size // per)  # images per batch
         if cfg.train.resume:
             check_resume_workers(self.run_dir, cfg.data.workers)
@@ -366,6 +370,8 @@ class CaptionTask:
                                   "data_weights": self.cfg.data.data_weights}
         if self.sharded:  # a stream's order depends on how it is split across workers
             layout["data_workers"] = max(1, int(self.cfg.data.workers))
+        if self.cached and self.cfg.train.batch_by != "caption":
+            layout["batch_by"] = self.cfg.train.batch_by
         return layout
 
     def metric_names(self) -> list[str]:
@@ -403,6 +409,8 @@ class CaptionTask:
             src: Any = self.blank_encoding(int(tokens.size(0)))
         elif self.cached:
             src = self.train_feats.get(batch["image_index"])
+            if "image_rows" in batch:  # batched by image: one feature row per image (train.batch_by)
+                image_rows = batch["image_rows"].to(dev, non_blocking=True)
         else:
             src = batch["images"].to(dev, non_blocking=True)
             image_rows = batch["image_rows"].to(dev, non_blocking=True)

@@ -23,6 +23,8 @@ def check_objective(cfg: Config) -> None:
     t = cfg.train
     if t.objective not in ("xe", "scst"):
         raise SeesayError(f"--objective must be xe or scst, not {t.objective!r}")
+    if t.batch_by not in ("caption", "image"):
+        raise SeesayError(f"--batch-by must be caption or image, not {t.batch_by!r}")
     if t.scst_baseline not in ("mean", "greedy"):
         raise SeesayError(f"--scst-baseline must be mean or greedy, not {t.scst_baseline!r}")
     low = 2 if t.scst_baseline == "mean" else 1
