@@ -237,13 +237,16 @@ def main() -> None:
         t["train_frozen_resnet101"] = tutorial_training(tut, steps=args.steps, with_encoder=True)
     t["beam5_one_image"], tutorial_steps = tutorial_beam(tut, images=args.sequential_images)
     s = seesay_figures(args)
-    best_train = max(s["train_cached"], s["train_cached_grouped"])
+    best_train = max(s["train_cached"], s["train_cached_grouped"])  # cached_grouped: `seesay train --batch-by image`
     ratios = {"train_vs_decoder_only": best_train / t["train_decoder_only"],
+              "train_cached_vs_decoder_only": s["train_cached"] / t["train_decoder_only"],
+              "train_cached_grouped_vs_decoder_only": s["train_cached_grouped"] / t["train_decoder_only"],
               "batched_beam5_vs_tutorial_beam5": s["beam5_batched"] / t["beam5_one_image"],
               "batched_beam5_vs_seesay_one_image": s["beam5_batched"] / s["beam5_one_image"],
               "one_image_beam5_vs_tutorial": s["beam5_one_image"] / t["beam5_one_image"]}
     if "train_frozen_resnet101" in t:
         ratios["train_vs_frozen_resnet101"] = best_train / t["train_frozen_resnet101"]
+        ratios["train_cached_vs_frozen_resnet101"] = s["train_cached"] / t["train_frozen_resnet101"]
     r2 = lambda d: {k: round(v, 2) for k, v in d.items()}  # noqa: E731
     print(json.dumps({"machine": platform.machine(), "torch": torch.__version__, "threads": torch.get_num_threads(),
                       "sizes": {"dims": DIMS, "vocab": VOCAB, "grid": GRID, "enc_dim": ENC_DIM, "batch": BATCH,
