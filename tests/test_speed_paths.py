@@ -351,3 +351,71 @@ def test_checkpoint_falls_back_to_the_plain_load_for_tied_or_unfilled_tensors(tm
 
     monkeypatch.setattr(ShowTellDecoder, "__init__", tied)
     assert checkpoint._load_without_init(config["model"], tok, pre, state) is None
+
+
+@pytest.mark.parametrize("V", [3, 7, 50])
+def test_two_stage_beam_ranking_equals_ranking_the_whole_vocabulary(V):
+    """Each beam's 2K best tokens, then the image's best: the same candidates, order and picks as
+    ranking all K x V sums at once (tiny vocabularies: fewer than 2K tokens per beam)."""
+    from seesay.decoding import _rank_beams, _rank_groups
+
+    g = torch.Generator().manual_seed(V)
+    Ba, K, eos = 4, 5, 1
+    logprobs = torch.log_softmax(torch.randn(Ba, K, V, generator=g), -1)
+    scores = torch.randn(Ba, K, generator=g)
+    scores[0, 1:] = float("-inf")  # an image at step 0: only its first beam may expand
+    new = _rank_beams(logprobs, scores, eos)
+    old = _rank_groups((logprobs + scores[..., None]).view(Ba, 1, K * V), V, K, eos, 0.0)
+    finite = torch.isfinite(old[0])
+    torch.testing.assert_close(new[0], old[0])
+    for a, b in zip(new[1:3], old[1:3]):  # tokens and source beams of every finite candidate
+        assert torch.equal(a[finite], b[finite])
+    assert torch.equal(new[3], old[3])
+
+
+def test_loop_scores_gradients_equal_autograds():
+    """LoopScores (scratch activation, P's gradient summed over the steps) == the plain formula, for P
+    also used outside the loop; under autocast or without grad the attention takes the plain path."""
+    from seesay.layers.attention import LoopScores
+
+    torch.manual_seed(0)
+    score = torch.nn.Linear(6, 1)
+    P0 = torch.randn(3, 4, 6, requires_grad=True)
+    qs = [torch.randn(3, 6, requires_grad=True) for _ in range(3)]
+
+    def run(fused: bool):
+        P = P0 * 2.0
+        scores = LoopScores(P, score)
+        assert scores.fused
+        out = [scores(q) if fused else score(torch.relu(P + q[:, None])).squeeze(-1) for q in qs]
+        loss = sum((torch.softmax(e, -1) * torch.arange(4.0)).sum() * (i + 1) for i, e in enumerate(out)) + P.sum()
+        return torch.autograd.grad(loss, [P0, *qs, score.weight, score.bias])
+
+    for a, b in zip(run(True), run(False)):
+        torch.testing.assert_close(a, b, **TOL)
+    with torch.no_grad():
+        assert not LoopScores(P0, score).fused
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not LoopScores(P0, score).fused
+
+
+@pytest.mark.parametrize("name", sorted(PLAIN))
+def test_teacher_forcing_under_autocast_keeps_float32_gradients(name):
+    """bf16 autocast (what --amp does on CUDA with float16): the loop's linear maps run in bf16, every
+    parameter still gets a float32 gradient near the float32 one."""
+    dec = _decoder(name).train()
+    dec.dropout.p = 0.0
+    enc = _enc(3, seed=2)
+    tokens, lengths = _captions([5, 3, 6, 4, 2, 6], seed=3)
+    rows = torch.tensor([0, 0, 1, 2, 2, 1])
+    w = torch.randn(6, tokens.shape[1] - 1, V, generator=torch.Generator().manual_seed(0))
+    ref = torch.autograd.grad((dec(enc, tokens, lengths, image_rows=rows).logits * w).sum(), list(dec.parameters()),
+                              allow_unused=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = dec(enc, tokens, lengths, image_rows=rows)
+    got = torch.autograd.grad((out.logits.float() * w).sum(), list(dec.parameters()), allow_unused=True)
+    for (pname, p), a, b in zip(dec.named_parameters(), got, ref):
+        if b is None:
+            continue
+        assert a.dtype == torch.float32 and torch.isfinite(a).all(), pname
+        assert (a - b).norm() <= 0.1 * b.norm() + 5e-3, pname  # (an attention score bias: ~0 exactly)
