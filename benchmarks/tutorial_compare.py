@@ -34,6 +34,7 @@ Prints one JSON object with every figure and the ratios (seesay / tutorial).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import inspect
 import json
@@ -156,10 +157,13 @@ def tutorial_training(tut: dict, *, steps: int, with_encoder: bool) -> float:
     gen = torch.Generator().manual_seed(0)
     loader = _batches(steps + 1, gen, with_encoder)
     train.print_freq = 10**9
-    train.train(loader[:1], encoder, decoder, crit, None, opt, 0)  # warm-up
-    t0 = time.perf_counter()
-    train.train(loader[1:], encoder, decoder, crit, None, opt, 0)
-    return BATCH * steps / (time.perf_counter() - t0)
+    # train() prints its first batch's line whatever print_freq is: to stderr, so stdout stays JSON
+    with contextlib.redirect_stdout(sys.stderr):
+        train.train(loader[:1], encoder, decoder, crit, None, opt, 0)  # warm-up
+        t0 = time.perf_counter()
+        train.train(loader[1:], encoder, decoder, crit, None, opt, 0)
+        elapsed = time.perf_counter() - t0
+    return BATCH * steps / elapsed
 
 
 def tutorial_beam(tut: dict, *, images: int) -> tuple[float, float]:

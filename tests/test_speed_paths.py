@@ -414,7 +414,7 @@ def test_teacher_forcing_under_autocast_keeps_float32_gradients(name):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = dec(enc, tokens, lengths, image_rows=rows)
     got = torch.autograd.grad((out.logits.float() * w).sum(), list(dec.parameters()), allow_unused=True)
-    for (pname, p), a, b in zip(dec.named_parameters(), got, ref):
+    for (pname, _p), a, b in zip(dec.named_parameters(), got, ref):
         if b is None:
             continue
         assert a.dtype == torch.float32 and torch.isfinite(a).all(), pname
