@@ -353,26 +353,6 @@ def test_checkpoint_falls_back_to_the_plain_load_for_tied_or_unfilled_tensors(tm
     assert checkpoint._load_without_init(config["model"], tok, pre, state) is None
 
 
-@pytest.mark.parametrize("V", [3, 7, 50])
-def test_two_stage_beam_ranking_equals_ranking_the_whole_vocabulary(V):
-    """Each beam's 2K best tokens, then the image's best: the same candidates, order and picks as
-    ranking all K x V sums at once (tiny vocabularies: fewer than 2K tokens per beam)."""
-    from seesay.decoding import _rank_beams, _rank_groups
-
-    g = torch.Generator().manual_seed(V)
-    Ba, K, eos = 4, 5, 1
-    logprobs = torch.log_softmax(torch.randn(Ba, K, V, generator=g), -1)
-    scores = torch.randn(Ba, K, generator=g)
-    scores[0, 1:] = float("-inf")  # an image at step 0: only its first beam may expand
-    new = _rank_beams(logprobs, scores, eos)
-    old = _rank_groups((logprobs + scores[..., None]).view(Ba, 1, K * V), V, K, eos, 0.0)
-    finite = torch.isfinite(old[0])
-    torch.testing.assert_close(new[0], old[0])
-    for a, b in zip(new[1:3], old[1:3]):  # tokens and source beams of every finite candidate
-        assert torch.equal(a[finite], b[finite])
-    assert torch.equal(new[3], old[3])
-
-
 def test_loop_scores_gradients_equal_autograds():
     """LoopScores (scratch activation, P's gradient summed over the steps) == the plain formula, for P
     also used outside the loop; under autocast or without grad the attention takes the plain path."""

@@ -624,11 +624,8 @@ def beam_search(decoder: Any, enc: EncoderOutput, *, bos: int, eos: int, beam_si
         V = logprobs.shape[-1]
         scores_a = active.take(live_scores)  # (Ba, G, Kg)
         Ba = scores_a.shape[0]
-        if G == 1:
-            top_scores, tok, src, pick = _rank_beams(logprobs.view(Ba, Kg, V), scores_a[:, 0], eos)
-        else:
-            cand = (logprobs.float().view(Ba, G, Kg, V) + scores_a[..., None]).view(Ba, G, Kg * V)
-            top_scores, tok, src, pick = _rank_groups(cand, V, Kg, eos, diversity_penalty)
+        cand = (logprobs.float().view(Ba, G, Kg, V) + scores_a[..., None]).view(Ba, G, Kg * V)
+        top_scores, tok, src, pick = _rank_groups(cand, V, Kg, eos, diversity_penalty)
         if rank is None:
             C = tok.shape[-1]
             rank = torch.arange(C, device=device)
@@ -669,27 +666,6 @@ def beam_search(decoder: Any, enc: EncoderOutput, *, bos: int, eos: int, beam_si
     return _trace_back(hist_tok, hist_src, hist_pick, hist_att, pool_scores, pool_code // C, pool_code % C,
                        live_scores / _length_penalty(steps, length_penalty), steps=steps, total=total, n=N, pad=pad,
                        prefix=prefix, prefix_att=prefix_att)
-
-
-def _rank_beams(logprobs: Tensor, scores: Tensor, eos: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """`_rank_groups` for one group, without summing scores over the whole vocabulary.
-
-    logprobs (Ba, K, V), scores (Ba, K). The 2K best extensions of an image's beams are among
-    the 2K best tokens of each beam (a candidate with 2K better ones in its own beam cannot rank
-    in the image's top 2K), so each beam's vocabulary is ranked first and the image's K * 2K
-    survivors after: the (Ba, K*V) sum and its copy, the largest work of a beam step's
-    bookkeeping at a 10k vocabulary, are never made. Returns (Ba, 1, 2K) candidate scores,
-    tokens and source beams, best first, and the (Ba, 1, K) live picks.
-    """
-    Ba, K, V = logprobs.shape
-    per_beam = min(2 * K, V)
-    n_cand = min(2 * K, K * V)
-    beam_top, beam_tok = torch.topk(logprobs, per_beam, dim=2)  # (Ba, K, per_beam)
-    cand = (beam_top.float() + scores[..., None]).view(Ba, K * per_beam)
-    top_scores, idx = torch.topk(cand, n_cand, dim=1)  # sorted
-    tok = beam_tok.view(Ba, K * per_beam).gather(1, idx)
-    pick = torch.topk(top_scores.masked_fill(tok == eos, float("-inf")), K, dim=1).indices
-    return top_scores[:, None], tok[:, None], (idx // per_beam)[:, None], pick[:, None]
 
 
 def _rank_groups(cand: Tensor, V: int, Kg: int, eos: int, diversity_penalty: float
