@@ -1,0 +1,52 @@
+"""The speed benchmarks run end to end at tiny sizes and print the JSON their docs describe.
+
+They are timed only by hand (docs/performance.md); these runs keep them from rotting as the
+code they measure changes.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+pytestmark = pytest.mark.slow
+
+
+def _run(script: str, *args: str) -> dict:
+    proc = subprocess.run([sys.executable, str(BENCH / script), *args], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return json.loads(proc.stdout)
+
+
+def test_compile_check_times_eager_and_loop_scores():
+    out = _run("compile_check.py", "--rows", "2", "--regions", "3", "--width", "4", "--steps", "2", "--repeats", "1",
+               "--threads", "1", "--no-compile")
+    res = out["results"]
+    assert res["eager"]["ms_per_batch"] > 0 and res["loop_scores"]["ms_per_batch"] > 0
+    assert res["eager"]["vs_eager"] == 1.0
+    assert "--no-compile" in res["compiled"]["error"]
+
+
+def test_train_throughput_reports_speed_macs_and_grouping():
+    out = _run("train_throughput.py", "--presets", "demo", "--decoders", "soft_attention", "--modes", "cached",
+               "cached_grouped", "--steps", "1", "--warmup", "1", "--no-roofline", "--threads", "1")
+    rows = {r["mode"]: r for r in out["results"]}
+    assert set(rows) == {"cached", "cached_grouped"}
+    for r in rows.values():
+        assert r["decoder"] == "soft_attention" and r["captions_per_s"] > 0 and r["mmacs_per_caption"] > 0
+    # grouped batches count the grid's attention projection once per image: fewer multiply-adds per caption
+    assert rows["cached_grouped"]["mmacs_per_caption"] < rows["cached"]["mmacs_per_caption"]
+
+
+def test_decode_throughput_reports_batched_and_one_image_beam():
+    out = _run("decode_throughput.py", "--preset", "demo", "--decoders", "soft_attention", "--images", "2",
+               "--sequential-images", "1", "--repeats", "1", "--max-len", "4", "--threads", "1")
+    r = out["results"]["demo"]["soft_attention"]
+    assert r["beam5_captions_per_s"] > 0 and r["beam5_one_at_a_time_captions_per_s"] > 0
+    assert r["beam5_mmacs_per_caption"] > r["greedy_mmacs_per_caption"] > 0
