@@ -130,11 +130,12 @@ def bench(preset: str, decoder: str, mode: str, *, device: torch.device, steps: 
             return module(images, tokens, lengths, rows)
     module.train()
     opt = build_optimizer("adam", [{"params": [q for q in module.parameters() if q.requires_grad], "lr": 1e-4}], 0.0)
-    use_amp = amp and device.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    # --amp: float16 with a GradScaler on CUDA, bfloat16 on the CPU (what `seesay train --amp` does)
+    amp_dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
+    scaler = torch.amp.GradScaler("cuda", enabled=amp and amp_dtype == torch.float16)
 
     def step():
-        with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=use_amp):
+        with torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=amp):
             out = forward()
             loss, _, _ = caption_loss(out.logits, tokens, lengths)
             if out.extras and out.extras.get("aux_loss") is not None:
@@ -172,7 +173,7 @@ def main() -> None:
     ap.add_argument("--presets", nargs="+", default=["demo", "tutorial"], choices=list(PRESETS))
     ap.add_argument("--decoders", nargs="+", default=None, help="default: every registered one in the presets")
     ap.add_argument("--tutorial-encoder", action="store_true", help="also time resnet101 in the loop (slow on CPU)")
-    ap.add_argument("--amp", action="store_true", help="float16 autocast on CUDA")
+    ap.add_argument("--amp", action="store_true", help="autocast: float16 on CUDA, bfloat16 on the CPU")
     ap.add_argument("--modes", nargs="+", default=None, help="only these feeding modes")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     ap.add_argument("--no-roofline", action="store_true", help="skip measuring the matmul roofline")

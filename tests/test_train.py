@@ -61,6 +61,39 @@ def test_every_encoder_decoder_learns(encoder, decoder):
     assert losses[-1] < losses[0] - 0.05, losses
 
 
+@pytest.mark.parametrize("decoder", sorted(set(list_decoders())))
+def test_every_decoder_learns_under_cpu_bfloat16_autocast(decoder):
+    """What `--amp --amp-dtype bfloat16` does on the CPU: forward under bfloat16 autocast, float32
+    weights get finite float32 gradients, and the loss goes down."""
+    from seesay.model import build_model
+    from seesay.train.objectives import token_cross_entropy as caption_loss
+
+    torch.manual_seed(0)
+    spec = {"encoder": {"name": "small_cnn", **TINY_ENCODERS["small_cnn"]},
+            "decoder": {"name": decoder, **TINY_DECODERS[decoder], "vocab_size": 11}}
+    model = build_model(spec)
+    model.encoder.set_fine_tune(True)
+    model.train()
+    images = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    tokens = torch.tensor([[1, 4, 5, 6, 2, 0], [1, 7, 8, 2, 0, 0], [1, 4, 9, 10, 6, 2], [1, 7, 2, 0, 0, 0]])
+    lengths = torch.tensor([5, 4, 6, 3])
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    for _ in range(6):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(images, tokens, lengths, torch.tensor([0, 0, 1, 1]))
+            loss, _, _ = caption_loss(out.logits, tokens, lengths)
+            if out.extras and out.extras.get("aux_loss") is not None:
+                loss = loss + out.extras["aux_loss"]
+        opt.zero_grad()
+        loss.backward()
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        assert grads and all(g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.05, losses
+
+
 def test_caption_loss_ignores_padding():
     from seesay.train.objectives import token_cross_entropy as caption_loss
 
@@ -470,3 +503,37 @@ def test_ctrl_c_on_the_command_line_with_data_workers(data_dir, tmp_path):
                              timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert load_train_state(run / "last")["loop"]["epoch"] == loop["epoch"] + 1
+
+
+def test_amp_on_the_cpu_trains_under_bfloat16_autocast(data_dir, tmp_path, monkeypatch, caplog):
+    """--amp --amp-dtype bfloat16 on the CPU: every training forward runs under CPU bfloat16
+    autocast (the decoder's products in bfloat16), float32 weights stay float32 and the loss is
+    finite; --amp with float16 on the CPU says so once and trains in float32; a bad dtype is one line."""
+    from seesay.model import CaptionModel
+    from seesay.train.caption_task import train_captioner
+
+    seen = []
+    original = CaptionModel.forward
+
+    def spy(self, *a, **kw):
+        out = original(self, *a, **kw)
+        if self.training:
+            seen.append((torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu"), out.logits.dtype))
+        return out
+
+    monkeypatch.setattr(CaptionModel, "forward", spy)
+    state = train_captioner(_cfg(data_dir, tmp_path / "bf16", epochs=1, amp=True, amp_dtype="bfloat16"))
+    assert seen and all(on and dt == torch.bfloat16 and logits == torch.bfloat16 for on, dt, logits in seen)
+    weights = load_file(str(tmp_path / "bf16" / "last" / "model.safetensors"))
+    assert all(w.dtype == torch.float32 for w in weights.values() if w.is_floating_point())
+    metrics = [json.loads(line) for line in (tmp_path / "bf16" / "metrics.jsonl").read_text().splitlines()]
+    losses = [m["train_loss"] for m in metrics if "train_loss" in m]
+    assert state.step > 0 and losses and all(torch.isfinite(torch.tensor(losses)))
+
+    seen.clear()
+    with caplog.at_level("WARNING", logger="seesay.train.loop"):
+        train_captioner(_cfg(data_dir, tmp_path / "fp16", epochs=1, amp=True))
+    assert seen and not any(on for on, _, _ in seen) and all(logits == torch.float32 for _, _, logits in seen)
+    assert sum("--amp on the CPU" in r.getMessage() for r in caplog.records) == 1
+    with pytest.raises(SeesayError, match="--amp-dtype must be float16 or bfloat16, not 'fp32'"):
+        train_captioner(_cfg(data_dir, tmp_path / "bad", epochs=1, amp=True, amp_dtype="fp32"))

@@ -112,7 +112,7 @@ class TrainConfig:
     val_beam_size: int = 1
     val_max_len: int = 50
     seed: int = 0
-    amp: bool = False  # mixed precision on CUDA
+    amp: bool = False  # mixed precision: float16 or bfloat16 autocast on CUDA, bfloat16 on the CPU
     amp_dtype: str = "float16"  # or "bfloat16"
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     wandb: bool = False

@@ -85,10 +85,17 @@ def total_loss(out: dict[str, Any]) -> torch.Tensor:
     return sum(losses[1:], losses[0])
 
 
+def _bf16(cfg: TrainConfig) -> bool:
+    return cfg.amp_dtype in ("bf16", "bfloat16")
+
+
 def _autocast(device: torch.device, cfg: TrainConfig) -> contextlib.AbstractContextManager:
+    """--amp: float16 (with a GradScaler) or bfloat16 autocast on CUDA; bfloat16 on the CPU, where
+    float16 has no fast kernels and runs in float32 (`Trainer` says so once)."""
     if cfg.amp and device.type == "cuda":
-        dtype = torch.bfloat16 if cfg.amp_dtype in ("bf16", "bfloat16") else torch.float16
-        return torch.autocast(device_type="cuda", dtype=dtype)
+        return torch.autocast(device_type="cuda", dtype=torch.bfloat16 if _bf16(cfg) else torch.float16)
+    if cfg.amp and device.type == "cpu" and _bf16(cfg):
+        return torch.autocast(device_type="cpu", dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 
@@ -122,7 +129,10 @@ class _Trainer:
         self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
         self.schedule = LRSchedule(self.optimizer, cfg.lr_scheduler, warmup=cfg.warmup_steps,
                                    total=self._total_steps())
-        self.use_scaler = cfg.amp and self.device.type == "cuda" and cfg.amp_dtype not in ("bf16", "bfloat16")
+        self.use_scaler = cfg.amp and self.device.type == "cuda" and not _bf16(cfg)
+        if cfg.amp and self.device.type == "cpu" and not _bf16(cfg) and self.main:
+            log.warning("--amp on the CPU: float16 autocast has no fast CPU kernels, so training stays float32; "
+                        "--amp-dtype bfloat16 trains with bfloat16 autocast (fast on CPUs with AVX512-BF16 or AMX)")
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_scaler)
         self.window = RunningMeans(self.device)  # the current validation window's sums
         self.window_seconds = 0.0  # training seconds of the window before this process (resume)

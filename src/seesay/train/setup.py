@@ -23,6 +23,8 @@ def check_objective(cfg: Config) -> None:
     t = cfg.train
     if t.objective not in ("xe", "scst"):
         raise SeesayError(f"--objective must be xe or scst, not {t.objective!r}")
+    if t.amp_dtype not in ("float16", "fp16", "bfloat16", "bf16"):
+        raise SeesayError(f"--amp-dtype must be float16 or bfloat16, not {t.amp_dtype!r}")
     if t.batch_by not in ("caption", "image"):
         raise SeesayError(f"--batch-by must be caption or image, not {t.batch_by!r}")
     if t.scst_baseline not in ("mean", "greedy"):
