@@ -155,7 +155,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="beam size of validation decoding (1: greedy)" + default("train", "val_beam_size"))
     g.add_argument("--seed", type=int, default=S, help="random seed" + default("train", "seed"))
     g.add_argument("--device", default=S, help="auto | cpu | cuda | cuda:N | mps" + default("train", "device"))
-    g.add_argument("--amp", action="store_true", default=S, help="mixed precision: float16 + GradScaler or bfloat16 on CUDA, bfloat16 on the CPU (with --amp-dtype bfloat16)")
+    g.add_argument("--amp", action="store_true", default=S,
+                   help="mixed precision: float16 + GradScaler or bfloat16 on CUDA, bfloat16 on the CPU "
+                        "(with --amp-dtype bfloat16)")
     g.add_argument("--amp-dtype", choices=["float16", "bfloat16"], default=S,
                    help="autocast dtype with --amp" + default("train", "amp_dtype"))
     g.add_argument("--wandb", action="store_true", default=S, help="also log to Weights & Biases (pip install wandb)")
