@@ -24,6 +24,7 @@ import platform
 import time
 
 import torch
+from roofline import benchmark_device
 from torch import nn
 
 from seesay.layers.attention import LoopScores
@@ -67,7 +68,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
+    device = benchmark_device(args.device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     gen = torch.Generator().manual_seed(0)
     proj = torch.randn(args.rows, args.regions, args.width, generator=gen).to(device).requires_grad_()

@@ -178,9 +178,10 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from roofline import measure
+    from roofline import benchmark_device, measure
+
+    device = benchmark_device(args.device)
 
     roofline = None if args.no_roofline or args.checkpoint else measure(device, quick=True)
     names = args.decoders or [d for d in list_decoders() if d in ("show_tell", "soft_attention", "adaptive_attention",

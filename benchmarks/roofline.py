@@ -52,6 +52,18 @@ def gmacs(rows: int, inner: int, out: int, *, device: torch.device, dtype: torch
     return best
 
 
+def benchmark_device(name: str) -> torch.device:
+    """--device for the benchmarks: seesay's own resolution (auto, cpu, cuda, cuda:N), and a one-line
+    exit instead of a traceback when the device is not there."""
+    from seesay.errors import SeesayError
+    from seesay.model import pick_device
+
+    try:
+        return pick_device(name)
+    except SeesayError as e:
+        raise SystemExit(str(e)) from None
+
+
 def measure(device: torch.device | str = "cpu", *, quick: bool = False) -> dict:
     """GMAC/s per shape name, plus "peak": the large product's rate (the roofline)."""
     device = torch.device(device)
@@ -66,10 +78,11 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args()
+    device = benchmark_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     print(json.dumps({"device": args.device, "torch": torch.__version__, "threads": torch.get_num_threads(),
-                      "gmacs": measure(args.device)}, indent=1))
+                      "gmacs": measure(device)}, indent=1))
 
 
 if __name__ == "__main__":

@@ -151,7 +151,9 @@ def main() -> None:
     warnings.filterwarnings("ignore")
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
+    from roofline import benchmark_device
+
+    device = benchmark_device(args.device)
     if args.multimodal_size is None:
         args.multimodal_size = "example" if device.type == "cuda" else "tiny"
     report = {

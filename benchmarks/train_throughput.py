@@ -181,13 +181,13 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
-    from roofline import measure
+    from roofline import benchmark_device, measure
 
-    roofline = None if args.no_roofline else measure(args.device, quick=True)
-    peak = roofline["peak"] if roofline else None
     from seesay.registry import list_decoders
 
-    device = torch.device(args.device)
+    device = benchmark_device(args.device)
+    roofline = None if args.no_roofline else measure(device, quick=True)
+    peak = roofline["peak"] if roofline else None
     results = []
     for preset in args.presets:
         for decoder in PRESETS[preset]["decoders"]:

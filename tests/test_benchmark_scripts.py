@@ -50,3 +50,12 @@ def test_decode_throughput_reports_batched_and_one_image_beam():
     r = out["results"]["demo"]["soft_attention"]
     assert r["beam5_captions_per_s"] > 0 and r["beam5_one_at_a_time_captions_per_s"] > 0
     assert r["beam5_mmacs_per_caption"] > r["greedy_mmacs_per_caption"] > 0
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")
+@pytest.mark.parametrize("script", ["roofline.py", "train_throughput.py", "decode_throughput.py", "compile_check.py"])
+def test_a_missing_cuda_device_is_one_line(script):
+    proc = subprocess.run([sys.executable, str(BENCH / script), "--device", "cuda"], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode != 0
+    assert proc.stderr.strip() == "--device cuda: no CUDA GPU is available (torch.cuda.is_available() is False)"
