@@ -6,6 +6,11 @@ step: the LSTM's and the output layer's products at tutorial sizes), measured in
 `train_throughput.py` and `decode_throughput.py` import `measure` and report the fraction of
 the large-shape rate their decoders achieve, counting each decoder's multiply-adds per caption.
 
+On the CPU each shape is timed twice: torch's product (`torch.mm`: MKL in float32) and oneDNN's
+with the weight packed once ("onednn_" keys; what seesay's decoding uses, `seesay.layers.gemm`).
+The roofline ("peak") is the faster of the two large products, so that a fraction never counts
+a backend's gain as the decoder's.
+
     python benchmarks/roofline.py [--device cpu|cuda] [--threads N]
 """
 
@@ -27,12 +32,26 @@ SHAPES = {
 
 
 def gmacs(rows: int, inner: int, out: int, *, device: torch.device, dtype: torch.dtype = torch.float32,
-          min_seconds: float = 0.2, repeats: int = 3) -> float:
-    """Best-of-`repeats` GMAC/s of (rows x inner) @ (inner x out), each timing at least `min_seconds`."""
+          min_seconds: float = 0.2, repeats: int = 3, backend: str = "torch") -> float:
+    """Best-of-`repeats` GMAC/s of (rows x inner) @ (inner x out), each timing at least `min_seconds`.
+    `backend` "onednn": the weight packed once, the product by `seesay.layers.gemm` (CPU float32)."""
     a = torch.randn(rows, inner, device=device, dtype=dtype)
     b = torch.randn(inner, out, device=device, dtype=dtype)
     c = torch.empty(rows, out, device=device, dtype=dtype)
-    torch.mm(a, b, out=c)
+    if backend == "onednn":
+        from seesay.layers import gemm
+
+        w = gemm.pack(b.t())
+        lp = torch.ops.mkldnn._linear_pointwise
+
+        def product() -> None:
+            lp(a, w, None, "none", [], "")
+    else:
+
+        def product() -> None:
+            torch.mm(a, b, out=c)
+
+    product()
     n = 1
     best = 0.0
     for _ in range(repeats):
@@ -41,7 +60,7 @@ def gmacs(rows: int, inner: int, out: int, *, device: torch.device, dtype: torch
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
             for _ in range(n):
-                torch.mm(a, b, out=c)
+                product()
             if device.type == "cuda":
                 torch.cuda.synchronize()
             dt = time.perf_counter() - t0
@@ -65,11 +84,19 @@ def benchmark_device(name: str) -> torch.device:
 
 
 def measure(device: torch.device | str = "cpu", *, quick: bool = False) -> dict:
-    """GMAC/s per shape name, plus "peak": the large product's rate (the roofline)."""
+    """GMAC/s per shape name (and per "onednn_" shape name on a CPU with oneDNN), plus "peak": the
+    faster backend's large-product rate (the roofline) and "peak_backend"."""
+    from seesay.layers import gemm
+
     device = torch.device(device)
     kw = {"min_seconds": 0.05, "repeats": 2} if quick else {}
     out = {name: round(gmacs(*shape, device=device, **kw), 2) for name, shape in SHAPES.items()}
-    out["peak"] = out["large_500x3072x2048"]
+    out["peak"], out["peak_backend"] = out["large_500x3072x2048"], "torch"
+    if device.type == "cpu" and gemm.available():
+        for name, shape in SHAPES.items():
+            out[f"onednn_{name}"] = round(gmacs(*shape, device=device, backend="onednn", **kw), 2)
+        if out["onednn_large_500x3072x2048"] > out["peak"]:
+            out["peak"], out["peak_backend"] = out["onednn_large_500x3072x2048"], "onednn"
     return out
 
 

@@ -52,6 +52,30 @@ def test_decode_throughput_reports_batched_and_one_image_beam():
     assert r["beam5_mmacs_per_caption"] > r["greedy_mmacs_per_caption"] > 0
 
 
+def test_roofline_takes_the_faster_backend_as_its_peak():
+    g = _run("roofline.py", "--threads", "1")["gmacs"]
+    assert g["large_500x3072x2048"] > 0
+    if "onednn_large_500x3072x2048" in g:  # a CPU with oneDNN: both backends timed
+        assert g["peak"] == max(g["large_500x3072x2048"], g["onednn_large_500x3072x2048"])
+        assert g["peak_backend"] == ("onednn" if g["peak"] == g["onednn_large_500x3072x2048"] else "torch")
+    else:
+        assert (g["peak"], g["peak_backend"]) == (g["large_500x3072x2048"], "torch")
+
+
+def test_onednn_decode_times_both_paths_alternately():
+    from seesay.layers import gemm
+
+    if not gemm.available():
+        pytest.skip("no oneDNN float32 product in this torch build")
+    out = _run("onednn_decode.py", "--preset", "tutorial", "--decoders", "soft_attention", "--images", "2",
+               "--sequential-images", "1", "--max-len", "2", "--rounds", "2", "--threads", "1")
+    for k in ("greedy", "beam5", "beam5_one_at_a_time"):
+        r = out["results"]["soft_attention"][k]
+        assert len(r["all"]["torch"]) == len(r["all"]["onednn"]) == 2
+        assert r["torch"] == max(r["all"]["torch"]) > 0 and r["onednn"] == max(r["all"]["onednn"]) > 0
+        assert r["speedup"] == round(r["onednn"] / r["torch"], 2)
+
+
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")
 @pytest.mark.parametrize("script", ["roofline.py", "train_throughput.py", "decode_throughput.py", "compile_check.py"])
 def test_a_missing_cuda_device_is_one_line(script):

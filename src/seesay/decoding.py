@@ -53,6 +53,7 @@ import torch
 from torch import Tensor
 
 from seesay.encoders.base import EncoderOutput
+from seesay.layers import gemm
 
 
 class DecodeResult(NamedTuple):
@@ -504,6 +505,7 @@ def _bad_ids(constraints: Constraints | None, device: torch.device) -> Tensor | 
 
 
 @torch.no_grad()
+@gemm.packing()
 def greedy(decoder: Any, enc: EncoderOutput, *, bos: int, eos: int, max_len: int = 50,
            prefix: Tensor | None = None, pad: int = 0, constraints: Constraints | None = None) -> DecodeResult:
     """Most likely word at each step (after the forced `prefix`, if any)."""
@@ -512,6 +514,7 @@ def greedy(decoder: Any, enc: EncoderOutput, *, bos: int, eos: int, max_len: int
 
 
 @torch.no_grad()
+@gemm.packing()
 def sample(decoder: Any, enc: EncoderOutput, *, bos: int, eos: int, max_len: int = 50, temperature: float = 1.0,
            top_k: int = 0, top_p: float = 1.0, generator: torch.Generator | None = None,
            prefix: Tensor | None = None, pad: int = 0, constraints: Constraints | None = None,
@@ -534,6 +537,7 @@ def _length_penalty(length: Tensor | int, alpha: float) -> Tensor | float:
 
 
 @torch.no_grad()
+@gemm.packing()
 def beam_search(decoder: Any, enc: EncoderOutput, *, bos: int, eos: int, beam_size: int = 5, max_len: int = 50,
                 length_penalty: float = 0.0, prefix: Tensor | None = None, pad: int = 0,
                 constraints: Constraints | None = None, num_captions: int = 1, groups: int = 1,

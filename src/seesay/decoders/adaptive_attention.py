@@ -33,6 +33,7 @@ from seesay.decoders.common import (
     unpack_steps,
 )
 from seesay.encoders.base import EncoderOutput
+from seesay.layers import gemm
 from seesay.layers.attention import SentinelAttention
 from seesay.layers.embedding import WordEmbedding
 from seesay.layers.loop import LoopLinear
@@ -52,12 +53,12 @@ class AdaptiveAttentionDecoder(Decoder):
         self.embedding = WordEmbedding(vocab_size, embed_dim)
         self.region_proj = nn.Linear(enc_dim, decoder_dim)
         self.global_proj = nn.Linear(enc_dim, embed_dim)
-        self.lstm = nn.LSTMCell(2 * embed_dim, decoder_dim)
+        self.lstm = gemm.LSTMCell(2 * embed_dim, decoder_dim)
         self.sentinel_x = nn.Linear(2 * embed_dim, decoder_dim, bias=False)
-        self.sentinel_h = nn.Linear(decoder_dim, decoder_dim)
+        self.sentinel_h = gemm.Linear(decoder_dim, decoder_dim)
         self.attention = SentinelAttention(decoder_dim, attention_dim)
         self.dropout = nn.Dropout(dropout)
-        self.fc = nn.Linear(decoder_dim, vocab_size)
+        self.fc = gemm.Linear(decoder_dim, vocab_size)
         nn.init.uniform_(self.fc.weight, -0.1, 0.1)
         nn.init.zeros_(self.fc.bias)
 
@@ -74,10 +75,11 @@ class AdaptiveAttentionDecoder(Decoder):
     def _inputs(self, emb: Tensor, glob: Tensor) -> tuple[Tensor, Tensor]:
         """The LSTM gates' and the sentinel's shares of x = [emb; v_g]: emb ([t,] R, E), glob (R, E)."""
         E = self.embedding.table.embedding_dim
-        g_gates, g_sent = F.linear(glob, self.lstm.weight_ih[:, E:]), F.linear(glob, self.sentinel_x.weight[:, E:])
+        D = self.lstm.weight_ih.shape[1]
+        g_gates, g_sent = gemm.linear(glob, self.lstm.weight_ih, cols=(E, D)), gemm.linear(glob, self.sentinel_x.weight, cols=(E, D))
         if emb.dim() == 3:  # (t, R, E): every step of teacher forcing
             g_gates, g_sent = g_gates[None], g_sent[None]
-        return input_gates(self.lstm, emb, 0, E) + g_gates, F.linear(emb, self.sentinel_x.weight[:, :E]) + g_sent
+        return input_gates(self.lstm, emb, 0, E) + g_gates, gemm.linear(emb, self.sentinel_x.weight, cols=(0, E)) + g_sent
 
     def _linears(self, loop: bool) -> dict[str, Any]:
         """The step's recurrent linear maps, W_hh and the sentinel's W_h; `loop`: teacher forcing,
@@ -85,7 +87,7 @@ class AdaptiveAttentionDecoder(Decoder):
         maps = {"hh": (self.lstm.weight_hh, None), "sentinel": (self.sentinel_h.weight, self.sentinel_h.bias)}
         if loop:
             return {k: LoopLinear(w, b) for k, (w, b) in maps.items()}
-        return {k: functools.partial(F.linear, weight=w, bias=b) for k, (w, b) in maps.items()}
+        return {k: functools.partial(gemm.linear, weight=w, bias=b) for k, (w, b) in maps.items()}
 
     def _core(self, x_gates: Tensor, x_sent: Tensor, s: dict[str, Tensor], rows: int, lin: dict[str, Any]
               ) -> tuple[Tensor, Tensor, Tensor, Tensor]:

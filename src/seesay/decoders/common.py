@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from seesay.layers import gemm
+
 # State keys that depend only on the image (not on the words decoded so far) start with this.
 STATIC_PREFIX = "mem_"
 
@@ -109,7 +111,8 @@ def input_gates(lstm: torch.nn.LSTMCell, x: Tensor, start: int = 0, stop: int | 
     """x @ W_ih[:, start:stop].T + b_ih + b_hh: the LSTM input's share of the gates for an input slice
     (the words of every step at once in teacher forcing)."""
     bias = lstm.bias_ih + lstm.bias_hh if lstm.bias else None
-    return torch.nn.functional.linear(x, lstm.weight_ih[:, start:stop], bias)
+    stop = lstm.weight_ih.shape[1] if stop is None else stop
+    return gemm.linear(x, lstm.weight_ih, bias, cols=(start, stop))
 
 
 def unpack_steps(packed: Tensor, order: Tensor, rows_per_step: list[int], time: int) -> Tensor:

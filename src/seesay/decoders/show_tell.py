@@ -24,6 +24,7 @@ from seesay.decoders.common import (
     unpack_steps,
 )
 from seesay.encoders.base import EncoderOutput
+from seesay.layers import gemm
 from seesay.layers.embedding import WordEmbedding
 from seesay.layers.loop import LoopLinear
 from seesay.registry import register_decoder
@@ -39,9 +40,9 @@ class ShowTellDecoder(Decoder):
         self.embedding = WordEmbedding(vocab_size, embed_dim)
         self.image_proj = nn.Linear(enc_dim, embed_dim)
         self.image_norm = nn.BatchNorm1d(embed_dim)
-        self.lstm = nn.LSTMCell(embed_dim, decoder_dim)
+        self.lstm = gemm.LSTMCell(embed_dim, decoder_dim)
         self.dropout = nn.Dropout(dropout)
-        self.fc = nn.Linear(decoder_dim, vocab_size)
+        self.fc = gemm.Linear(decoder_dim, vocab_size)
         nn.init.uniform_(self.fc.weight, -0.1, 0.1)
         nn.init.zeros_(self.fc.bias)
 

@@ -30,6 +30,7 @@ from seesay.decoders.common import (
     unpack_steps,
 )
 from seesay.encoders.base import EncoderOutput
+from seesay.layers import gemm
 from seesay.layers.attention import AdditiveAttention, LoopScores, image_slots
 from seesay.layers.embedding import WordEmbedding
 from seesay.layers.loop import LoopLinear
@@ -48,10 +49,10 @@ class SoftAttentionDecoder(Decoder):
         self.attention = AdditiveAttention(enc_dim, decoder_dim, attention_dim)
         self.init_h = nn.Linear(enc_dim, decoder_dim)
         self.init_c = nn.Linear(enc_dim, decoder_dim)
-        self.f_beta = nn.Linear(decoder_dim, enc_dim)
-        self.lstm = nn.LSTMCell(embed_dim + enc_dim, decoder_dim)
+        self.f_beta = gemm.Linear(decoder_dim, enc_dim)
+        self.lstm = gemm.LSTMCell(embed_dim + enc_dim, decoder_dim)
         self.dropout = nn.Dropout(dropout)
-        self.fc = nn.Linear(decoder_dim, vocab_size)
+        self.fc = gemm.Linear(decoder_dim, vocab_size)
         nn.init.uniform_(self.fc.weight, -0.1, 0.1)
         nn.init.zeros_(self.fc.bias)
 

@@ -15,6 +15,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from seesay.layers import gemm
+
 # Without autograd on CPU, the (M, G, N, A) sum of an additive attention step (the largest
 # tensor of a decoding step, 16 MiB for 100 images x 5 beams at demo sizes) is computed a few
 # images at a time so that it stays in a core's L2 cache: about 20 % more batched beam-search
@@ -59,8 +61,8 @@ class AdditiveAttention(nn.Module):
 
     def __init__(self, enc_dim: int, dec_dim: int, attention_dim: int) -> None:
         super().__init__()
-        self.enc_proj = nn.Linear(enc_dim, attention_dim)
-        self.dec_proj = nn.Linear(dec_dim, attention_dim)
+        self.enc_proj = gemm.Linear(enc_dim, attention_dim)
+        self.dec_proj = gemm.Linear(dec_dim, attention_dim)
         self.score = nn.Linear(attention_dim, 1)
 
     def project(self, grid: Tensor) -> Tensor:
@@ -219,9 +221,9 @@ class SentinelAttention(nn.Module):
 
     def __init__(self, dim: int, attention_dim: int) -> None:
         super().__init__()
-        self.v_proj = nn.Linear(dim, attention_dim)
-        self.g_proj = nn.Linear(dim, attention_dim)
-        self.s_proj = nn.Linear(dim, attention_dim)
+        self.v_proj = gemm.Linear(dim, attention_dim)
+        self.g_proj = gemm.Linear(dim, attention_dim)
+        self.s_proj = gemm.Linear(dim, attention_dim)
         self.score = nn.Linear(attention_dim, 1)
 
     def project(self, grid: Tensor) -> Tensor:

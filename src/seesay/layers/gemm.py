@@ -1,0 +1,139 @@
+"""Float32 matrix products on the CPU through oneDNN with prepacked weights.
+
+torch's CPU `linear`/`mm` in float32 goes to MKL, which repacks the weight on every call. For
+the products of a decoder's step loop (a few to a few hundred rows against the same weight,
+step after step) that repacking costs more than the arithmetic: on this project's 2-core
+AMD EPYC build machine a 32-row product with a 2048x2048 weight runs at 27 GMAC/s through
+MKL and 40-47 through oneDNN with the weight packed once; 5 rows (one image's beams) 11 vs 28;
+2 threads double the oneDNN figures and hardly move MKL's small ones
+(benchmarks/roofline.py reports both backends). torch ships oneDNN (`torch.backends.mkldnn`)
+and exposes the packed product as `mkldnn::_linear_pointwise`, the op its compiler uses.
+
+Those ops have no autograd formula: `linear` takes them only where no gradient flows through
+the product, and falls back to `torch.nn.functional.linear` everywhere else: other devices and dtypes,
+autocast, tracing, ONNX export and torch.compile, builds without oneDNN, non-x86 CPUs (whose
+oneDNN may route through other libraries), and when the environment sets SEESAY_ONEDNN=0.
+Results equal torch's up to the order of float32 sums.
+
+Packing costs about one product's time, so it pays only when a weight is used many times with
+the same values: the decoding functions (`seesay.decoding`) open a `packing()` block, inside
+which each weight is packed at its first use and reused at every step. Outside such a block
+`linear` is torch's `F.linear`. A block is the cache's whole lifetime: weights change between
+calls (training steps; fused Adam does not even move a parameter's version counter), never
+within one decoding call. `Linear` and `LSTMCell` are drop-in nn.Linear / nn.LSTMCell (same
+parameters, same state dict) whose calls go through `linear`.
+
+Training does not use this path: packing the loop's weights once per forward (they change
+every step) cost about what it saved in an in-process A/B at tutorial sizes.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from functools import cache
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+@cache
+def available() -> bool:
+    """oneDNN's packed float32 product can be used in this process (checked once)."""
+    if os.environ.get("SEESAY_ONEDNN", "1").strip().lower() in ("0", "false", "no", "off"):
+        return False
+    if platform.machine().lower() not in ("x86_64", "amd64") or not torch.backends.mkldnn.is_available():
+        return False
+    try:
+        ops = torch.ops.mkldnn
+        w = ops._reorder_linear_weight(torch.ones(2, 3))
+        return bool(torch.equal(ops._linear_pointwise(torch.ones(1, 3), w, None, "none", [], ""), torch.full((1, 2), 3.0)))
+    except (AttributeError, RuntimeError):
+        return False
+
+
+# Below this many weight elements (512 KiB in float32) the oneDNN call's fixed cost (~15 us, and
+# ~10 us of this module's checks) exceeds what packing saves: torch's own product is as fast or
+# faster there (5 to 100 rows, measured on the build machine).
+MIN_WEIGHT_ELEMENTS = 1 << 17
+
+
+def usable(x: Tensor, weight: Tensor) -> bool:
+    """The packed path applies to this product: a weight of more than `MIN_WEIGHT_ELEMENTS`, float32
+    on the CPU, outside autocast, autograd, tracing and compilation."""
+    return (weight.numel() > MIN_WEIGHT_ELEMENTS and x.device.type == "cpu" and x.dtype == torch.float32
+            and weight.dtype == torch.float32 and weight.dim() == 2 and not torch.is_autocast_enabled("cpu")
+            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+            and not torch.jit.is_tracing() and not torch.compiler.is_compiling()
+            and not _exporting() and available())
+
+
+def _exporting() -> bool:
+    onnx = sys.modules.get("torch.onnx")  # not imported: not exporting (and importing it costs 40 ms)
+    return onnx is not None and onnx.is_in_onnx_export()
+
+
+def pack(weight: Tensor) -> Tensor:
+    """weight (O, I) in oneDNN's blocked layout for `linear` (a copy: about one product's time)."""
+    return torch.ops.mkldnn._reorder_linear_weight(weight.detach())
+
+
+_SCOPE: ContextVar[dict | None] = ContextVar("seesay_gemm_packs", default=None)
+
+
+@contextmanager
+def packing() -> Iterator[None]:
+    """A block whose weights do not change: `linear` packs each weight at its first use in the block
+    and reuses it until the block ends. Nested blocks share the outermost one's packs. Usable as a
+    decorator; per thread (and per asyncio task)."""
+    if _SCOPE.get() is not None:
+        yield
+        return
+    token = _SCOPE.set({})
+    try:
+        yield
+    finally:
+        _SCOPE.reset(token)
+
+
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, *, cols: tuple[int, int] | None = None) -> Tensor:
+    """x @ weight[:, cols].T + bias: inside a `packing()` block and where `usable`, through oneDNN
+    with the weight packed once; else torch's `F.linear`. `cols` (start, stop) multiplies by a
+    block of the weight's columns (the part of an input layer that meets one part of its input)."""
+    part = weight if cols is None else weight[:, cols[0]:cols[1]]
+    packs = _SCOPE.get()
+    if packs is None or not usable(x, part):
+        return F.linear(x, part, bias)
+    key = (id(weight), cols)
+    hit = packs.get(key)
+    if hit is None:  # the weight is kept with its pack, so that its id cannot be reused within the block
+        hit = packs[key] = (weight, pack(part))
+    return torch.ops.mkldnn._linear_pointwise(x, hit[1], None if bias is None else bias.detach(), "none", [], "")
+
+
+class Linear(nn.Linear):
+    """nn.Linear whose calls go through `linear` (oneDNN with a packed weight inside `packing()`)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return linear(x, self.weight, self.bias)
+
+
+class LSTMCell(nn.LSTMCell):
+    """nn.LSTMCell whose gates come from `linear` inside `packing()` where that applies; elsewhere
+    torch's own cell."""
+
+    def forward(self, x: Tensor, hx: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
+        if hx is None or x.dim() != 2 or _SCOPE.get() is None:
+            return super().forward(x, hx)
+        h, c = hx
+        if not (usable(x, self.weight_ih) or usable(h, self.weight_hh)):
+            return super().forward(x, hx)
+        gates = linear(x, self.weight_ih, self.bias_ih) + linear(h, self.weight_hh, self.bias_hh)
+        i, f, g, o = gates.chunk(4, dim=1)  # nn.LSTMCell's gate order
+        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+        return torch.sigmoid(o) * torch.tanh(c), c
