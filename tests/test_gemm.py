@@ -108,7 +108,8 @@ def test_seesay_onednn_0_turns_the_path_off(monkeypatch):
 
 SIZES = {"soft_attention": {"embed_dim": 12, "attention_dim": 14, "decoder_dim": 20},
          "adaptive_attention": {"embed_dim": 12, "attention_dim": 14, "decoder_dim": 20},
-         "show_tell": {"embed_dim": 12, "decoder_dim": 20}}
+         "show_tell": {"embed_dim": 12, "decoder_dim": 20},
+         "transformer": {"d_model": 16, "heads": 2, "layers": 2, "ff_dim": 32}}
 
 
 def _decoder_and_grid(name):

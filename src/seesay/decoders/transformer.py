@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from seesay.decoders.base import Decoder, DecoderOutput
 from seesay.decoders.common import image_ids, reorder_rows
 from seesay.encoders.base import EncoderOutput
+from seesay.layers import gemm
 from seesay.layers.attention import rows_per_image
 from seesay.layers.embedding import WordEmbedding
 from seesay.layers.positional import sinusoid, sinusoid_2d
@@ -41,12 +42,12 @@ class DecoderLayer(nn.Module):
         self.heads = heads
         self.dropout = dropout
         self.norm1, self.norm2, self.norm3 = nn.LayerNorm(d_model), nn.LayerNorm(d_model), nn.LayerNorm(d_model)
-        self.qkv = nn.Linear(d_model, 3 * d_model)
-        self.self_out = nn.Linear(d_model, d_model)
-        self.cross_q = nn.Linear(d_model, d_model)
-        self.cross_kv = nn.Linear(d_model, 2 * d_model)
-        self.cross_out = nn.Linear(d_model, d_model)
-        self.ff = nn.Sequential(nn.Linear(d_model, ff_dim), nn.GELU(), nn.Dropout(dropout), nn.Linear(ff_dim, d_model))
+        self.qkv = gemm.Linear(d_model, 3 * d_model)
+        self.self_out = gemm.Linear(d_model, d_model)
+        self.cross_q = gemm.Linear(d_model, d_model)
+        self.cross_kv = gemm.Linear(d_model, 2 * d_model)
+        self.cross_out = gemm.Linear(d_model, d_model)
+        self.ff = nn.Sequential(gemm.Linear(d_model, ff_dim), nn.GELU(), nn.Dropout(dropout), gemm.Linear(ff_dim, d_model))
         self.drop = nn.Dropout(dropout)
 
     def _split(self, x: Tensor) -> Tensor:  # (B, T, D) -> (B, H, T, K)
@@ -117,7 +118,7 @@ class TransformerDecoder(Decoder):
         self.layers = nn.ModuleList(DecoderLayer(d_model, heads, ff_dim, dropout) for _ in range(layers))
         self.norm = nn.LayerNorm(d_model)
         self.drop = nn.Dropout(dropout)
-        self.fc = nn.Linear(d_model, vocab_size)
+        self.fc = gemm.Linear(d_model, vocab_size)
 
     def _memory(self, enc: EncoderOutput) -> list[tuple[Tensor, Tensor]]:
         mem = self.memory_proj(enc.grid)  # (B, N, D)
