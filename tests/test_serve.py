@@ -363,6 +363,31 @@ def test_batcher_groups_by_options_and_isolates_a_failing_request():
     assert s["failed"] == 1 and s["images"] == 4
 
 
+def test_the_batcher_keeps_one_weight_packing_block_for_its_life():
+    """The served weights never change, so the worker packs each for oneDNN once, not once per call."""
+    from seesay.layers import gemm
+    from seesay.serve.batcher import Batcher, Job
+
+    blocks = []
+
+    def run(_captioner, jobs, _max_batch):
+        blocks.append(gemm._SCOPE.get())
+        return [[None for _ in j.images] for j in jobs]
+
+    b = Batcher(None, max_batch=1, max_wait_s=0.0, run=run)
+    jobs = [Job(images=["x"], decoding=None, key=0, deadline=time.monotonic() + 60) for _ in range(2)]
+    for j in jobs:
+        b.submit(j)
+    b.start()
+    try:
+        for j in jobs:
+            j.future.result(timeout=10)
+    finally:
+        b.stop()
+    assert len(blocks) == 2 and blocks[0] is not None and blocks[1] is blocks[0]
+    assert gemm._SCOPE.get() is None  # the block is the worker thread's own
+
+
 def test_batcher_respects_max_batch_and_drops_expired_and_cancelled_jobs():
     from seesay.serve.batcher import Batcher, Expired, Job
 

@@ -62,6 +62,7 @@ from torch import Tensor
 
 from seesay.decoding import Constraints, DecodeResult, Greedy, Strategy
 from seesay.errors import SeesayError
+from seesay.layers import gemm
 
 log = logging.getLogger(__name__)
 
@@ -189,16 +190,17 @@ def caption_images(captioner: Any, images: Sequence[Any] | Tensor, strategy: Str
     by_shape: dict[tuple[int, ...], list[int]] = {}
     for i, t in enumerate(tensors):
         by_shape.setdefault(tuple(t.shape), []).append(i)
-    for rows in by_shape.values():
-        for start in range(0, len(rows), max(batch_size, 1)):
-            chunk = rows[start: start + batch_size]
-            batch = torch.stack([tensors[i] for i in chunk]).to(device)
-            feats = captioner.encode(batch)
-            res = captioner.generate(feats, strategy, prompt=prompt, max_len=max_len, constraints=constraints,
-                                     num_captions=n)
-            caps = results_from(captioner, res, _grid_hw(feats))
-            for j, i in enumerate(chunk):
-                out[i] = caps[j] if n == 1 else caps[j * n: (j + 1) * n]
+    with gemm.packing():  # one weight packing for all the batches of this call (CPU, seesay.layers.gemm)
+        for rows in by_shape.values():
+            for start in range(0, len(rows), max(batch_size, 1)):
+                chunk = rows[start: start + batch_size]
+                batch = torch.stack([tensors[i] for i in chunk]).to(device)
+                feats = captioner.encode(batch)
+                res = captioner.generate(feats, strategy, prompt=prompt, max_len=max_len, constraints=constraints,
+                                         num_captions=n)
+                caps = results_from(captioner, res, _grid_hw(feats))
+                for j, i in enumerate(chunk):
+                    out[i] = caps[j] if n == 1 else caps[j * n: (j + 1) * n]
     return out
 
 

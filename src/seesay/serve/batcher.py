@@ -28,6 +28,8 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
+from seesay.layers import gemm
+
 log = logging.getLogger(__name__)
 
 
@@ -124,11 +126,14 @@ class Batcher:
     # -- the worker ------------------------------------------------------------------------
 
     def _loop(self) -> None:
-        while True:
-            group = self._next_group()
-            if group is None:
-                return
-            self._decode(group)
+        # the served weights never change: on a CPU each one is packed for oneDNN once for the
+        # server's life rather than once per decoding call (`seesay.layers.gemm`)
+        with gemm.packing():
+            while True:
+                group = self._next_group()
+                if group is None:
+                    return
+                self._decode(group)
 
     def _next_group(self) -> list[Job] | None:
         """The oldest job and those with its key, once the group is full or its wait is over."""
