@@ -162,3 +162,22 @@ def test_training_between_decoding_calls_is_seen_by_the_next_call(count_packs):
         want, _, _ = dec.step(torch.ones(3, dtype=torch.long), dec.init_state(enc))  # torch's products
     assert not torch.allclose(after, before)
     torch.testing.assert_close(after, want, **TOL)
+
+
+@needs_onednn
+def test_the_flop_counter_sees_torchs_products(count_packs, monkeypatch):
+    """Benchmarks count multiply-adds with torch's flop counter, which knows only torch's own ops."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    dec, enc = _decoder_and_grid("soft_attention")
+    dec.eval()
+
+    def flops():
+        with FlopCounterMode(display=False) as counter:
+            greedy(dec, enc, bos=1, eos=2, max_len=4)
+        return counter.get_total_flops()
+
+    counted = flops()
+    assert count_packs == []  # nothing went around the counter
+    monkeypatch.setattr(gemm, "MIN_WEIGHT_ELEMENTS", 1 << 60)
+    assert counted == flops() > 0

@@ -10,9 +10,10 @@ MKL and 40-47 through oneDNN with the weight packed once; 5 rows (one image's be
 and exposes the packed product as `mkldnn::_linear_pointwise`, the op its compiler uses.
 
 Those ops have no autograd formula: `linear` takes them only where no gradient flows through
-the product, and falls back to `torch.nn.functional.linear` everywhere else: other devices and dtypes,
-autocast, tracing, ONNX export and torch.compile, builds without oneDNN, non-x86 CPUs (whose
-oneDNN may route through other libraries), and when the environment sets SEESAY_ONEDNN=0.
+the product, and falls back to `torch.nn.functional.linear` everywhere else: other devices and
+dtypes, autocast, tracing, ONNX export, torch.compile and Python dispatch modes (torch's flop
+counter counts only its own ops), builds without oneDNN, non-x86 CPUs (whose oneDNN may route
+through other libraries), and when the environment sets SEESAY_ONEDNN=0.
 Results equal torch's up to the order of float32 sums.
 
 Packing costs about one product's time, so it pays only when a weight is used many times with
@@ -65,12 +66,17 @@ MIN_WEIGHT_ELEMENTS = 1 << 17
 
 def usable(x: Tensor, weight: Tensor) -> bool:
     """The packed path applies to this product: a weight of more than `MIN_WEIGHT_ELEMENTS`, float32
-    on the CPU, outside autocast, autograd, tracing and compilation."""
+    on the CPU, outside autocast, autograd, tracing, compilation and dispatch modes."""
     return (weight.numel() > MIN_WEIGHT_ELEMENTS and x.device.type == "cpu" and x.dtype == torch.float32
             and weight.dtype == torch.float32 and weight.dim() == 2 and not torch.is_autocast_enabled("cpu")
             and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
             and not torch.jit.is_tracing() and not torch.compiler.is_compiling()
-            and not _exporting() and available())
+            and not _dispatch_mode() and not _exporting() and available())
+
+
+def _dispatch_mode() -> bool:
+    """A Python dispatch mode is active (FlopCounterMode, fake tensors): it must see torch's own ops."""
+    return bool(torch._C._len_torch_dispatch_stack())
 
 
 def _exporting() -> bool:
