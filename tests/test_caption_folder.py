@@ -90,6 +90,22 @@ def test_folder_to_jsonl_lists_bad_files_and_counts(checkpoint, tree, tmp_path, 
     assert err_lines[-1] == f"seesay caption: 4 captioned, 0 skipped (already in {out}), 1 bad"
 
 
+def test_a_folder_packs_each_weight_once_for_the_whole_command(checkpoint, tree, tmp_path, capsys, monkeypatch):
+    """One batch at a time, yet each large weight is packed for oneDNN once (seesay.layers.gemm)."""
+    from seesay.layers import gemm
+
+    if not gemm.available():
+        pytest.skip("no oneDNN float32 product in this torch build")
+    monkeypatch.setattr(gemm, "MIN_WEIGHT_ELEMENTS", 0)  # the tiny model's weights count as large
+    packed = []
+    real = gemm.pack
+    monkeypatch.setattr(gemm, "pack", lambda w: packed.append(w.data_ptr()) or real(w))
+    code, _, _ = run_cli(["--checkpoint", str(checkpoint), str(tree), "--output", str(tmp_path / "c.jsonl"),
+                          "--max-length", "4", "--batch-size", "1"], capsys)
+    assert code == 0
+    assert len(packed) == len(set(packed)) == 3  # 4 images, 4 decoding calls: W_ih, W_hh, fc packed once
+
+
 def test_list_input_and_csv(checkpoint, tree, tmp_path, capsys):
     listing = tmp_path / "list.txt"
     listing.write_text(f"# two photos\n{tree / 'b.png'}\n\n{tree / 'sub' / 'c.jpg'}\n")

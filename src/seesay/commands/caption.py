@@ -137,6 +137,7 @@ def run(args: argparse.Namespace) -> int:
     )
     from seesay.errors import SeesayError
     from seesay.files import check_outputs
+    from seesay.layers import gemm
     from seesay.progress import progress
 
     inputs = [*args.images, *args.image_flags]
@@ -172,25 +173,26 @@ def run(args: argparse.Namespace) -> int:
                    enabled=not args.no_progress and (many or len(todo) > args.batch_size))
     captioned = bad = 0
     best = []  # for --attention-map
-    try:
-        for batch in caption_stream(model, todo, strategy, max_len=args.max_length, batch_size=args.batch_size,
-                                    workers=args.workers, prompt=args.prompt, constraints=constraints,
-                                    num_captions=n):
-            for r in batch:
-                if r.error is not None:
-                    print(f"seesay caption: error: {r.error}", file=sys.stderr)
-                    bad += 1
-            rows = image_rows(batch, n)
-            out.write(rows)
-            captioned += len(rows)
-            bar.update(len(rows) + sum(r.error is not None for r in batch))
-            if args.attention_map:
-                best.extend(r for r in batch if r.error is None and r.rank == 0)
-    except BaseException:
-        out.abort()  # what was written stays; a re-run goes on from there
-        raise
-    finally:
-        bar.close()
+    with gemm.packing():  # the weights stay fixed for the whole command: each is packed once (CPU)
+        try:
+            for batch in caption_stream(model, todo, strategy, max_len=args.max_length, batch_size=args.batch_size,
+                                        workers=args.workers, prompt=args.prompt, constraints=constraints,
+                                        num_captions=n):
+                for r in batch:
+                    if r.error is not None:
+                        print(f"seesay caption: error: {r.error}", file=sys.stderr)
+                        bad += 1
+                rows = image_rows(batch, n)
+                out.write(rows)
+                captioned += len(rows)
+                bar.update(len(rows) + sum(r.error is not None for r in batch))
+                if args.attention_map:
+                    best.extend(r for r in batch if r.error is None and r.rank == 0)
+        except BaseException:
+            out.abort()  # what was written stays; a re-run goes on from there
+            raise
+        finally:
+            bar.close()
     out.close()
     if many or args.output:
         where = f" (already in {args.output})" if args.output else ""
