@@ -75,8 +75,9 @@ class AdaptiveAttentionDecoder(Decoder):
     def _inputs(self, emb: Tensor, glob: Tensor) -> tuple[Tensor, Tensor]:
         """The LSTM gates' and the sentinel's shares of x = [emb; v_g]: emb ([t,] R, E), glob (R, E)."""
         E = self.embedding.table.embedding_dim
-        D = self.lstm.weight_ih.shape[1]
-        g_gates, g_sent = gemm.linear(glob, self.lstm.weight_ih, cols=(E, D)), gemm.linear(glob, self.sentinel_x.weight, cols=(E, D))
+        D = self.lstm.weight_ih.shape[1]  # 2E
+        g_gates = gemm.linear(glob, self.lstm.weight_ih, cols=(E, D))
+        g_sent = gemm.linear(glob, self.sentinel_x.weight, cols=(E, D))
         if emb.dim() == 3:  # (t, R, E): every step of teacher forcing
             g_gates, g_sent = g_gates[None], g_sent[None]
         return input_gates(self.lstm, emb, 0, E) + g_gates, gemm.linear(emb, self.sentinel_x.weight, cols=(0, E)) + g_sent
