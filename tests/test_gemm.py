@@ -181,3 +181,13 @@ def test_the_flop_counter_sees_torchs_products(count_packs, monkeypatch):
     assert count_packs == []  # nothing went around the counter
     monkeypatch.setattr(gemm, "MIN_WEIGHT_ELEMENTS", 1 << 60)
     assert counted == flops() > 0
+
+
+@needs_onednn
+def test_empty_rows_and_other_dtypes(count_packs):
+    w64 = torch.randn(6, 4, dtype=torch.float64)
+    with gemm.packing():
+        assert gemm.linear(torch.randn(0, 4), torch.randn(6, 4)).shape == (0, 6)  # e.g. every image finished
+        x64 = torch.randn(3, 4, dtype=torch.float64)
+        assert torch.equal(gemm.linear(x64, w64), F.linear(x64, w64))  # float64 stays on torch's product
+    assert count_packs == [(6, 4)]
