@@ -110,7 +110,10 @@ def packing() -> Iterator[None]:
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, *, cols: tuple[int, int] | None = None) -> Tensor:
     """x @ weight[:, cols].T + bias: inside a `packing()` block and where `usable`, through oneDNN
     with the weight packed once; else torch's `F.linear`. `cols` (start, stop) multiplies by a
-    block of the weight's columns (the part of an input layer that meets one part of its input)."""
+    block of the weight's columns (the part of an input layer that meets one part of its input).
+
+    `weight` should be a parameter (a long-lived tensor): the block keeps each distinct weight
+    and its pack until it ends, which for the server is its whole life."""
     part = weight if cols is None else weight[:, cols[0]:cols[1]]
     packs = _SCOPE.get()
     if packs is None or not usable(x, part):
