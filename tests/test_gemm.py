@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from seesay.decoders.common import LSTMCell
 from seesay.decoding import beam_search, greedy
 from seesay.encoders.base import EncoderOutput
 from seesay.layers import gemm
@@ -80,7 +81,7 @@ def test_the_default_threshold_keeps_small_weights_on_torchs_product(monkeypatch
 def test_lstm_cell_matches_torchs_and_keeps_its_state_dict(count_packs):
     torch.manual_seed(0)
     ref = torch.nn.LSTMCell(6, 5)
-    cell = gemm.LSTMCell(6, 5)
+    cell = LSTMCell(6, 5)
     cell.load_state_dict(ref.state_dict())  # old checkpoints of nn.LSTMCell load as they are
     assert list(cell.state_dict()) == list(ref.state_dict())
     x, h, c = torch.randn(4, 6), torch.randn(4, 5), torch.randn(4, 5)

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from seesay.decoders.base import Decoder, DecoderOutput
 from seesay.decoders.common import (
+    LSTMCell,
     decode_order,
     image_ids,
     input_gates,
@@ -53,7 +54,7 @@ class AdaptiveAttentionDecoder(Decoder):
         self.embedding = WordEmbedding(vocab_size, embed_dim)
         self.region_proj = nn.Linear(enc_dim, decoder_dim)
         self.global_proj = nn.Linear(enc_dim, embed_dim)
-        self.lstm = gemm.LSTMCell(2 * embed_dim, decoder_dim)
+        self.lstm = LSTMCell(2 * embed_dim, decoder_dim)
         self.sentinel_x = nn.Linear(2 * embed_dim, decoder_dim, bias=False)
         self.sentinel_h = gemm.Linear(decoder_dim, decoder_dim)
         self.attention = SentinelAttention(decoder_dim, attention_dim)

@@ -107,6 +107,19 @@ def lstm_cell(gates: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
     return torch.sigmoid(o) * torch.tanh(c), c
 
 
+class LSTMCell(torch.nn.LSTMCell):
+    """nn.LSTMCell (same parameters, same state dict) whose gates come from `gemm.linear` inside a
+    `gemm.packing()` block where that applies (decoding on a CPU); elsewhere torch's own cell."""
+
+    def forward(self, x: Tensor, hx: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
+        if hx is None or x.dim() != 2 or not gemm.active():
+            return super().forward(x, hx)
+        h, c = hx
+        if not (gemm.usable(x, self.weight_ih) or gemm.usable(h, self.weight_hh)):
+            return super().forward(x, hx)
+        return lstm_cell(gemm.linear(x, self.weight_ih, self.bias_ih) + gemm.linear(h, self.weight_hh, self.bias_hh), c)
+
+
 def input_gates(lstm: torch.nn.LSTMCell, x: Tensor, start: int = 0, stop: int | None = None) -> Tensor:
     """x @ W_ih[:, start:stop].T + b_ih + b_hh: the LSTM input's share of the gates for an input slice
     (the words of every step at once in teacher forcing)."""

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from seesay.decoders.base import Decoder, DecoderOutput
 from seesay.decoders.common import (
+    LSTMCell,
     decode_order,
     input_gates,
     lstm_cell,
@@ -40,7 +41,7 @@ class ShowTellDecoder(Decoder):
         self.embedding = WordEmbedding(vocab_size, embed_dim)
         self.image_proj = nn.Linear(enc_dim, embed_dim)
         self.image_norm = nn.BatchNorm1d(embed_dim)
-        self.lstm = gemm.LSTMCell(embed_dim, decoder_dim)
+        self.lstm = LSTMCell(embed_dim, decoder_dim)
         self.dropout = nn.Dropout(dropout)
         self.fc = gemm.Linear(decoder_dim, vocab_size)
         nn.init.uniform_(self.fc.weight, -0.1, 0.1)

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from seesay.decoders.base import Decoder, DecoderOutput
 from seesay.decoders.common import (
+    LSTMCell,
     decode_order,
     image_ids,
     input_gates,
@@ -50,7 +51,7 @@ class SoftAttentionDecoder(Decoder):
         self.init_h = nn.Linear(enc_dim, decoder_dim)
         self.init_c = nn.Linear(enc_dim, decoder_dim)
         self.f_beta = gemm.Linear(decoder_dim, enc_dim)
-        self.lstm = gemm.LSTMCell(embed_dim + enc_dim, decoder_dim)
+        self.lstm = LSTMCell(embed_dim + enc_dim, decoder_dim)
         self.dropout = nn.Dropout(dropout)
         self.fc = gemm.Linear(decoder_dim, vocab_size)
         nn.init.uniform_(self.fc.weight, -0.1, 0.1)

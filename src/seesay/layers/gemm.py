@@ -21,8 +21,8 @@ the same values: the decoding functions (`seesay.decoding`) open a `packing()` b
 which each weight is packed at its first use and reused at every step. Outside such a block
 `linear` is torch's `F.linear`. A block is the cache's whole lifetime: weights change between
 calls (training steps; fused Adam does not even move a parameter's version counter), never
-within one decoding call. `Linear` and `LSTMCell` are drop-in nn.Linear / nn.LSTMCell (same
-parameters, same state dict) whose calls go through `linear`.
+within one decoding call. `Linear` is a drop-in nn.Linear (same parameters, same state dict)
+whose calls go through `linear` (`seesay.decoders.common.LSTMCell` is its nn.LSTMCell).
 
 Training does not use this path: packing the loop's weights once per forward (they change
 every step) cost about what it saved in an in-process A/B at tutorial sizes.
@@ -51,9 +51,7 @@ def available() -> bool:
     if platform.machine().lower() not in ("x86_64", "amd64") or not torch.backends.mkldnn.is_available():
         return False
     try:
-        ops = torch.ops.mkldnn
-        w = ops._reorder_linear_weight(torch.ones(2, 3))
-        return bool(torch.equal(ops._linear_pointwise(torch.ones(1, 3), w, None, "none", [], ""), torch.full((1, 2), 3.0)))
+        return bool(torch.equal(product(torch.ones(1, 3), pack(torch.ones(2, 3))), torch.full((1, 2), 3.0)))
     except (AttributeError, RuntimeError):
         return False
 
@@ -85,8 +83,13 @@ def _exporting() -> bool:
 
 
 def pack(weight: Tensor) -> Tensor:
-    """weight (O, I) in oneDNN's blocked layout for `linear` (a copy: about one product's time)."""
+    """weight (O, I) in oneDNN's blocked layout for `product` (a copy: about one product's time)."""
     return torch.ops.mkldnn._reorder_linear_weight(weight.detach())
+
+
+def product(x: Tensor, packed_weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """x @ W.T + bias through oneDNN, `packed_weight` = `pack(W)`; no checks (see `linear`)."""
+    return torch.ops.mkldnn._linear_pointwise(x, packed_weight, None if bias is None else bias.detach(), "none", [], "")
 
 
 _SCOPE: ContextVar[dict | None] = ContextVar("seesay_gemm_packs", default=None)
@@ -97,7 +100,7 @@ def packing() -> Iterator[None]:
     """A block whose weights do not change: `linear` packs each weight at its first use in the block
     and reuses it until the block ends. Nested blocks share the outermost one's packs. Usable as a
     decorator; per thread (and per asyncio task)."""
-    if _SCOPE.get() is not None:
+    if active():
         yield
         return
     token = _SCOPE.set({})
@@ -105,6 +108,11 @@ def packing() -> Iterator[None]:
         yield
     finally:
         _SCOPE.reset(token)
+
+
+def active() -> bool:
+    """Inside a `packing()` block."""
+    return _SCOPE.get() is not None
 
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, *, cols: tuple[int, int] | None = None) -> Tensor:
@@ -122,7 +130,7 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, *, cols: tuple
     hit = packs.get(key)
     if hit is None:  # the weight is kept with its pack, so that its id cannot be reused within the block
         hit = packs[key] = (weight, pack(part))
-    return torch.ops.mkldnn._linear_pointwise(x, hit[1], None if bias is None else bias.detach(), "none", [], "")
+    return product(x, hit[1], bias)
 
 
 class Linear(nn.Linear):
@@ -131,18 +139,3 @@ class Linear(nn.Linear):
     def forward(self, x: Tensor) -> Tensor:
         return linear(x, self.weight, self.bias)
 
-
-class LSTMCell(nn.LSTMCell):
-    """nn.LSTMCell whose gates come from `linear` inside `packing()` where that applies; elsewhere
-    torch's own cell."""
-
-    def forward(self, x: Tensor, hx: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
-        if hx is None or x.dim() != 2 or _SCOPE.get() is None:
-            return super().forward(x, hx)
-        h, c = hx
-        if not (usable(x, self.weight_ih) or usable(h, self.weight_hh)):
-            return super().forward(x, hx)
-        gates = linear(x, self.weight_ih, self.bias_ih) + linear(h, self.weight_hh, self.bias_hh)
-        i, f, g, o = gates.chunk(4, dim=1)  # nn.LSTMCell's gate order
-        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-        return torch.sigmoid(o) * torch.tanh(c), c
