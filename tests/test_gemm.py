@@ -31,11 +31,27 @@ def count_packs(monkeypatch):
     return packed
 
 
+@pytest.fixture
+def products(monkeypatch):
+    """The weights of every oneDNN product, in call order."""
+    seen: list[torch.Tensor] = []
+    real = gemm.product
+
+    def spying(x, w, bias=None):
+        seen.append(w)
+        return real(x, w, bias)
+
+    monkeypatch.setattr(gemm, "product", spying)
+    return seen
+
+
 @needs_onednn
-def test_outside_a_packing_block_linear_is_torchs_own(count_packs):
+def test_outside_a_packing_block_linear_reads_the_weight_unpacked(count_packs, products):
     x, w, b = torch.randn(5, 7), torch.randn(9, 7), torch.randn(9)
-    assert torch.equal(gemm.linear(x, w, b), F.linear(x, w, b))
-    assert count_packs == []
+    torch.testing.assert_close(gemm.linear(x, w, b), F.linear(x, w, b), **TOL)
+    assert count_packs == [] and len(products) == 1 and products[0] is w
+    w.mul_(2)  # nothing is cached outside a block: a changed weight is read as it is now
+    torch.testing.assert_close(gemm.linear(x, w, b), F.linear(x, w, b), **TOL)
 
 
 @needs_onednn
@@ -57,13 +73,76 @@ def test_a_block_packs_each_weight_once_and_matches_torch(count_packs):
 
 
 @needs_onednn
-def test_products_with_autograd_take_torchs_path(count_packs):
-    lin = gemm.Linear(8, 6)
-    x = torch.randn(4, 8, requires_grad=True)
-    with gemm.packing():
-        lin(x).square().sum().backward()
+@pytest.mark.parametrize("shape", [(4, 8), (3, 5, 8), (0, 8)])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_training_products_go_through_onednn_with_torchs_gradients(shape, with_bias, count_packs, products):
+    torch.manual_seed(0)
+    lin = gemm.Linear(8, 6, bias=with_bias)
+    x = torch.randn(*shape, requires_grad=True)
+    for block in (False, True):  # a packing block changes nothing here: tracked weights are never packed
+        with gemm.packing() if block else torch.enable_grad():
+            out = lin(x)
+        grad_out = torch.randn_like(out)
+        got = torch.autograd.grad(out, [x, *lin.parameters()], grad_out)
+        want = torch.autograd.grad(F.linear(x, lin.weight, lin.bias), [x, *lin.parameters()], grad_out)
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, **TOL)
     assert count_packs == []
-    assert x.grad is not None and lin.weight.grad is not None
+    # the forward, x's gradient and the weight's gradient, twice (with no rows, the weight's
+    # gradient is an empty sum: torch's)
+    assert len(products) == (6 if x.numel() else 4)
+
+
+@needs_onednn
+def test_only_the_needed_gradients_are_made(count_packs, products):
+    lin = gemm.Linear(8, 6)
+    lin.weight.requires_grad_(False)
+    x = torch.randn(4, 8)
+    lin(x).sum().backward()  # only the bias trains: no product for x's or the weight's gradient
+    assert len(products) == 1 and lin.weight.grad is None
+    torch.testing.assert_close(lin.bias.grad, torch.full((6,), 4.0))
+
+
+@needs_onednn
+def test_a_slice_of_columns_is_never_given_to_onednn_unpacked(count_packs, products):
+    """oneDNN runs an unpacked column slice through a reference loop ~1000x slower: torch takes it."""
+    w = torch.randn(6, 20, requires_grad=True)
+    x = torch.randn(4, 8, requires_grad=True)
+    out = gemm.linear(x, w, cols=(4, 12))
+    out.sum().backward()
+    assert products == []
+    with torch.no_grad():
+        torch.testing.assert_close(gemm.dense(x, w[:, 4:12]), F.linear(x, w[:, 4:12]), **TOL)
+        torch.testing.assert_close(gemm.matmul(x, w[:, 4:12].t()), x @ w[:, 4:12].t(), **TOL)
+    assert products == []
+    v = torch.randn(6, 8).t()  # the transpose of a contiguous weight: read as it is
+    torch.testing.assert_close(gemm.matmul(x.detach(), v), x.detach() @ v, **TOL)
+    assert len(products) == 1
+
+
+@needs_onednn
+def test_loop_linear_makes_the_same_gradients_through_onednn(count_packs, products):
+    """LoopLinear (teacher forcing's step products, weight gradient made once) on a slice of columns."""
+    from seesay.layers.loop import LoopLinear
+
+    torch.manual_seed(0)
+    weight = torch.randn(12, 20, requires_grad=True)
+    bias = torch.randn(12, requires_grad=True)
+    h0 = torch.randn(5, 8, requires_grad=True)
+
+    def run(step_linear):
+        h, outs = h0, []
+        for n in (5, 5, 3, 1):  # rows finish as in teacher forcing
+            h = torch.tanh(step_linear(h[:n]))[:, :8]
+            outs.append(h)
+        return torch.cat(outs).square().sum()
+
+    loop = LoopLinear(weight[:, 4:12], bias)
+    got = torch.autograd.grad(run(loop), [weight, bias, h0])
+    assert products and all(w.is_contiguous() or w.t().is_contiguous() for w in products)
+    want = torch.autograd.grad(run(lambda v: F.linear(v, weight[:, 4:12], bias)), [weight, bias, h0])
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, **TOL)
 
 
 @needs_onednn

@@ -1,4 +1,4 @@
-"""Float32 matrix products on the CPU through oneDNN with prepacked weights.
+"""Float32 matrix products on the CPU through oneDNN, with weights packed once when decoding.
 
 torch's CPU `linear`/`mm` in float32 goes to MKL, which repacks the weight on every call. For
 the products of a decoder's step loop (a few to a few hundred rows against the same weight,
@@ -7,25 +7,30 @@ AMD EPYC build machine a 32-row product with a 2048x2048 weight runs at 27 GMAC/
 MKL and 40-47 through oneDNN with the weight packed once; 5 rows (one image's beams) 11 vs 28;
 2 threads double the oneDNN figures and hardly move MKL's small ones
 (benchmarks/roofline.py reports both backends). torch ships oneDNN (`torch.backends.mkldnn`)
-and exposes the packed product as `mkldnn::_linear_pointwise`, the op its compiler uses.
+and exposes the product as `mkldnn::_linear_pointwise`, the op its compiler uses. Given an
+unpacked weight, oneDNN is still faster than MKL on this machine, by less: 32 rows 35 vs 25
+GMAC/s, 5 rows 14 vs 7.5, a 411x512 by 512x10000 output layer 46 vs 41 (one thread).
 
-Those ops have no autograd formula: `linear` takes them only where no gradient flows through
-the product, and falls back to `torch.nn.functional.linear` everywhere else: other devices and
-dtypes, autocast, tracing, ONNX export, torch.compile and Python dispatch modes (torch's flop
-counter counts only its own ops), builds without oneDNN, non-x86 CPUs (whose oneDNN may route
-through other libraries), and when the environment sets SEESAY_ONEDNN=0.
-Results equal torch's up to the order of float32 sums.
+`linear` takes oneDNN for a weight of more than `MIN_WEIGHT_ELEMENTS` elements, float32, on the
+CPU (`usable`):
+- inside a `packing()` block and without autograd (decoding), with the weight packed once;
+- elsewhere reading the weight as it is, with autograd through `_Linear`, whose gradient
+  products go through oneDNN too (training; `seesay.layers.loop.LoopLinear` uses `dense` and
+  `matmul` for its step products). oneDNN reads an unpacked weight only when it is contiguous or
+  the transpose of a contiguous one; a slice of columns goes to torch.
+and `torch.nn.functional.linear` everywhere else: other devices and dtypes, autocast, tracing,
+ONNX export, torch.compile and Python dispatch modes (torch's flop counter counts only its own
+ops), builds without oneDNN, non-x86 CPUs (whose oneDNN may route through other libraries), and
+when the environment sets SEESAY_ONEDNN=0. Results equal torch's up to the order of float32 sums.
 
 Packing costs about one product's time, so it pays only when a weight is used many times with
 the same values: the decoding functions (`seesay.decoding`) open a `packing()` block, inside
-which each weight is packed at its first use and reused at every step. Outside such a block
-`linear` is torch's `F.linear`. A block is the cache's whole lifetime: weights change between
-calls (training steps; fused Adam does not even move a parameter's version counter), never
-within one decoding call. `Linear` is a drop-in nn.Linear (same parameters, same state dict)
-whose calls go through `linear` (`seesay.decoders.common.LSTMCell` is its nn.LSTMCell).
-
-Training does not use this path: packing the loop's weights once per forward (they change
-every step) cost about what it saved in an in-process A/B at tutorial sizes.
+which each weight is packed at its first use and reused at every step. A block is the cache's
+whole lifetime: weights change between calls (training steps; fused Adam does not even move a
+parameter's version counter), never within one decoding call. Training does not pack: packing
+the loop's weights once per forward cost about what it saved (in-process A/B, tutorial sizes).
+`Linear` is a drop-in nn.Linear (same parameters, same state dict) whose calls go through
+`linear` (`seesay.decoders.common.LSTMCell` is its nn.LSTMCell).
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from functools import cache
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -63,13 +69,22 @@ MIN_WEIGHT_ELEMENTS = 1 << 17
 
 
 def usable(x: Tensor, weight: Tensor) -> bool:
-    """The packed path applies to this product: a weight of more than `MIN_WEIGHT_ELEMENTS`, float32
-    on the CPU, outside autocast, autograd, tracing, compilation and dispatch modes."""
+    """oneDNN takes this product: a weight of more than `MIN_WEIGHT_ELEMENTS`, float32 on the CPU,
+    outside autocast, tracing, compilation and dispatch modes."""
     return (weight.numel() > MIN_WEIGHT_ELEMENTS and x.device.type == "cpu" and x.dtype == torch.float32
             and weight.dtype == torch.float32 and weight.dim() == 2 and not torch.is_autocast_enabled("cpu")
-            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
-            and not torch.jit.is_tracing() and not torch.compiler.is_compiling()
-            and not _dispatch_mode() and not _exporting() and available())
+            and not torch.jit.is_tracing() and not torch.compiler.is_compiling() and not _dispatch_mode()
+            and not _exporting() and available())
+
+
+def _readable(weight: Tensor) -> bool:
+    """oneDNN reads an unpacked weight fast only when it is contiguous or a contiguous one's transpose:
+    given a slice of columns it falls back to a reference loop a thousand times slower (measured)."""
+    return weight.is_contiguous() or weight.t().is_contiguous()
+
+
+def _tracked(*tensors: Tensor | None) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def _dispatch_mode() -> bool:
@@ -87,9 +102,10 @@ def pack(weight: Tensor) -> Tensor:
     return torch.ops.mkldnn._reorder_linear_weight(weight.detach())
 
 
-def product(x: Tensor, packed_weight: Tensor, bias: Tensor | None = None) -> Tensor:
-    """x @ W.T + bias through oneDNN, `packed_weight` = `pack(W)`; no checks (see `linear`)."""
-    return torch.ops.mkldnn._linear_pointwise(x, packed_weight, None if bias is None else bias.detach(), "none", [], "")
+def product(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """x @ W.T + bias through oneDNN, `weight` = `pack(W)` or W itself (contiguous, or the transpose
+    of a contiguous tensor); no checks and no autograd (see `linear`)."""
+    return torch.ops.mkldnn._linear_pointwise(x, weight, None if bias is None else bias.detach(), "none", [], "")
 
 
 _SCOPE: ContextVar[dict | None] = ContextVar("seesay_gemm_packs", default=None)
@@ -116,21 +132,56 @@ def active() -> bool:
 
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, *, cols: tuple[int, int] | None = None) -> Tensor:
-    """x @ weight[:, cols].T + bias: inside a `packing()` block and where `usable`, through oneDNN
-    with the weight packed once; else torch's `F.linear`. `cols` (start, stop) multiplies by a
-    block of the weight's columns (the part of an input layer that meets one part of its input).
+    """x @ weight[:, cols].T + bias, through oneDNN where `usable` (packed once per `packing()` block
+    when no gradient flows, else read as it is; see the module's docstring), else torch's
+    `F.linear`. `cols` (start, stop) multiplies by a block of the weight's columns (the part of an
+    input layer that meets one part of its input).
 
     `weight` should be a parameter (a long-lived tensor): the block keeps each distinct weight
     and its pack until it ends, which for the server is its whole life."""
     part = weight if cols is None else weight[:, cols[0]:cols[1]]
-    packs = _SCOPE.get()
-    if packs is None or not usable(x, part):
+    if not usable(x, part):
         return F.linear(x, part, bias)
+    if _tracked(x, part, bias):
+        return _Linear.apply(x, part, bias) if _readable(part) else F.linear(x, part, bias)
+    packs = _SCOPE.get()
+    if packs is None:
+        return dense(x, part, bias)  # no block: oneDNN reads the weight as it is
     key = (id(weight), cols)
     hit = packs.get(key)
     if hit is None:  # the weight is kept with its pack, so that its id cannot be reused within the block
         hit = packs[key] = (weight, pack(part))
     return product(x, hit[1], bias)
+
+
+def dense(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """x @ weight.T + bias through oneDNN (weight not packed) where `usable`, else torch; no autograd
+    (for a custom function's forward and backward formulas)."""
+    return product(x, weight, bias) if usable(x, weight) and _readable(weight) else F.linear(x, weight, bias)
+
+
+def matmul(a: Tensor, b: Tensor) -> Tensor:
+    """a @ b for a (..., K) and b (K, N), as `dense`."""
+    return dense(a, b.t())
+
+
+class _Linear(torch.autograd.Function):
+    """x W^T + b through oneDNN with autograd: the gradients' products go through oneDNN too."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        ctx.save_for_backward(x, weight)
+        return product(x, weight, bias)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad: Tensor) -> Any:
+        x, weight = ctx.saved_tensors
+        g = grad.reshape(-1, grad.shape[-1])
+        grad_x = matmul(grad, weight) if ctx.needs_input_grad[0] else None
+        grad_w = matmul(g.t(), x.reshape(-1, x.shape[-1])) if ctx.needs_input_grad[1] else None
+        grad_b = g.sum(0) if ctx.needs_input_grad[2] else None
+        return grad_x, grad_w, grad_b
 
 
 class Linear(nn.Linear):

@@ -19,8 +19,9 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
+
+from seesay.layers import gemm
 
 
 class LoopLinear:
@@ -32,6 +33,7 @@ class LoopLinear:
     def __init__(self, weight: Tensor, bias: Tensor | None = None) -> None:
         self._xs: list[Tensor] = []
         self._gs: list[Tensor] = []
+        weight = weight.contiguous()  # once per loop: a slice of columns costs a copy per product
         params = (weight,) if bias is None else (weight, bias)
         self.track = torch.is_grad_enabled() and any(p.requires_grad for p in params)
         if self.track:
@@ -47,7 +49,7 @@ class LoopLinear:
     def __call__(self, x: Tensor) -> Tensor:
         x = x.to(self.weight.dtype)
         if not self.track:
-            return F.linear(x, self.weight, self.bias)
+            return gemm.linear(x, self.weight, self.bias)
         return _Step.apply(self, x, self.weight, self.bias)
 
     def _keep(self, x: Tensor, grad: Tensor) -> None:
@@ -60,7 +62,7 @@ class LoopLinear:
             return None, None
         g, x = torch.cat(self._gs), torch.cat(self._xs)
         self._xs, self._gs = [], []
-        return g.t().mm(x), g.sum(0)
+        return gemm.matmul(g.t(), x), g.sum(0)
 
 
 class _Hand(torch.autograd.Function):
@@ -93,11 +95,11 @@ class _Step(torch.autograd.Function):
     def forward(ctx: Any, owner: LoopLinear, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         ctx.owner = owner
         ctx.save_for_backward(x, weight)
-        return F.linear(x, weight, bias)
+        return gemm.dense(x, weight, bias)
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> Any:
         x, weight = ctx.saved_tensors
         ctx.owner._keep(x, grad)
-        grad_x = grad.matmul(weight) if ctx.needs_input_grad[1] else None
+        grad_x = gemm.matmul(grad, weight) if ctx.needs_input_grad[1] else None
         return None, grad_x, None, None
