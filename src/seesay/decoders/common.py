@@ -120,12 +120,25 @@ class LSTMCell(torch.nn.LSTMCell):
         return lstm_cell(gemm.linear(x, self.weight_ih, self.bias_ih) + gemm.linear(h, self.weight_hh, self.bias_hh), c)
 
 
-def input_gates(lstm: torch.nn.LSTMCell, x: Tensor, start: int = 0, stop: int | None = None) -> Tensor:
+def input_gates(lstm: torch.nn.LSTMCell, x: Tensor, start: int = 0, stop: int | None = None,
+                weight: Tensor | None = None) -> Tensor:
     """x @ W_ih[:, start:stop].T + b_ih + b_hh: the LSTM input's share of the gates for an input slice
-    (the words of every step at once in teacher forcing)."""
+    (the words of every step at once in teacher forcing). `weight`, when given, is that slice,
+    already taken (`split_input_weight`)."""
     bias = lstm.bias_ih + lstm.bias_hh if lstm.bias else None
+    if weight is not None:
+        return gemm.linear(x, weight, bias)
     stop = lstm.weight_ih.shape[1] if stop is None else stop
     return gemm.linear(x, lstm.weight_ih, bias, cols=(start, stop))
+
+
+def split_input_weight(lstm: torch.nn.LSTMCell, width: int) -> tuple[Tensor, Tensor]:
+    """W_ih's columns [:width] and [width:], each contiguous, for a training forward that uses both
+    parts: one split gives W_ih one gradient, made by concatenation (two slices would each make a
+    zero-filled gradient of W_ih's full size, then add them), and contiguous parts are what oneDNN
+    reads unpacked (`seesay.layers.gemm`)."""
+    first, rest = lstm.weight_ih.split([width, lstm.weight_ih.shape[1] - width], dim=1)
+    return first.contiguous(), rest.contiguous()
 
 
 def unpack_steps(packed: Tensor, order: Tensor, rows_per_step: list[int], time: int) -> Tensor:

@@ -28,6 +28,7 @@ from seesay.decoders.common import (
     lstm_cell,
     reorder_rows,
     row_memory,
+    split_input_weight,
     unpack_steps,
 )
 from seesay.encoders.base import EncoderOutput
@@ -93,12 +94,12 @@ class SoftAttentionDecoder(Decoder):
             h = torch.cat([h, h_all[rows:]])
         return h, c, alpha[:rows]
 
-    def _linears(self) -> dict[str, LoopLinear]:
+    def _linears(self, context_weight: Tensor) -> dict[str, LoopLinear]:
         """The teacher-forcing loop's linear maps, whose weight gradients `LoopLinear` makes once over
-        all steps: W_ih[:, E:] for the context (sliced once per forward: a slice taken per step would
-        cost a full-size gradient of W_ih per step), W_hh, f_beta and the attention's query projection."""
-        E = self.embedding.table.embedding_dim
-        maps = {"context": (self.lstm.weight_ih[:, E:], None), "hh": (self.lstm.weight_hh, None),
+        all steps: W_ih[:, E:] for the context (`context_weight`, split once per forward: a slice taken
+        per step would cost a full-size gradient of W_ih per step), W_hh, f_beta and the attention's
+        query projection."""
+        maps = {"context": (context_weight, None), "hh": (self.lstm.weight_hh, None),
                 "beta": (self.f_beta.weight, self.f_beta.bias),
                 "query": (self.attention.dec_proj.weight, self.attention.dec_proj.bias)}
         return {k: LoopLinear(w, b) for k, (w, b) in maps.items()}
@@ -112,8 +113,9 @@ class SoftAttentionDecoder(Decoder):
         s = self._start(enc.grid, rows)
         E = self.embedding.table.embedding_dim
         words = self.embedding(tokens.index_select(0, order)[:, :steps].t())  # (t, B, E), time-major
-        word_gates = input_gates(self.lstm, words, 0, E).unbind(0)  # t x (B, 4H): one product for all steps
-        lin = self._linears()
+        word_weight, context_weight = split_input_weight(self.lstm, E)
+        word_gates = input_gates(self.lstm, words, weight=word_weight).unbind(0)  # t x (B, 4H): one product
+        lin = self._linears(context_weight)
         s["scores"] = LoopScores(s["mem_proj"], self.attention.score)
         hs, alphas = [], []
         for t, n in enumerate(rows_per_step):  # n rows still decoding at step t (sorted longest first)

@@ -33,6 +33,7 @@ class LoopLinear:
     def __init__(self, weight: Tensor, bias: Tensor | None = None) -> None:
         self._xs: list[Tensor] = []
         self._gs: list[Tensor] = []
+        self._transposed: Tensor | None = None
         weight = weight.contiguous()  # once per loop: a slice of columns costs a copy per product
         params = (weight,) if bias is None else (weight, bias)
         self.track = torch.is_grad_enabled() and any(p.requires_grad for p in params)
@@ -56,8 +57,18 @@ class LoopLinear:
         self._xs.append(x.reshape(-1, x.shape[-1]))
         self._gs.append(grad.reshape(-1, grad.shape[-1]))
 
+    def _input_gradient(self, grad: Tensor, weight: Tensor) -> Tensor:
+        """grad @ W. Through oneDNN, W^T is read from a contiguous copy made once per loop: oneDNN
+        multiplies by a transposed weight ~1.5x slower (2048x2048, 32 rows, measured)."""
+        if not gemm.usable(grad, weight):
+            return grad.matmul(weight)
+        if self._transposed is None:
+            self._transposed = weight.t().contiguous()
+        return gemm.dense(grad, self._transposed)
+
     def _gradients(self) -> tuple[Tensor | None, Tensor | None]:
         """G^T X and the sum of G over all kept rows; the rows are released."""
+        self._transposed = None
         if not self._gs:
             return None, None
         g, x = torch.cat(self._gs), torch.cat(self._xs)
@@ -101,5 +112,5 @@ class _Step(torch.autograd.Function):
     def backward(ctx: Any, grad: Tensor) -> Any:
         x, weight = ctx.saved_tensors
         ctx.owner._keep(x, grad)
-        grad_x = gemm.matmul(grad, weight) if ctx.needs_input_grad[1] else None
+        grad_x = ctx.owner._input_gradient(grad, weight) if ctx.needs_input_grad[1] else None
         return None, grad_x, None, None
