@@ -94,8 +94,8 @@ def _time_steps(step, steps: int, warmup: int, device: torch.device) -> float:
     return time.perf_counter() - t0
 
 
-def bench(preset: str, decoder: str, mode: str, *, device: torch.device, steps: int, warmup: int,
-          amp: bool, peak: float | None = None) -> dict:
+def make_step(preset: str, decoder: str, mode: str, *, device: torch.device, amp: bool):
+    """(step, forward, tokens, lengths): one optimiser step of `decoder` in feeding `mode`, and its forward."""
     p = PRESETS[preset]
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(0)
@@ -145,6 +145,13 @@ def bench(preset: str, decoder: str, mode: str, *, device: torch.device, steps: 
         scaler.step(opt)
         scaler.update()
 
+    return step, forward, tokens, lengths
+
+
+def bench(preset: str, decoder: str, mode: str, *, device: torch.device, steps: int, warmup: int,
+          amp: bool, peak: float | None = None) -> dict:
+    step, forward, tokens, lengths = make_step(preset, decoder, mode, device=device, amp=amp)
+    B = PRESETS[preset]["batch"]
     macs = count_macs(forward, tokens, lengths) / B
     seconds = _time_steps(step, steps, warmup, device)
     out = {"preset": preset, "decoder": decoder, "mode": mode, "batch_captions": B,

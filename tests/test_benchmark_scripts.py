@@ -76,6 +76,21 @@ def test_onednn_decode_times_both_paths_alternately():
         assert r["speedup"] == round(r["onednn"] / r["torch"], 2)
 
 
+def test_onednn_train_times_both_paths_alternately():
+    from seesay.layers import gemm
+
+    if not gemm.available():
+        pytest.skip("no oneDNN float32 product in this torch build")
+    out = _run("onednn_train.py", "--preset", "demo", "--decoders", "soft_attention", "--modes", "cached",
+               "cached_grouped", "--steps", "1", "--rounds", "2", "--threads", "1")
+    assert [(r["decoder"], r["mode"]) for r in out["results"]] == [("soft_attention", "cached"),
+                                                                   ("soft_attention", "cached_grouped")]
+    for r in out["results"]:
+        assert len(r["all"]["torch"]) == len(r["all"]["onednn"]) == 2
+        assert r["torch"] == max(r["all"]["torch"]) > 0 and r["onednn"] == max(r["all"]["onednn"]) > 0
+        assert r["speedup"] == round(r["onednn"] / r["torch"], 3)
+
+
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")
 @pytest.mark.parametrize("script", ["roofline.py", "train_throughput.py", "decode_throughput.py", "compile_check.py"])
 def test_a_missing_cuda_device_is_one_line(script):

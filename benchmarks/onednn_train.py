@@ -1,0 +1,75 @@
+"""Training steps with and without oneDNN's products (`seesay.layers.gemm`), in one process.
+
+Prints JSON. For each decoder and feeding mode (those of `train_throughput.py`, whose presets
+and step this uses): captions/s of a full optimiser step with seesay's oneDNN path ("onednn")
+and with torch's own products ("torch"), alternating the two `--rounds` times so that a busy or
+noisy machine disturbs both alike. A round times `--steps` steps after one warm-up step and
+keeps the fastest; each figure is the best round, "all" keeps every round, and "speedup" is
+best over best.
+
+    python benchmarks/onednn_train.py --preset tutorial --threads 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+
+import torch
+from train_throughput import PRESETS, make_step
+
+from seesay.layers import gemm
+
+OFF = 1 << 62  # gemm.MIN_WEIGHT_ELEMENTS that no weight exceeds: torch's products everywhere
+
+
+def fastest(step, steps: int) -> float:
+    step()  # warm-up: the other backend ran last
+    best = float("inf")
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        step()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def bench(preset: str, decoder: str, mode: str, args: argparse.Namespace) -> dict:
+    step = make_step(preset, decoder, mode, device=torch.device("cpu"), amp=False)[0]
+    B = PRESETS[preset]["batch"]
+    on = gemm.MIN_WEIGHT_ELEMENTS
+    seen: dict[str, list[float]] = {"torch": [], "onednn": []}
+    try:
+        for _ in range(args.rounds):
+            for backend, threshold in (("torch", OFF), ("onednn", on)):
+                gemm.MIN_WEIGHT_ELEMENTS = threshold
+                seen[backend].append(round(B / fastest(step, args.steps), 1))
+    finally:
+        gemm.MIN_WEIGHT_ELEMENTS = on
+    best = {b: max(v) for b, v in seen.items()}
+    return {"decoder": decoder, "mode": mode, "torch": best["torch"], "onednn": best["onednn"],
+            "speedup": round(best["onednn"] / best["torch"], 3), "all": seen}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", choices=sorted(PRESETS), default="tutorial")
+    ap.add_argument("--decoders", nargs="+", default=["soft_attention", "show_tell", "adaptive_attention", "transformer"])
+    ap.add_argument("--modes", nargs="+", default=["cached_grouped"], choices=["cached", "cached_grouped"])
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=None)
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if not gemm.available():
+        raise SystemExit("oneDNN's float32 product is not available here (torch build, CPU or SEESAY_ONEDNN=0)")
+    results = [bench(args.preset, d, m, args) for d in args.decoders for m in args.modes]
+    print(json.dumps({"preset": args.preset, "threads": torch.get_num_threads(), "torch": torch.__version__,
+                      "machine": platform.machine(), "batch_captions": PRESETS[args.preset]["batch"],
+                      "results": results}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
