@@ -16,6 +16,7 @@ steps (as in `decode_throughput.py`, whose presets this uses).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import platform
 import time
@@ -27,8 +28,6 @@ from seesay.decoding import beam_search, greedy
 from seesay.encoders.base import EncoderOutput
 from seesay.layers import gemm
 from seesay.registry import build_decoder
-
-OFF = 1 << 62  # gemm.MIN_WEIGHT_ELEMENTS that no weight exceeds: torch's products everywhere
 
 
 def rate(fn, captions: int) -> float:
@@ -50,18 +49,14 @@ def bench(name: str, preset: dict, args: argparse.Namespace) -> dict:
         "beam5": (lambda: beam_search(dec, enc, beam_size=5, **common), args.images),
         "beam5_one_at_a_time": (lambda: [beam_search(dec, e, beam_size=5, **common) for e in singles], len(singles)),
     }
-    on = gemm.MIN_WEIGHT_ELEMENTS
     seen: dict[str, dict[str, list[float]]] = {k: {"torch": [], "onednn": []} for k in runs}
-    try:
-        with torch.inference_mode():
-            greedy(dec, singles[0], **common)  # warm-up
-            for _ in range(args.rounds):
-                for backend, threshold in (("torch", OFF), ("onednn", on)):
-                    gemm.MIN_WEIGHT_ELEMENTS = threshold
+    with torch.inference_mode():
+        greedy(dec, singles[0], **common)  # warm-up
+        for _ in range(args.rounds):
+            for backend in ("torch", "onednn"):
+                with gemm.torch_products() if backend == "torch" else contextlib.nullcontext():
                     for k, (fn, n) in runs.items():
                         seen[k][backend].append(round(rate(fn, n), 2))
-    finally:
-        gemm.MIN_WEIGHT_ELEMENTS = on
     out = {}
     for k, by in seen.items():
         best = {b: max(v) for b, v in by.items()}

@@ -13,6 +13,7 @@ best over best.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import platform
 import time
@@ -21,8 +22,6 @@ import torch
 from train_throughput import PRESETS, make_step
 
 from seesay.layers import gemm
-
-OFF = 1 << 62  # gemm.MIN_WEIGHT_ELEMENTS that no weight exceeds: torch's products everywhere
 
 
 def fastest(step, steps: int) -> float:
@@ -38,15 +37,11 @@ def fastest(step, steps: int) -> float:
 def bench(preset: str, decoder: str, mode: str, args: argparse.Namespace) -> dict:
     step = make_step(preset, decoder, mode, device=torch.device("cpu"), amp=False)[0]
     B = PRESETS[preset]["batch"]
-    on = gemm.MIN_WEIGHT_ELEMENTS
     seen: dict[str, list[float]] = {"torch": [], "onednn": []}
-    try:
-        for _ in range(args.rounds):
-            for backend, threshold in (("torch", OFF), ("onednn", on)):
-                gemm.MIN_WEIGHT_ELEMENTS = threshold
+    for _ in range(args.rounds):
+        for backend in ("torch", "onednn"):
+            with gemm.torch_products() if backend == "torch" else contextlib.nullcontext():
                 seen[backend].append(round(B / fastest(step, args.steps), 1))
-    finally:
-        gemm.MIN_WEIGHT_ELEMENTS = on
     best = {b: max(v) for b, v in seen.items()}
     return {"decoder": decoder, "mode": mode, "torch": best["torch"], "onednn": best["onednn"],
             "speedup": round(best["onednn"] / best["torch"], 3), "all": seen}

@@ -20,6 +20,7 @@ TOL = {"rtol": 1e-5, "atol": 1e-5}
 def count_packs(monkeypatch):
     """Every weight small or large takes the oneDNN path; returns the list of packed shapes."""
     monkeypatch.setattr(gemm, "MIN_WEIGHT_ELEMENTS", 0)
+    monkeypatch.setattr(gemm, "MIN_UNPACKED_ELEMENTS", 0)
     packed: list[tuple[int, ...]] = []
     real = gemm.pack
 
@@ -101,6 +102,25 @@ def test_only_the_needed_gradients_are_made(count_packs, products):
     lin(x).sum().backward()  # only the bias trains: no product for x's or the weight's gradient
     assert len(products) == 1 and lin.weight.grad is None
     torch.testing.assert_close(lin.bias.grad, torch.full((6,), 4.0))
+
+
+@needs_onednn
+def test_unpacked_weights_need_a_larger_size_and_torch_products_turns_everything_off(products):
+    """Read unpacked, a 512x512 weight is no faster through oneDNN: only larger ones take it."""
+    x = torch.randn(16, 512)
+    small, large = torch.randn(512, 512), torch.randn(1024, 512)
+    with torch.no_grad():
+        gemm.linear(x, small)
+        assert products == []
+        gemm.linear(x, large)
+        assert len(products) == 1
+        with gemm.packing():  # packed, the smaller weight pays
+            gemm.linear(x, small)
+        assert len(products) == 2
+        with gemm.torch_products(), gemm.packing():
+            torch.testing.assert_close(gemm.linear(x, large), F.linear(x, large), **TOL)
+            gemm.linear(x, small)
+    assert len(products) == 2
 
 
 @needs_onednn
@@ -208,9 +228,9 @@ def test_decoders_decode_alike_through_onednn_and_torch(name, count_packs, monke
         fast = beam_search(dec, enc, bos=1, eos=2, beam_size=3, max_len=6)
         fast_greedy = greedy(dec, enc, bos=1, eos=2, max_len=6)
         assert count_packs, "no product went through oneDNN"
-        monkeypatch.setattr(gemm, "MIN_WEIGHT_ELEMENTS", 1 << 60)
-        slow = beam_search(dec, enc, bos=1, eos=2, beam_size=3, max_len=6)
-        slow_greedy = greedy(dec, enc, bos=1, eos=2, max_len=6)
+        with gemm.torch_products():
+            slow = beam_search(dec, enc, bos=1, eos=2, beam_size=3, max_len=6)
+            slow_greedy = greedy(dec, enc, bos=1, eos=2, max_len=6)
     assert fast.tokens.tolist() == slow.tokens.tolist()
     torch.testing.assert_close(fast.scores, slow.scores, **TOL)
     assert fast_greedy.tokens.tolist() == slow_greedy.tokens.tolist()
@@ -259,8 +279,8 @@ def test_the_flop_counter_sees_torchs_products(count_packs, monkeypatch):
 
     counted = flops()
     assert count_packs == []  # nothing went around the counter
-    monkeypatch.setattr(gemm, "MIN_WEIGHT_ELEMENTS", 1 << 60)
-    assert counted == flops() > 0
+    with gemm.torch_products():
+        assert counted == flops() > 0
 
 
 @needs_onednn

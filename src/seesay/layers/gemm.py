@@ -66,21 +66,37 @@ def available() -> bool:
 # ~10 us of this module's checks) exceeds what packing saves: torch's own product is as fast or
 # faster there (5 to 100 rows, measured on the build machine).
 MIN_WEIGHT_ELEMENTS = 1 << 17
+# An unpacked weight needs more: 16-32 rows by a 512x512 weight run as fast through MKL as through
+# oneDNN, by 1024x512 oneDNN is 1.2x faster, by 2048x512 to 10000x512 1.3-2.2x (1 and 2 threads).
+MIN_UNPACKED_ELEMENTS = 1 << 18
+
+_OFF: ContextVar[bool] = ContextVar("seesay_gemm_off", default=False)
 
 
 def usable(x: Tensor, weight: Tensor) -> bool:
     """oneDNN takes this product: a weight of more than `MIN_WEIGHT_ELEMENTS`, float32 on the CPU,
-    outside autocast, tracing, compilation and dispatch modes."""
+    outside autocast, tracing, compilation, dispatch modes and `torch_products()`."""
     return (weight.numel() > MIN_WEIGHT_ELEMENTS and x.device.type == "cpu" and x.dtype == torch.float32
             and weight.dtype == torch.float32 and weight.dim() == 2 and not torch.is_autocast_enabled("cpu")
             and not torch.jit.is_tracing() and not torch.compiler.is_compiling() and not _dispatch_mode()
-            and not _exporting() and available())
+            and not _exporting() and not _OFF.get() and available())
 
 
-def _readable(weight: Tensor) -> bool:
-    """oneDNN reads an unpacked weight fast only when it is contiguous or a contiguous one's transpose:
-    given a slice of columns it falls back to a reference loop a thousand times slower (measured)."""
-    return weight.is_contiguous() or weight.t().is_contiguous()
+def unpackable(weight: Tensor) -> bool:
+    """A `usable` product may also read this weight unpacked: more than `MIN_UNPACKED_ELEMENTS`, and
+    contiguous or a contiguous tensor's transpose (given a slice of columns, oneDNN falls back to a
+    reference loop a thousand times slower: measured)."""
+    return weight.numel() > MIN_UNPACKED_ELEMENTS and (weight.is_contiguous() or weight.t().is_contiguous())
+
+
+@contextmanager
+def torch_products() -> Iterator[None]:
+    """Inside this block every product is torch's own (A/B benchmarks and tests)."""
+    token = _OFF.set(True)
+    try:
+        yield
+    finally:
+        _OFF.reset(token)
 
 
 def _tracked(*tensors: Tensor | None) -> bool:
@@ -143,7 +159,7 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, *, cols: tuple
     if not usable(x, part):
         return F.linear(x, part, bias)
     if _tracked(x, part, bias):
-        return _Linear.apply(x, part, bias) if _readable(part) else F.linear(x, part, bias)
+        return _Linear.apply(x, part, bias) if unpackable(part) else F.linear(x, part, bias)
     packs = _SCOPE.get()
     if packs is None:
         return dense(x, part, bias)  # no block: oneDNN reads the weight as it is
@@ -157,7 +173,7 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, *, cols: tuple
 def dense(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """x @ weight.T + bias through oneDNN (weight not packed) where `usable`, else torch; no autograd
     (for a custom function's forward and backward formulas)."""
-    return product(x, weight, bias) if usable(x, weight) and _readable(weight) else F.linear(x, weight, bias)
+    return product(x, weight, bias) if usable(x, weight) and unpackable(weight) else F.linear(x, weight, bias)
 
 
 def matmul(a: Tensor, b: Tensor) -> Tensor:

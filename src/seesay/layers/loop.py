@@ -60,7 +60,7 @@ class LoopLinear:
     def _input_gradient(self, grad: Tensor, weight: Tensor) -> Tensor:
         """grad @ W. Through oneDNN, W^T is read from a contiguous copy made once per loop: oneDNN
         multiplies by a transposed weight ~1.5x slower (2048x2048, 32 rows, measured)."""
-        if not gemm.usable(grad, weight):
+        if not (gemm.usable(grad, weight) and gemm.unpackable(weight)):
             return grad.matmul(weight)
         if self._transposed is None:
             self._transposed = weight.t().contiguous()
