@@ -11,7 +11,8 @@ How: the weight reaches the loop through an identity node (`_Hand`) whose backwa
 only after every step that used the weight has run its own backward (each step depends on it),
 so by then every step has left its rows. The result is the same gradient, up to the order of
 floating-point sums. Inputs' gradients are computed per step as before (the recurrence needs
-them). Under autocast the weight is cast once per loop to the autocast dtype.
+them). Under autocast the weight is cast once per loop to the autocast dtype. The products go
+through `seesay.layers.gemm` (oneDNN, weights read unpacked, on a CPU where that pays).
 """
 
 from __future__ import annotations
