@@ -20,6 +20,7 @@ import contextlib
 import json
 import platform
 import time
+from collections.abc import Callable
 
 import torch
 from decode_throughput import PRESETS, decoder_kwargs
@@ -49,20 +50,36 @@ def bench(name: str, preset: dict, args: argparse.Namespace) -> dict:
         "beam5": (lambda: beam_search(dec, enc, beam_size=5, **common), args.images),
         "beam5_one_at_a_time": (lambda: [beam_search(dec, e, beam_size=5, **common) for e in singles], len(singles)),
     }
-    seen: dict[str, dict[str, list[float]]] = {k: {"torch": [], "onednn": []} for k in runs}
     with torch.inference_mode():
         greedy(dec, singles[0], **common)  # warm-up
-        for _ in range(args.rounds):
-            for backend in ("torch", "onednn"):
-                with gemm.torch_products() if backend == "torch" else contextlib.nullcontext():
-                    for k, (fn, n) in runs.items():
-                        seen[k][backend].append(round(rate(fn, n), 2))
-    out = {}
-    for k, by in seen.items():
-        best = {b: max(v) for b, v in by.items()}
-        out[k] = {"torch": best["torch"], "onednn": best["onednn"], "speedup": round(best["onednn"] / best["torch"], 2),
-                  "all": by}
-    return out
+        seen = alternate(args.rounds, lambda: {k: round(rate(fn, n), 2) for k, (fn, n) in runs.items()})
+    return {k: compare(by, 2) for k, by in seen.items()}
+
+
+def alternate(rounds: int, measure: Callable[[], dict[str, float]]) -> dict[str, dict[str, list[float]]]:
+    """`measure()` with torch's products, then with seesay's (oneDNN), `rounds` times, so that a busy
+    machine disturbs both alike: {key: {"torch": [...], "onednn": [...]}}, one value per round."""
+    seen: dict[str, dict[str, list[float]]] = {}
+    for _ in range(rounds):
+        for backend in ("torch", "onednn"):
+            with gemm.torch_products() if backend == "torch" else contextlib.nullcontext():
+                for k, v in measure().items():
+                    seen.setdefault(k, {"torch": [], "onednn": []})[backend].append(v)
+    return seen
+
+
+def compare(by: dict[str, list[float]], digits: int) -> dict:
+    """Best round of each backend, their ratio, and every round."""
+    best = {b: max(v) for b, v in by.items()}
+    return {"torch": best["torch"], "onednn": best["onednn"], "speedup": round(best["onednn"] / best["torch"], digits),
+            "all": by}
+
+
+def setup(threads: int | None) -> None:
+    if threads:
+        torch.set_num_threads(threads)
+    if not gemm.available():
+        raise SystemExit("oneDNN's float32 product is not available here (torch build, CPU or SEESAY_ONEDNN=0)")
 
 
 def main() -> None:
@@ -75,10 +92,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if not gemm.available():
-        raise SystemExit("oneDNN's packed float32 product is not available here (torch build, CPU or SEESAY_ONEDNN=0)")
+    setup(args.threads)
     results = {name: bench(name, PRESETS[args.preset], args) for name in args.decoders}
     print(json.dumps({"preset": args.preset, "threads": torch.get_num_threads(), "torch": torch.__version__,
                       "machine": platform.machine(), "images": args.images, "max_len": args.max_len,

@@ -2,8 +2,8 @@
 
 Prints JSON. For each decoder and feeding mode (those of `train_throughput.py`, whose presets
 and step this uses): captions/s of a full optimiser step with seesay's oneDNN path ("onednn")
-and with torch's own products ("torch"), alternating the two `--rounds` times so that a busy or
-noisy machine disturbs both alike. A round times `--steps` steps after one warm-up step and
+and with torch's own products ("torch"), alternating the two `--rounds` times
+(`onednn_decode.alternate`). A round times `--steps` steps after one warm-up step and
 keeps the fastest; each figure is the best round, "all" keeps every round, and "speedup" is
 best over best.
 
@@ -13,15 +13,13 @@ best over best.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import platform
 import time
 
 import torch
+from onednn_decode import alternate, compare, setup
 from train_throughput import PRESETS, make_step
-
-from seesay.layers import gemm
 
 
 def fastest(step, steps: int) -> float:
@@ -37,14 +35,8 @@ def fastest(step, steps: int) -> float:
 def bench(preset: str, decoder: str, mode: str, args: argparse.Namespace) -> dict:
     step = make_step(preset, decoder, mode, device=torch.device("cpu"), amp=False)[0]
     B = PRESETS[preset]["batch"]
-    seen: dict[str, list[float]] = {"torch": [], "onednn": []}
-    for _ in range(args.rounds):
-        for backend in ("torch", "onednn"):
-            with gemm.torch_products() if backend == "torch" else contextlib.nullcontext():
-                seen[backend].append(round(B / fastest(step, args.steps), 1))
-    best = {b: max(v) for b, v in seen.items()}
-    return {"decoder": decoder, "mode": mode, "torch": best["torch"], "onednn": best["onednn"],
-            "speedup": round(best["onednn"] / best["torch"], 3), "all": seen}
+    seen = alternate(args.rounds, lambda: {"step": round(B / fastest(step, args.steps), 1)})
+    return {"decoder": decoder, "mode": mode, **compare(seen["step"], 3)}
 
 
 def main() -> None:
@@ -56,10 +48,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if not gemm.available():
-        raise SystemExit("oneDNN's float32 product is not available here (torch build, CPU or SEESAY_ONEDNN=0)")
+    setup(args.threads)
     results = [bench(args.preset, d, m, args) for d in args.decoders for m in args.modes]
     print(json.dumps({"preset": args.preset, "threads": torch.get_num_threads(), "torch": torch.__version__,
                       "machine": platform.machine(), "batch_captions": PRESETS[args.preset]["batch"],
