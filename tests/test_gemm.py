@@ -142,7 +142,8 @@ def test_a_slice_of_columns_is_never_given_to_onednn_unpacked(count_packs, produ
 
 @needs_onednn
 def test_loop_linear_makes_the_same_gradients_through_onednn(count_packs, products):
-    """LoopLinear (teacher forcing's step products, weight gradient made once) on a slice of columns."""
+    """LoopLinear (teacher forcing's step products, weight gradient made once) on a slice of columns:
+    W packed once for the four steps' products, W^T once for their input gradients."""
     from seesay.layers.loop import LoopLinear
 
     torch.manual_seed(0)
@@ -159,6 +160,7 @@ def test_loop_linear_makes_the_same_gradients_through_onednn(count_packs, produc
 
     loop = LoopLinear(weight[:, 4:12], bias)
     got = torch.autograd.grad(run(loop), [weight, bias, h0])
+    assert count_packs == [(12, 8), (8, 12)]
     assert products and all(w.is_contiguous() or w.t().is_contiguous() for w in products)
     want = torch.autograd.grad(run(lambda v: F.linear(v, weight[:, 4:12], bias)), [weight, bias, h0])
     for g, w in zip(got, want):
