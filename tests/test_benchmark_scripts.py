@@ -33,6 +33,15 @@ def test_compile_check_times_eager_and_loop_scores():
     assert "--no-compile" in res["compiled"]["error"]
 
 
+def test_loop_products_times_autograd_and_loop_linear():
+    out = _run("loop_products.py", "--hidden", "64", "--enc", "128", "--attention", "32", "--rows", "8", "8", "4",
+               "--repeats", "1", "--threads", "1")
+    res = out["results"]
+    # forward, input gradient and weight gradient of W_ih's context part, W_hh, f_beta, the query projection
+    assert out["steps"] == 3 and out["macs_per_batch"] == 3 * 20 * (256 * 128 + 256 * 64 + 128 * 64 + 32 * 64)
+    assert all(res[k]["ms_per_batch"] > 0 and res[k]["gmacs"] > 0 for k in ("autograd", "loop_linear"))
+
+
 def test_train_throughput_reports_speed_macs_and_grouping():
     out = _run("train_throughput.py", "--presets", "demo", "--decoders", "soft_attention", "--modes", "cached",
                "cached_grouped", "--steps", "1", "--warmup", "1", "--no-roofline", "--threads", "1")
