@@ -353,23 +353,25 @@ def test_checkpoint_falls_back_to_the_plain_load_for_tied_or_unfilled_tensors(tm
     assert checkpoint._load_without_init(config["model"], tok, pre, state) is None
 
 
-def test_loop_scores_gradients_equal_autograds():
-    """LoopScores (scratch activation, P's gradient summed over the steps) == the plain formula, for P
-    also used outside the loop; under autocast or without grad the attention takes the plain path."""
+@pytest.mark.parametrize("p_grad", [True, False])
+def test_loop_scores_gradients_equal_autograds(p_grad):
+    """LoopScores (scratch activation, P's gradient summed over the steps, w's made mostly from that
+    sum; or from the activation when P needs no gradient) == the plain formula, for P also used
+    outside the loop; under autocast or without grad the attention takes the plain path."""
     from seesay.layers.attention import LoopScores
 
     torch.manual_seed(0)
     score = torch.nn.Linear(6, 1)
-    P0 = torch.randn(3, 4, 6, requires_grad=True)
+    P0 = torch.randn(3, 4, 6, requires_grad=p_grad)
     qs = [torch.randn(3, 6, requires_grad=True) for _ in range(3)]
 
     def run(fused: bool):
         P = P0 * 2.0
         scores = LoopScores(P, score)
-        assert scores.fused
+        assert scores.fused and scores.by_accumulation == p_grad
         out = [scores(q) if fused else score(torch.relu(P + q[:, None])).squeeze(-1) for q in qs]
         loss = sum((torch.softmax(e, -1) * torch.arange(4.0)).sum() * (i + 1) for i, e in enumerate(out)) + P.sum()
-        return torch.autograd.grad(loss, [P0, *qs, score.weight, score.bias])
+        return torch.autograd.grad(loss, [P0, *qs, score.weight, score.bias] if p_grad else [*qs, score.weight, score.bias])
 
     for a, b in zip(run(True), run(False)):
         torch.testing.assert_close(a, b, **TOL)

@@ -101,14 +101,17 @@ class LoopScores:
 
     # r - decoder rows, n - regions, a - attention width
     Autograd would keep each step's (R, N, A) activation, make an (R, N, A) gradient per step,
-    add it into P's gradient and reduce it twice more (for q_t and w). Here the activation
-    s_t = relu(P + q_t) is made in one scratch tensor, in the forward and again in the backward
-    (cheaper on a CPU than a fresh tensor per step, whose pages the system must first map), and
-    its 0/1 pattern m_t = sign(s_t) enters matrix products: dq_t = w * (g_t m_t), dw += g_t s_t.
-    P's gradient, sum_t g_t m_t w, is accumulated without w in one fused multiply-add per step
-    and scaled by w once, when autograd reaches P after every step (as
-    `seesay.layers.loop.LoopLinear` does for weights). Outside autograd, or under autocast, the
-    attention computes the scores the plain way.
+    add it into P's gradient and reduce it twice more (for q_t and w). Here the forward makes the
+    activation s_t = relu(P + q_t) in one scratch tensor (cheaper on a CPU than a fresh tensor per
+    step, whose pages the system must first map), and the backward makes only its 0/1 pattern
+    m_t = [P + q_t > 0] in that tensor, in one pass over P, which enters matrix products:
+    u_t = g_t m_t (summed over the regions) gives dq_t = w * u_t. P's gradient, sum_t g_t m_t w, is
+    accumulated without w in one fused multiply-add per step and scaled by w once, when autograd
+    reaches P after every step (as `seesay.layers.loop.LoopLinear` does for weights). So is most
+    of w's: since s_t = m_t (P + q_t), sum_t g_t s_t = sum(acc * P) + sum_t q_t u_t, which needs
+    P's accumulation once and a small product per step instead of a pass over s_t per step (about
+    a quarter less time in the scores at the tutorial's sizes, one thread). Outside autograd, or
+    under autocast, the attention computes the scores the plain way.
     """
 
     def __init__(self, proj: Tensor, score: nn.Linear) -> None:
@@ -116,17 +119,27 @@ class LoopScores:
         self.acc: Tensor | None = None
         self.scratch: Tensor | None = None
         self.w, self.b = score.weight[0], score.bias
-        self.proj = _ScoresHand.apply(self, proj, self.w) if self.fused and proj.requires_grad else proj
+        # with P's gradient accumulated, w's gradient is made mostly from it (`_ScoresHand`)
+        self.by_accumulation = self.fused and proj.requires_grad
+        self.proj = _ScoresHand.apply(self, proj, self.w) if self.by_accumulation else proj
 
     def __call__(self, query: Tensor) -> Tensor:
         """query (R, A) -> scores (R, N)."""
         return _Scores.apply(self, self.proj, query, self.w, self.b)
 
-    def activation(self, proj: Tensor, query: Tensor) -> Tensor:
-        """relu(P + q) in the scratch tensor (overwritten by the next call)."""
+    def _scratch(self, proj: Tensor) -> Tensor:
         if self.scratch is None or self.scratch.shape != proj.shape or self.scratch.dtype != proj.dtype:
             self.scratch = torch.empty_like(proj)
-        return torch.add(proj, query[:, None], out=self.scratch).relu_()
+        return self.scratch
+
+    def activation(self, proj: Tensor, query: Tensor) -> Tensor:
+        """relu(P + q) in the scratch tensor (overwritten by the next call)."""
+        return torch.add(proj, query[:, None], out=self._scratch(proj)).relu_()
+
+    def pattern(self, proj: Tensor, query: Tensor) -> Tensor:
+        """relu's derivative at P + q, 1.0 where P + q > 0 else 0.0, in the scratch tensor. P > -q
+        is the same test as fl(P + q) > 0: a rounded sum keeps the exact sum's sign."""
+        return torch.gt(proj, query.neg()[:, None], out=self._scratch(proj))
 
     def accumulate(self, grad: Tensor, pattern: Tensor) -> None:
         if self.acc is None:
@@ -140,23 +153,27 @@ class LoopScores:
 
 
 class _ScoresHand(torch.autograd.Function):
-    """Identity on P; its backward returns sum_t g_t m_t w from the steps' accumulation."""
+    """Identity on P; its backward returns sum_t g_t m_t w from the steps' accumulation, and w's
+    gradient's share sum(acc * P)."""
 
     @staticmethod
     def forward(ctx: Any, owner: LoopScores, proj: Tensor, w: Tensor) -> Tensor:
         ctx.owner = owner
-        ctx.save_for_backward(w)
+        ctx.save_for_backward(proj, w)
         ctx.set_materialize_grads(False)
         return proj.view_as(proj)
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor | None) -> Any:
-        (w,) = ctx.saved_tensors
+        proj, w = ctx.saved_tensors
         acc = ctx.owner.release()
+        dw = None
         if acc is not None:
+            A = acc.shape[-1]
+            dw = (acc.reshape(-1, A) * proj.reshape(-1, A)).sum(0) if ctx.needs_input_grad[2] else None
             acc = acc.mul_(w)
             grad = acc if grad is None else grad + acc
-        return None, grad, None
+        return None, grad, dw
 
 
 class _Scores(torch.autograd.Function):
@@ -172,14 +189,20 @@ class _Scores(torch.autograd.Function):
     def backward(ctx: Any, grad: Tensor) -> Any:
         proj, query, w = ctx.saved_tensors
         owner = ctx.owner
-        s = owner.activation(proj, query)  # made again rather than kept per step
-        R, N, A = s.shape
-        dw = torch.mv(s.view(R * N, A).t(), grad.reshape(-1)) if ctx.needs_input_grad[3] else None
-        db = grad.sum().reshape(1) if ctx.needs_input_grad[4] else None
-        pattern = s.sign_()  # relu's derivative (s >= 0), in place: s is not needed any more
-        dq = torch.bmm(grad[:, None], pattern).squeeze(1).mul_(w) if ctx.needs_input_grad[2] else None
-        if ctx.needs_input_grad[1]:
-            owner.accumulate(grad, pattern)
+        need_p, need_q, need_w, need_b = ctx.needs_input_grad[1:5]
+        by_acc = owner.by_accumulation and need_p
+        dw = None
+        if need_w and not by_acc:  # w's gradient from the activation, made again
+            s = owner.activation(proj, query)
+            dw = torch.mv(s.flatten(0, 1).t(), grad.reshape(-1))
+        m = owner.pattern(proj, query)
+        u = torch.bmm(grad[:, None], m).squeeze(1) if need_q or (need_w and by_acc) else None  # (R, A)
+        if need_w and by_acc:
+            dw = (query * u).sum(0)  # the rest, sum(acc * P), when autograd reaches P (`_ScoresHand`)
+        dq = u * w if need_q else None
+        db = grad.sum().reshape(1) if need_b else None
+        if need_p:
+            owner.accumulate(grad, m)
         return None, None, dq, dw, db
 
 
