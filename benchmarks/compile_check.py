@@ -24,7 +24,7 @@ import platform
 import time
 
 import torch
-from roofline import benchmark_device
+from roofline import benchmark_device, best_of
 from torch import nn
 
 from seesay.layers.attention import LoopScores
@@ -44,15 +44,8 @@ def _batch(kind: str, proj: torch.Tensor, queries: list[torch.Tensor], score: nn
     torch.stack(outs).sum().backward()
 
 
-def _time(kind: str, proj, queries, score, fn, repeats: int, sync) -> float:
-    best = float("inf")
-    for _ in range(repeats):
-        sync()
-        t0 = time.perf_counter()
-        _batch(kind, proj, queries, score, fn)
-        sync()
-        best = min(best, time.perf_counter() - t0)
-    return best
+def _time(kind: str, proj, queries, score, fn, repeats: int, device: torch.device) -> float:
+    return best_of(lambda: _batch(kind, proj, queries, score, fn), repeats, device)
 
 
 def main() -> None:
@@ -82,7 +75,7 @@ def main() -> None:
     results = {}
     for kind in ("eager", "loop_scores"):
         _batch(kind, proj, queries, score, _plain)  # warm-up
-        results[kind] = {"ms_per_batch": round(1e3 * _time(kind, proj, queries, score, _plain, args.repeats, sync), 2)}
+        results[kind] = {"ms_per_batch": round(1e3 * _time(kind, proj, queries, score, _plain, args.repeats, device), 2)}
     try:
         if args.no_compile:
             raise RuntimeError("not run (--no-compile)")
@@ -92,7 +85,7 @@ def main() -> None:
         _batch("compiled", proj, queries, score, compiled)  # compiles (forward and backward graphs)
         sync()
         compile_s = time.perf_counter() - t0
-        ms = 1e3 * _time("compiled", proj, queries, score, compiled, args.repeats, sync)
+        ms = 1e3 * _time("compiled", proj, queries, score, compiled, args.repeats, device)
         results["compiled"] = {"ms_per_batch": round(ms, 2), "first_call_s": round(compile_s, 2)}
         saved = results["loop_scores"]["ms_per_batch"] - ms
         if saved > 0:  # batches after which the compile time has paid for itself

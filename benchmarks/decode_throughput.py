@@ -32,9 +32,9 @@ import json
 import os
 import platform
 import sys
-import time
 
 import torch
+from roofline import best_of
 from torch.utils.flop_counter import FlopCounterMode
 
 from seesay.decoding import beam_search, greedy
@@ -57,30 +57,16 @@ def decoder_kwargs(name: str, dims: int) -> dict:
     return {"embed_dim": dims, "attention_dim": dims, "decoder_dim": dims}
 
 
-def timed(fn, device: torch.device, repeats: int = 1) -> float:
-    """Best (shortest) of `repeats` runs: on a shared machine the minimum is the least disturbed."""
-    best = float("inf")
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - t0)
-    return best
-
-
 def time_decoding(dec, enc: EncoderOutput, common: dict, args: argparse.Namespace, device: torch.device) -> dict:
     """captions/s of greedy, beam 3 and beam 5 over all images of `enc` in one batch, and of beam 5
     one image at a time over the first `--sequential-images`, with their ratio."""
     n = enc.grid.shape[0]
     greedy(dec, enc.index_select(torch.arange(min(2, n), device=device)), **common)  # warm-up
     out: dict = {}
-    s = timed(lambda: greedy(dec, enc, **common), device, args.repeats)
+    s = best_of(lambda: greedy(dec, enc, **common), args.repeats, device)
     out["greedy_captions_per_s"] = round(n / s, 2)
     for k in (3, 5):
-        s = timed(lambda k=k: beam_search(dec, enc, beam_size=k, **common), device, args.repeats)
+        s = best_of(lambda k=k: beam_search(dec, enc, beam_size=k, **common), args.repeats, device)
         out[f"beam{k}_captions_per_s"] = round(n / s, 2)
     m = min(args.sequential_images, n)
 
@@ -88,7 +74,7 @@ def time_decoding(dec, enc: EncoderOutput, common: dict, args: argparse.Namespac
         for i in range(m):
             beam_search(dec, enc.index_select(torch.tensor([i], device=device)), beam_size=5, **common)
 
-    s = timed(one_at_a_time, device, args.repeats)
+    s = best_of(one_at_a_time, args.repeats, device)
     out["beam5_one_at_a_time_captions_per_s"] = round(m / s, 2)
     out["beam5_batched_speedup"] = round(out["beam5_captions_per_s"] / out["beam5_one_at_a_time_captions_per_s"], 2)
     return out
@@ -128,9 +114,9 @@ def bench_decoder(name: str, preset: dict, args: argparse.Namespace, device: tor
     add_roofline(out, dec, enc, common, roofline)
     if name == "transformer":
         tokens = n * args.max_len
-        out["greedy_tokens_per_s_cached"] = round(tokens / timed(lambda: greedy(dec, enc, **common), device, args.repeats), 1)
+        out["greedy_tokens_per_s_cached"] = round(tokens / best_of(lambda: greedy(dec, enc, **common), args.repeats, device), 1)
         dec.use_cache = False
-        out["greedy_tokens_per_s_uncached"] = round(tokens / timed(lambda: greedy(dec, enc, **common), device, args.repeats), 1)
+        out["greedy_tokens_per_s_uncached"] = round(tokens / best_of(lambda: greedy(dec, enc, **common), args.repeats, device), 1)
         dec.use_cache = True
         out["kv_cache_speedup"] = round(out["greedy_tokens_per_s_cached"] / out["greedy_tokens_per_s_uncached"], 2)
     return out

@@ -22,10 +22,10 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import time
 
 import torch
 import torch.nn.functional as F
+from roofline import best_of
 
 from seesay.layers.loop import LoopLinear
 
@@ -65,12 +65,7 @@ def main() -> None:
     macs = 3 * sum(n * o * i for n in args.rows for (o, i, _) in dims.values())
     results = {}
     for kind in ("autograd", "loop_linear"):
-        batch(kind, params, inputs, args.rows)  # warm-up
-        best = float("inf")
-        for _ in range(args.repeats):
-            t0 = time.perf_counter()
-            batch(kind, params, inputs, args.rows)
-            best = min(best, time.perf_counter() - t0)
+        best = best_of(lambda k=kind: batch(k, params, inputs, args.rows), args.repeats, warmup=True)
         results[kind] = {"ms_per_batch": round(1e3 * best, 2), "gmacs": round(macs / best / 1e9, 2)}
     print(json.dumps({"machine": platform.machine(), "torch": torch.__version__, "threads": torch.get_num_threads(),
                       "steps": len(args.rows), "rows": args.rows, "macs_per_batch": macs,

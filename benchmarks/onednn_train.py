@@ -15,27 +15,17 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import time
 
 import torch
 from onednn_decode import alternate, compare, setup
+from roofline import best_of
 from train_throughput import PRESETS, make_step
-
-
-def fastest(step, steps: int) -> float:
-    step()  # warm-up: the other backend ran last
-    best = float("inf")
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        step()
-        best = min(best, time.perf_counter() - t0)
-    return best
 
 
 def bench(preset: str, decoder: str, mode: str, args: argparse.Namespace) -> dict:
     step = make_step(preset, decoder, mode, device=torch.device("cpu"), amp=False)[0]
     B = PRESETS[preset]["batch"]
-    seen = alternate(args.rounds, lambda: {"step": round(B / fastest(step, args.steps), 1)})
+    seen = alternate(args.rounds, lambda: {"step": round(B / best_of(step, args.steps, warmup=True), 1)})
     return {"decoder": decoder, "mode": mode, **compare(seen["step"], 3)}
 
 

@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 import torch
+from roofline import best_of
 
 from seesay.decoding import Beam, Greedy
 
@@ -51,15 +52,6 @@ def demo_model(decoder: str, vocab_words: int = 56):
         with torch.no_grad():
             fc.bias[vocab.end_id] = -1e4
     return model
-
-
-def best_of(fn, repeats: int) -> float:
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
 
 
 def bench(model, folder: Path, args: argparse.Namespace) -> dict:

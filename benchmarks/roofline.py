@@ -70,6 +70,26 @@ def gmacs(rows: int, inner: int, out: int, *, device: torch.device, dtype: torch
     return best
 
 
+def best_of(fn, repeats: int, device: torch.device | None = None, *, warmup: bool = False) -> float:
+    """Seconds of the fastest of `repeats` calls of `fn` (on a shared machine the least disturbed),
+    after one untimed call if `warmup`; on CUDA each timing waits for the device's work. The
+    benchmarks' one timing loop."""
+    def sync() -> None:
+        if device is not None and device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    if warmup:
+        fn()
+    best = float("inf")
+    for _ in range(repeats):
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
 def benchmark_device(name: str) -> torch.device:
     """--device for the benchmarks: seesay's own resolution (auto, cpu, cuda, cuda:N), and a one-line
     exit instead of a traceback when the device is not there."""

@@ -19,10 +19,10 @@ import argparse
 import json
 import platform
 import sys
-import time
 import warnings
 
 import torch
+from roofline import best_of
 
 SIZES = {
     # tests' scale
@@ -35,21 +35,8 @@ SIZES = {
 }
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def timed(fn, device, repeats: int = 1) -> float:
-    fn()  # warm-up (allocations, kernels)
-    sync(device)
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        sync(device)
-        best = min(best, time.perf_counter() - t0)
-    return best
+    return best_of(fn, repeats, device, warmup=True)  # warm-up: allocations, kernels
 
 
 def bench_decoder(name: str, cfg: dict, args, device: torch.device) -> dict:
