@@ -10,6 +10,8 @@
 
 from __future__ import annotations
 
+import bisect
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -131,16 +133,19 @@ def test_hoisted_teacher_forcing_equals_the_plain_loop(name):
 
 @pytest.mark.parametrize("name", sorted(SIZES))
 @pytest.mark.parametrize("layout", ["image_major", "shuffled", "uneven"])
-def test_image_grouped_forward_equals_row_expanded(name, layout):
+@pytest.mark.parametrize("grid_grad", [True, False])
+def test_image_grouped_forward_equals_row_expanded(name, layout, grid_grad):
     """One feature row per image + image_rows == every caption with its own copy of the features
-    (uneven: images with 3, 2 and 1 captions, and a fourth image with none)."""
+    (uneven: images with 3, 2 and 1 captions, and a fourth image with none); with a grid that needs a
+    gradient (an encoder in the loop) and one that does not (cached features: the soft attention
+    then reads only the running rows' images)."""
     dec = _decoder(name, **({"alpha_c": 1.0} if "attention" in name else {}))
     enc = _enc(3 if layout != "uneven" else 4, seed=4)
     rows = {"image_major": torch.arange(3).repeat_interleave(2), "shuffled": torch.tensor([2, 0, 1, 0, 2, 1]),
             "uneven": torch.tensor([2, 0, 2, 1, 2, 0])}[layout]
     tokens, lengths = _captions([5, 3, 6, 4, 2, 6], seed=5)
-    grouped_enc = EncoderOutput(enc.grid.clone().requires_grad_(), enc.pooled, enc.grid_hw)
-    expanded_enc = EncoderOutput(enc.grid.clone().requires_grad_(), enc.pooled, enc.grid_hw)
+    grouped_enc = EncoderOutput(enc.grid.clone().requires_grad_(grid_grad), enc.pooled, enc.grid_hw)
+    expanded_enc = EncoderOutput(enc.grid.clone().requires_grad_(grid_grad), enc.pooled, enc.grid_hw)
     grouped = dec(grouped_enc, tokens, lengths, image_rows=rows)
     expanded = dec(expanded_enc.index_select(rows), tokens, lengths)
     torch.testing.assert_close(grouped.logits, expanded.logits, **TOL)
@@ -149,8 +154,9 @@ def test_image_grouped_forward_equals_row_expanded(name, layout):
     for key in expanded.extras:
         torch.testing.assert_close(grouped.extras[key], expanded.extras[key], **TOL)
     w = torch.randn_like(expanded.logits)
-    ga = torch.autograd.grad((grouped.logits * w).sum(), [grouped_enc.grid, *dec.parameters()], allow_unused=True)
-    gb = torch.autograd.grad((expanded.logits * w).sum(), [expanded_enc.grid, *dec.parameters()], allow_unused=True)
+    grids = ([grouped_enc.grid], [expanded_enc.grid]) if grid_grad else ([], [])
+    ga = torch.autograd.grad((grouped.logits * w).sum(), [*grids[0], *dec.parameters()], allow_unused=True)
+    gb = torch.autograd.grad((expanded.logits * w).sum(), [*grids[1], *dec.parameters()], allow_unused=True)
     for a, b in zip(ga, gb):
         if a is not None or b is not None:
             torch.testing.assert_close(a, b, **TOL)
@@ -167,6 +173,50 @@ def test_image_slots_place_each_row_among_its_images_rows():
     alpha = torch.softmax(torch.randn(6, 5), -1)
     for R in (6, 4, 1):  # teacher forcing's running rows are a prefix
         torch.testing.assert_close(slot_context(alpha[:R], grid, slot, G), torch.bmm(alpha[:R, None], grid[rows[:R]])[:, 0])
+
+
+def test_rank_images_puts_the_running_rows_images_first():
+    from seesay.layers.attention import rank_images
+
+    rows = torch.tensor([3, 1, 3, 0, 1, 3])  # sorted longest caption first; image 2 has no rows
+    new, ranked, first = rank_images(rows, 4)
+    assert ranked.tolist() == [3, 1, 0, 2] and first == [0, 1, 3, 6]
+    assert new.tolist() == [0, 1, 0, 2, 1, 0]
+    assert torch.equal(ranked[new], rows)
+    for n in range(1, 7):  # the first n rows' images are the first bisect_left(first, n) images
+        assert set(new[:n].tolist()) == set(range(bisect.bisect_left(first, n)))
+
+
+@pytest.mark.parametrize("grid_grad", [False, True])
+@pytest.mark.parametrize("grouped", [False, True])
+def test_soft_attention_steps_read_only_the_running_rows_images(monkeypatch, grid_grad, grouped):
+    """With cached features (no gradient to the grid) each teacher-forcing step multiplies the context
+    by the images of its running rows only; a grid with a gradient is read whole."""
+    from seesay.layers import attention
+
+    calls = []
+    real = attention.slot_context
+
+    def spy(alpha, grid, slot, G, images=None):
+        calls.append((alpha.shape[0], grid.shape[0] if images is None else images))
+        return real(alpha, grid, slot, G, images)
+
+    monkeypatch.setattr(attention, "slot_context", spy)
+    dec = _decoder("soft_attention")
+    lengths = [3, 6, 2, 6, 4, 5]
+    tokens, lengths_t = _captions(lengths, seed=5)
+    rows = torch.tensor([2, 0, 1, 0, 2, 1]) if grouped else None
+    enc = _enc(3 if grouped else 6, seed=4)
+    enc = EncoderOutput(enc.grid.requires_grad_(grid_grad), enc.pooled, enc.grid_hw)
+    dec(enc, tokens, lengths_t, image_rows=rows).logits.sum().backward()
+    steps = sorted((L - 1 for L in lengths), reverse=True)
+    img = rows if grouped else torch.arange(6)
+    by_length = img[torch.sort(torch.tensor(lengths), descending=True, stable=True).indices]
+    expected = []
+    for t in range(steps[0]):
+        n = sum(1 for c in steps if c > t)
+        expected.append((n, enc.grid.shape[0] if grid_grad else len(set(by_length[:n].tolist()))))
+    assert calls == expected
 
 
 def test_loop_linear_gradients_equal_autograds_per_step_ones():

@@ -69,29 +69,35 @@ class AdditiveAttention(nn.Module):
         return self.enc_proj(grid)  # (M, N, A)
 
     def forward(self, grid: Tensor, grid_proj: Tensor, h: Tensor, query: Tensor | None = None,
-                slots: tuple[Tensor, int] | None = None, scores: LoopScores | None = None) -> tuple[Tensor, Tensor]:
+                slots: tuple[Tensor, int] | None = None, scores: LoopScores | None = None,
+                images: int | None = None) -> tuple[Tensor, Tensor]:
         """grid (M, N, D), grid_proj (M, N, A), h (R, H) with R = M * G; `query` is dec_proj(h)
         when the caller made it (teacher forcing's `LoopLinear`).
 
-        Teacher forcing may also pass `slots` (several captions per image, `image_slots`):
+        Teacher forcing passes `slots` (its rows' places among their images' rows, `image_slots`):
         grid_proj has one row per decoder row while `grid` keeps one per image, and the context is
-        read per image; and `scores`, the forward's `LoopScores` over grid_proj.
+        read per image. h may then hold only the first R of grid_proj's rows (the rows still
+        running), whose images may be the first `images` of the grid (`rank_images`); `scores` is
+        the forward's `LoopScores` over grid_proj.
         Returns the context (R, D) and the weights alpha (R, N).
         """
         N = grid.shape[1]
-        M = grid_proj.shape[0]
         R = h.shape[0]
-        G = rows_per_image(M, R)
         query = self.dec_proj(h) if query is None else query
-        if scores is not None and scores.fused:
-            e = scores(query).view(M, G, N)
-        else:
-            # in place: the (M, G, N, A) sum is the largest tensor of a beam step, and a second copy
-            # of it costs ~2x batched decoding speed on CPU (measured, benchmarks/decode_throughput.py)
-            e = grouped_scores(grid_proj, query.view(M, G, -1), torch.relu_, self.score)  # (M, G, N)
+        if slots is not None:  # teacher forcing: one projection row per decoder row, h maybe only the first rows
+            proj = grid_proj if R == grid_proj.shape[0] else grid_proj[:R]
+            if scores is not None and scores.fused:
+                e = scores(query)
+            else:
+                e = grouped_scores(proj, query.view(R, 1, -1), torch.relu_, self.score).view(R, N)
+            alpha = torch.softmax(e, dim=-1)
+            return slot_context(alpha, grid, *slots, images=images), alpha
+        M = grid_proj.shape[0]
+        G = rows_per_image(M, R)
+        # in place: the (M, G, N, A) sum is the largest tensor of a beam step, and a second copy
+        # of it costs ~2x batched decoding speed on CPU (measured, benchmarks/decode_throughput.py)
+        e = grouped_scores(grid_proj, query.view(M, G, -1), torch.relu_, self.score)  # (M, G, N)
         alpha = torch.softmax(e, dim=-1)
-        if slots is not None:
-            return slot_context(alpha.view(R, N), grid, *slots), alpha.view(R, N)
         context = torch.bmm(alpha, grid)  # (M, G, D): one small matrix product per image, not per beam
         return context.view(R, -1), alpha.view(R, N)
 
@@ -110,8 +116,10 @@ class LoopScores:
     reaches P after every step (as `seesay.layers.loop.LoopLinear` does for weights). So is most
     of w's: since s_t = m_t (P + q_t), sum_t g_t s_t = sum(acc * P) + sum_t q_t u_t, which needs
     P's accumulation once and a small product per step instead of a pass over s_t per step (about
-    a quarter less time in the scores at the tutorial's sizes, one thread). Outside autograd, or
-    under autocast, the attention computes the scores the plain way.
+    a quarter less time in the scores at the tutorial's sizes, one thread). A step may cover only
+    P's first rows (the rows still running: teacher forcing sorts them longest first); its passes
+    then read and write those rows only. Outside autograd, or under autocast, the attention
+    computes the scores the plain way.
     """
 
     def __init__(self, proj: Tensor, score: nn.Linear) -> None:
@@ -124,28 +132,34 @@ class LoopScores:
         self.proj = _ScoresHand.apply(self, proj, self.w) if self.by_accumulation else proj
 
     def __call__(self, query: Tensor) -> Tensor:
-        """query (R, A) -> scores (R, N)."""
+        """query (R, A) for P's first R rows (the rows still running) -> scores (R, N)."""
         return _Scores.apply(self, self.proj, query, self.w, self.b)
 
-    def _scratch(self, proj: Tensor) -> Tensor:
+    def _scratch(self, proj: Tensor, rows: int) -> Tensor:
         if self.scratch is None or self.scratch.shape != proj.shape or self.scratch.dtype != proj.dtype:
             self.scratch = torch.empty_like(proj)
-        return self.scratch
+        return self.scratch[:rows]
 
     def activation(self, proj: Tensor, query: Tensor) -> Tensor:
-        """relu(P + q) in the scratch tensor (overwritten by the next call)."""
-        return torch.add(proj, query[:, None], out=self._scratch(proj)).relu_()
+        """relu(P + q) for q's rows, in the scratch tensor (overwritten by the next call)."""
+        R = query.shape[0]
+        return torch.add(proj[:R], query[:, None], out=self._scratch(proj, R)).relu_()
 
     def pattern(self, proj: Tensor, query: Tensor) -> Tensor:
         """relu's derivative at P + q, 1.0 where P + q > 0 else 0.0, in the scratch tensor. P > -q
         is the same test as fl(P + q) > 0: a rounded sum keeps the exact sum's sign."""
-        return torch.gt(proj, query.neg()[:, None], out=self._scratch(proj))
+        R = query.shape[0]
+        return torch.gt(proj[:R], query.neg()[:, None], out=self._scratch(proj, R))
 
-    def accumulate(self, grad: Tensor, pattern: Tensor) -> None:
+    def accumulate(self, grad: Tensor, pattern: Tensor, proj: Tensor) -> None:
+        """acc[:R] += grad * pattern for the step's R rows (the backward meets the steps last first)."""
+        R = grad.shape[0]
         if self.acc is None:
-            self.acc = grad[..., None] * pattern
+            self.acc = proj.new_empty(proj.shape)
+            torch.mul(grad[..., None], pattern, out=self.acc[:R])
+            self.acc[R:].zero_()
         else:
-            self.acc.addcmul_(grad[..., None], pattern)
+            self.acc[:R].addcmul_(grad[..., None], pattern)
 
     def release(self) -> Tensor | None:
         acc, self.acc, self.scratch = self.acc, None, None
@@ -202,7 +216,7 @@ class _Scores(torch.autograd.Function):
         dq = u * w if need_q else None
         db = grad.sum().reshape(1) if need_b else None
         if need_p:
-            owner.accumulate(grad, m)
+            owner.accumulate(grad, m, proj)
         return None, None, dq, dw, db
 
 
@@ -219,16 +233,37 @@ def image_slots(rows: Tensor, images: int) -> tuple[Tensor, int]:
     return rows * G + k, G
 
 
-def slot_context(alpha: Tensor, grid: Tensor, slot: Tensor, G: int) -> Tensor:
+def rank_images(rows: Tensor, images: int) -> tuple[Tensor, Tensor, list[int]]:
+    """Number the images in the order of their first decoder row.
+
+    Teacher forcing sorts its rows longest caption first (`decode_order`), so the rows still running
+    at a step are a prefix of the rows, and with this numbering their images are a prefix of the
+    images: the first `bisect_left(first, n)` images hold the first n rows. `rows` [R] is each
+    row's image. Returns the rows' new image ids, `ranked` (the old id of each new image: the grid
+    is `grid[ranked]`) and `first`, each new image's first row (R for an image without rows).
+    """
+    R = rows.numel()
+    first = torch.full((images,), R, dtype=rows.dtype, device=rows.device)
+    first.scatter_reduce_(0, rows, torch.arange(R, dtype=rows.dtype, device=rows.device), "amin")
+    first, ranked = torch.sort(first, stable=True)
+    new_id = torch.empty_like(ranked)
+    new_id[ranked] = torch.arange(images, dtype=ranked.dtype, device=ranked.device)
+    return new_id[rows], ranked, first.tolist()
+
+
+def slot_context(alpha: Tensor, grid: Tensor, slot: Tensor, G: int, images: int | None = None) -> Tensor:
     """sum_n alpha[r, n] grid[image(r), n] for rows r = 0..R-1 of several captions per image.
 
     alpha (R, N) with R <= len(slot) (a prefix of the rows: teacher forcing's running rows), grid
     (M, N, D) one row per image. The rows are placed in their image's G slots and each image's
     grid is read once for its rows (a per-row copy of the grid reads it G times: at tutorial sizes
-    that read, not the arithmetic, sets the cost of the product).
+    that read, not the arithmetic, sets the cost of the product). With `images` given, the rows'
+    images are the grid's first `images` (`rank_images`) and only those are read.
     """
     R, N = alpha.shape
     M, _, D = grid.shape
+    if images is not None and images < M:
+        M, grid = images, grid[:images]
     slot = slot[:R]
     placed = alpha.new_zeros(M * G, N).index_copy(0, slot, alpha)
     return torch.bmm(placed.view(M, G, N), grid).view(M * G, D).index_select(0, slot)
