@@ -101,22 +101,18 @@ class SoftAttentionDecoder(Decoder):
         """
         h_all = s["h"]
         scores = s.get("scores")
-        if (scores is not None and scores.fused) or not torch.is_grad_enabled():
-            first = s.get("first")  # the grid's images are ranked: read only the running rows' ones
-            images = None if first is None else bisect.bisect_left(first, rows)
-            h = h_all[:rows]
-            context, alpha = self.attention(s["mem_grid"], s["mem_proj"], h, lin["query"](h), s.get("slots"), scores,
-                                            images)
-        else:
-            context, alpha = self.attention(s["mem_grid"], s["mem_proj"], h_all, lin["query"](h_all), s.get("slots"),
-                                            scores)
-            h, context, alpha = h_all[:rows], context[:rows], alpha[:rows]
-        context = torch.sigmoid(lin["beta"](h)) * context
+        running = (scores is not None and scores.fused) or not torch.is_grad_enabled()
+        first = s.get("first") if running else None  # ranked images: read only the running rows' ones
+        att_h = h_all[:rows] if running else h_all
+        context, alpha = self.attention(s["mem_grid"], s["mem_proj"], att_h, lin["query"](att_h), s.get("slots"),
+                                        scores, None if first is None else bisect.bisect_left(first, rows))
+        h = h_all[:rows]
+        context = torch.sigmoid(lin["beta"](h)) * context[:rows]
         gates = word_gates + lin["context"](context) + lin["hh"](h)
         h, c = lstm_cell(gates, s["c"][:rows])
         if rows < h_all.shape[0]:
             h = torch.cat([h, h_all[rows:]])
-        return h, c, alpha
+        return h, c, alpha[:rows]
 
     def _linears(self, context_weight: Tensor) -> dict[str, LoopLinear]:
         """The teacher-forcing loop's linear maps, whose weight gradients `LoopLinear` makes once over

@@ -85,10 +85,10 @@ class AdditiveAttention(nn.Module):
         R = h.shape[0]
         query = self.dec_proj(h) if query is None else query
         if slots is not None:  # teacher forcing: one projection row per decoder row, h maybe only the first rows
-            proj = grid_proj if R == grid_proj.shape[0] else grid_proj[:R]
             if scores is not None and scores.fused:
-                e = scores(query)
-            else:
+                e = scores(query)  # reads P's first R rows itself
+            else:  # no autograd slice unless h is shorter than grid_proj (only without grad)
+                proj = grid_proj if R == grid_proj.shape[0] else grid_proj[:R]
                 e = grouped_scores(proj, query.view(R, 1, -1), torch.relu_, self.score).view(R, N)
             alpha = torch.softmax(e, dim=-1)
             return slot_context(alpha, grid, *slots, images=images), alpha
