@@ -431,6 +431,29 @@ def test_loop_scores_gradients_equal_autograds(p_grad):
         assert not LoopScores(P0, score).fused
 
 
+@pytest.mark.parametrize("bias", [True, False])
+def test_tanh_scores_equal_the_plain_formula_and_its_gradients(bias):
+    """w^T tanh(x) + b computed as (2w)^T sigmoid(2x) + b - sum(w) (the sentinel attention's
+    scores): values and gradients to x, w and b match torch's tanh; without grad x is overwritten."""
+    from seesay.layers.attention import tanh_scores
+
+    torch.manual_seed(0)
+    score = torch.nn.Linear(8, 1, bias=bias)
+    x0 = torch.randn(3, 5, 8) * 3  # saturated and linear parts of tanh
+    x = x0.clone().requires_grad_()
+    params = [x, *score.parameters()]
+    ref = score(torch.tanh(x))
+    got = tanh_scores(x * 1.0, score)  # a fresh tensor, as the attention passes
+    torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-6)
+    g = torch.randn_like(ref)
+    for a, b in zip(torch.autograd.grad(got, params, g), torch.autograd.grad(ref, params, g)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        y = x0.clone()
+        torch.testing.assert_close(tanh_scores(y, score), ref.detach(), rtol=1e-6, atol=1e-6)
+        assert not torch.equal(y, x0)  # computed in place: no second tensor of the sum's size
+
+
 @pytest.mark.parametrize("name", sorted(PLAIN))
 def test_teacher_forcing_under_autocast_keeps_float32_gradients(name):
     """bf16 autocast (what --amp does on CUDA with float16): the loop's linear maps run in bf16, every
