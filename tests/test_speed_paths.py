@@ -431,6 +431,35 @@ def test_loop_scores_gradients_equal_autograds(p_grad):
         assert not LoopScores(P0, score).fused
 
 
+@pytest.mark.parametrize("p_grad", [True, False])
+def test_loop_tanh_scores_gradients_equal_autograds(p_grad):
+    """LoopTanhScores (scores through sigmoid, P's gradient summed over the steps and scaled once)
+    == the plain tanh formula, for steps over shrinking prefixes of P's rows (the rows still
+    running) and P also used outside the loop; without grad or under autocast it stands aside."""
+    from seesay.layers.attention import LoopTanhScores
+
+    torch.manual_seed(0)
+    score = torch.nn.Linear(6, 1)
+    P0 = torch.randn(4, 5, 6, requires_grad=p_grad)
+    qs = [torch.randn(r, 6, requires_grad=True) for r in (4, 3, 3, 1)]
+
+    def run(fused: bool):
+        P = P0 * 2.0
+        scores = LoopTanhScores(P, score)
+        assert scores.fused and scores.accumulating == p_grad
+        out = [scores(q) if fused else score(torch.tanh(P[: q.shape[0]] + q[:, None])).squeeze(-1) for q in qs]
+        loss = sum((torch.softmax(e, -1) * torch.arange(5.0)).sum() * (i + 1) for i, e in enumerate(out)) + P.sum()
+        return out, torch.autograd.grad(loss, [P0, *qs, *score.parameters()] if p_grad else [*qs, *score.parameters()])
+
+    (e_new, g_new), (e_old, g_old) = run(True), run(False)
+    for a, b in zip([*e_new, *g_new], [*e_old, *g_old]):
+        torch.testing.assert_close(a, b, **TOL)
+    with torch.no_grad():
+        assert not LoopTanhScores(P0, score).fused
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not LoopTanhScores(P0, score).fused
+
+
 @pytest.mark.parametrize("bias", [True, False])
 def test_tanh_scores_equal_the_plain_formula_and_its_gradients(bias):
     """w^T tanh(x) + b computed as (2w)^T sigmoid(2x) + b - sum(w) (the sentinel attention's

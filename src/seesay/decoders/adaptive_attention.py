@@ -35,7 +35,7 @@ from seesay.decoders.common import (
 )
 from seesay.encoders.base import EncoderOutput
 from seesay.layers import gemm
-from seesay.layers.attention import SentinelAttention
+from seesay.layers.attention import LoopTanhScores, SentinelAttention, image_slots
 from seesay.layers.embedding import WordEmbedding
 from seesay.layers.loop import LoopLinear
 from seesay.registry import register_decoder
@@ -64,14 +64,19 @@ class AdaptiveAttentionDecoder(Decoder):
         nn.init.zeros_(self.fc.bias)
 
     def _start(self, grid: Tensor, rows: Tensor | None = None) -> dict[str, Tensor]:
-        """grid (M, N, D), one row per image; `rows` [R] the image of each decoder row (None: one row each)."""
+        """grid (M, N, D), one row per image; `rows` [R] the image of each decoder row (None: one row each).
+
+        In teacher forcing (`rows` given) the regions stay one row per image, never copied per
+        caption, and "slots" tells the attention where each row's image is (`image_slots`)."""
         regions = torch.relu(self.region_proj(grid))  # (M, N, H), once per image
-        proj = self.attention.project(regions)
-        glob = torch.relu(self.global_proj(grid.mean(dim=1)))
-        regions, proj, glob = row_memory(regions, rows), row_memory(proj, rows), row_memory(glob, rows)
-        zeros = grid.new_zeros(regions.shape[0], self.decoder_dim)
-        return {"h": zeros, "c": zeros, "mem_regions": regions, "mem_proj": proj, "mem_global": glob,
-                "img": image_ids(regions.shape[0], grid.device)}
+        proj = row_memory(self.attention.project(regions), rows)
+        glob = row_memory(torch.relu(self.global_proj(grid.mean(dim=1))), rows)
+        zeros = grid.new_zeros(proj.shape[0], self.decoder_dim)
+        s = {"h": zeros, "c": zeros, "mem_regions": regions, "mem_proj": proj, "mem_global": glob,
+             "img": image_ids(proj.shape[0], grid.device)}
+        if rows is not None:
+            s["slots"] = image_slots(rows, grid.shape[0])
+        return s
 
     def _inputs(self, emb: Tensor, glob: Tensor) -> tuple[Tensor, Tensor]:
         """The LSTM gates' and the sentinel's shares of x = [emb; v_g]: emb ([t,] R, E), glob (R, E)."""
@@ -84,9 +89,11 @@ class AdaptiveAttentionDecoder(Decoder):
         return input_gates(self.lstm, emb, 0, E) + g_gates, gemm.linear(emb, self.sentinel_x.weight, cols=(0, E)) + g_sent
 
     def _linears(self, loop: bool) -> dict[str, Any]:
-        """The step's recurrent linear maps, W_hh and the sentinel's W_h; `loop`: teacher forcing,
-        whose weight gradients `LoopLinear` makes once over all steps."""
-        maps = {"hh": (self.lstm.weight_hh, None), "sentinel": (self.sentinel_h.weight, self.sentinel_h.bias)}
+        """The step's recurrent linear maps, W_hh, the sentinel's W_h and the attention's query
+        projection W_g; `loop`: teacher forcing, whose weight gradients `LoopLinear` makes once over
+        all steps."""
+        maps = {"hh": (self.lstm.weight_hh, None), "sentinel": (self.sentinel_h.weight, self.sentinel_h.bias),
+                "query": (self.attention.g_proj.weight, self.attention.g_proj.bias)}
         if loop:
             return {k: LoopLinear(w, b) for k, (w, b) in maps.items()}
         return {k: functools.partial(gemm.linear, weight=w, bias=b) for k, (w, b) in maps.items()}
@@ -97,19 +104,26 @@ class AdaptiveAttentionDecoder(Decoder):
         `_inputs`, `lin` from `_linears`. Returns h for every row of the state (rows past `rows`
         unchanged), and c, c_hat + h (the output layer's input) and alpha_hat for the first `rows`.
 
-        As in soft attention, the attention runs over every row of the state, so that teacher
-        forcing never slices the per-image memory (a full-size gradient per step).
+        As in soft attention, the attention runs over the running rows only when P's gradient is
+        the `LoopTanhScores`' own (or there is none); otherwise (autocast) over every row of the
+        state, the finished ones attended to and dropped, because slicing the per-row projection to
+        the rows still running would cost a gradient of its full size at every step.
         """
         h_all = s["h"]
         h_prev, c_prev = h_all[:rows], s["c"][:rows]
         h, c = lstm_cell(x_gates + lin["hh"](h_prev), c_prev)
         sentinel = torch.sigmoid(x_sent + lin["sentinel"](h_prev)) * torch.tanh(c)
         R = h_all.shape[0]
+        scores = s.get("scores")
+        running = (scores is not None and scores.fused) or not torch.is_grad_enabled()
         h_q, sentinel_q = h, sentinel
-        if rows < R:  # finished rows: their old h and no sentinel; their results are dropped
+        if rows < R and not running:  # finished rows: their old h and no sentinel; their results are dropped
             h_q, sentinel_q = torch.cat([h, h_all[rows:]]), F.pad(sentinel, (0, 0, 0, R - rows))
-        context, alpha_hat = self.attention(s["mem_regions"], s["mem_proj"], h_q, sentinel_q)
-        return h_q, c, context[:rows] + h, alpha_hat[:rows]
+        context, alpha_hat = self.attention(s["mem_regions"], s["mem_proj"], h_q, sentinel_q, lin["query"](h_q),
+                                            s.get("slots"), scores)
+        if rows < R:
+            h = torch.cat([h, h_all[rows:]])
+        return h, c, context[:rows] + h[:rows], alpha_hat[:rows]
 
     def forward(self, enc: EncoderOutput, tokens: Tensor, lengths: Tensor,
                 image_rows: Tensor | None = None) -> DecoderOutput:
@@ -122,6 +136,7 @@ class AdaptiveAttentionDecoder(Decoder):
         x_gates, x_sent = self._inputs(words, s["mem_global"])
         x_gates, x_sent = x_gates.unbind(0), x_sent.unbind(0)  # per step, from one product for all steps
         lin = self._linears(loop=True)
+        s["scores"] = LoopTanhScores(s["mem_proj"], self.attention.score)
         outs, alphas = [], []
         for t, n in enumerate(rows_per_step):  # n rows still decoding at step t (sorted longest first)
             s["h"], s["c"], out, alpha = self._core(x_gates[t][:n], x_sent[t][:n], s, n, lin)

@@ -183,17 +183,22 @@ class LoopScores:
         else:
             self.acc[:R].addcmul_(grad[..., None], pattern)
 
-    def release(self) -> Tensor | None:
+    def finish(self, proj: Tensor, w: Tensor, need_w: bool) -> tuple[Tensor | None, Tensor | None]:
+        """P's gradient sum_t g_t m_t w from the accumulation, and w's share sum(acc * P)."""
         acc, self.acc, self.scratch = self.acc, None, None
-        return acc
+        if acc is None:
+            return None, None
+        A = acc.shape[-1]
+        dw = (acc.reshape(-1, A) * proj.reshape(-1, A)).sum(0) if need_w else None
+        return acc.mul_(w), dw
 
 
 class _ScoresHand(torch.autograd.Function):
-    """Identity on P; its backward returns sum_t g_t m_t w from the steps' accumulation, and w's
-    gradient's share sum(acc * P)."""
+    """Identity on P; its backward adds P's gradient from the steps' accumulation and w's share
+    of it, both made by the owner (`LoopScores.finish`, `LoopTanhScores.finish`)."""
 
     @staticmethod
-    def forward(ctx: Any, owner: LoopScores, proj: Tensor, w: Tensor) -> Tensor:
+    def forward(ctx: Any, owner: LoopScores | LoopTanhScores, proj: Tensor, w: Tensor) -> Tensor:
         ctx.owner = owner
         ctx.save_for_backward(proj, w)
         ctx.set_materialize_grads(False)
@@ -202,12 +207,8 @@ class _ScoresHand(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: Tensor | None) -> Any:
         proj, w = ctx.saved_tensors
-        acc = ctx.owner.release()
-        dw = None
+        acc, dw = ctx.owner.finish(proj, w, ctx.needs_input_grad[2])
         if acc is not None:
-            A = acc.shape[-1]
-            dw = (acc.reshape(-1, A) * proj.reshape(-1, A)).sum(0) if ctx.needs_input_grad[2] else None
-            acc = acc.mul_(w)
             grad = acc if grad is None else grad + acc
         return None, grad, dw
 
@@ -239,6 +240,81 @@ class _Scores(torch.autograd.Function):
         db = grad.sum().reshape(1) if need_b else None
         if need_p:
             owner.accumulate(grad, m, proj)
+        return None, None, dq, dw, db
+
+
+class LoopTanhScores:
+    """The sentinel attention's scores w^T tanh(P + q_t) + b of every step t of one teacher-forced
+    forward, as `LoopScores` does for relu's.
+
+    # r - decoder rows, n - regions, a - attention width
+    With s_t = sigmoid(2 (P + q_t)), tanh(P + q_t) = 2 s_t - 1 (`tanh_scores`), so the scores are
+    (2w)^T s_t + b - sum(w) and their derivative in P + q_t is 4 w s_t (1 - s_t). A step keeps s_t
+    (as autograd keeps tanh's output); its backward makes t_t = g_t s_t (1 - s_t) in place of s_t
+    in one pass, which gives dq_t = 4 w * sum_n t_t and is added into P's accumulation, scaled by
+    4w once when autograd reaches P after every step. A step covers P's first R rows (the rows
+    still running): autograd would make a gradient of P's full size for a slice, at every step.
+    Outside autograd, or under autocast, the attention computes the scores the plain way.
+    """
+
+    def __init__(self, proj: Tensor, score: nn.Linear) -> None:
+        self.fused = torch.is_grad_enabled() and not torch.is_autocast_enabled(proj.device.type)
+        self.acc: Tensor | None = None
+        self.doubled: Tensor | None = None
+        self.w, self.b = score.weight[0], score.bias
+        self.accumulating = self.fused and proj.requires_grad
+        self.proj = _ScoresHand.apply(self, proj, self.w) if self.accumulating else proj
+
+    def __call__(self, query: Tensor) -> Tensor:
+        """query (R, A) for P's first R rows (the rows still running) -> scores (R, N)."""
+        return _TanhScores.apply(self, self.proj, query, self.w, self.b)
+
+    def activation(self, proj: Tensor, query: Tensor) -> Tensor:
+        """sigmoid(2 (P + q)) for q's rows, in a new tensor."""
+        if self.doubled is None:  # 2P, once per forward
+            self.doubled = proj.detach() * 2
+        return torch.add(self.doubled[: query.shape[0]], query[:, None], alpha=2).sigmoid_()
+
+    def accumulate(self, t: Tensor) -> None:
+        """acc[:R] += t for the step's R rows (the backward meets the steps last first)."""
+        R = t.shape[0]
+        if self.acc is None:
+            self.acc = t.new_zeros((self.proj.shape[0], *t.shape[1:]))
+        self.acc[:R].add_(t)
+
+    def finish(self, proj: Tensor, w: Tensor, need_w: bool) -> tuple[Tensor | None, Tensor | None]:
+        """P's gradient 4w * sum_t t_t from the accumulation; w's gradient comes from the steps."""
+        acc, self.acc, self.doubled = self.acc, None, None
+        return (None if acc is None else acc.mul_(4 * w)), None
+
+
+class _TanhScores(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, owner: LoopTanhScores, proj: Tensor, query: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
+        s = owner.activation(proj, query)  # (R, N, A)
+        R, N, A = s.shape
+        e = torch.mv(s.view(-1, A), 2 * w).view(R, N) - w.sum()
+        ctx.owner, ctx.s = owner, s
+        ctx.save_for_backward(w)
+        return e if b is None else e + b
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad: Tensor) -> Any:
+        (w,) = ctx.saved_tensors
+        s, owner = ctx.s, ctx.owner
+        ctx.s = None
+        R, N, A = s.shape
+        need_p, need_q, need_w, need_b = ctx.needs_input_grad[1:5]
+        # dL/dw = sum g (2 s - 1), from s before it is overwritten
+        dw = torch.mv(s.view(-1, A).t(), grad.reshape(-1)).mul_(2).sub_(grad.sum()) if need_w else None
+        db = grad.sum().reshape(1) if need_b else None
+        dq = None
+        if need_q or (need_p and owner.accumulating):
+            t = torch.ops.aten.sigmoid_backward.grad_input(grad[..., None].expand(R, N, A), s, grad_input=s)
+            dq = t.sum(1).mul_(4 * w) if need_q else None
+            if need_p and owner.accumulating:
+                owner.accumulate(t)
         return None, None, dq, dw, db
 
 
@@ -312,18 +388,34 @@ class SentinelAttention(nn.Module):
     def _head(self, x: Tensor) -> Tensor:
         return tanh_scores(x, self.score)
 
-    def forward(self, grid: Tensor, grid_proj: Tensor, h: Tensor, sentinel: Tensor) -> tuple[Tensor, Tensor]:
-        """grid (M, N, H), grid_proj (M, N, A), h and sentinel (R, H) with R = M * G.
+    def forward(self, grid: Tensor, grid_proj: Tensor, h: Tensor, sentinel: Tensor, query: Tensor | None = None,
+                slots: tuple[Tensor, int] | None = None, scores: LoopTanhScores | None = None
+                ) -> tuple[Tensor, Tensor]:
+        """grid (M, N, H), grid_proj (M, N, A), h and sentinel (R, H) with R = M * G; `query` is
+        g_proj(h) when the caller made it (teacher forcing's `LoopLinear`).
 
+        Teacher forcing passes `slots` (its rows' places among their images' rows, `image_slots`):
+        grid_proj has one row per decoder row, `grid` one per image, and h may hold only the first
+        R of grid_proj's rows (the rows still running); `scores` is the forward's `LoopTanhScores`.
         Returns the adaptive context (R, H) and alpha_hat (R, N+1), last column = beta.
         """
         M, N, _ = grid.shape
         R = h.shape[0]
-        G = rows_per_image(M, R)
-        g = self.g_proj(h)  # (R, A)
-        z = grouped_scores(grid_proj, g.view(M, G, -1), self._head).view(R, N)
+        g = self.g_proj(h) if query is None else query  # (R, A)
+        if slots is not None:
+            if scores is not None and scores.fused:
+                z = scores(g)  # reads P's first R rows itself
+            else:  # no autograd slice unless h is shorter than grid_proj (only without grad)
+                proj = grid_proj if R == grid_proj.shape[0] else grid_proj[:R]
+                z = grouped_scores(proj, g.view(R, 1, -1), self._head).view(R, N)
+        else:
+            G = rows_per_image(M, R)
+            z = grouped_scores(grid_proj, g.view(M, G, -1), self._head).view(R, N)
         z_s = tanh_scores(self.s_proj(sentinel) + g, self.score)  # (R, 1)
         alpha_hat = torch.softmax(torch.cat([z, z_s], dim=-1), dim=-1)  # (R, N+1)
         beta = alpha_hat[:, -1:]  # (R, 1)
-        spatial = torch.bmm(alpha_hat[:, :-1].reshape(M, G, N), grid).view(R, -1)
+        if slots is not None:
+            spatial = slot_context(alpha_hat[:, :-1], grid, *slots)
+        else:
+            spatial = torch.bmm(alpha_hat[:, :-1].reshape(M, G, N), grid).view(R, -1)
         return spatial + beta * sentinel, alpha_hat
