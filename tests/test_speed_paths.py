@@ -219,6 +219,35 @@ def test_soft_attention_steps_read_only_the_running_rows_images(monkeypatch, gri
     assert calls == expected
 
 
+@pytest.mark.parametrize("grouped", [False, True])
+def test_adaptive_attention_steps_attend_with_the_running_rows_only(monkeypatch, grouped):
+    """Each teacher-forcing step of the adaptive decoder scores and reads the regions with its running
+    rows only, the regions one row per image; under no grad too (evaluation losses)."""
+    from seesay.layers import attention
+
+    calls = []
+    real = attention.slot_context
+
+    def spy(alpha, grid, slot, G, images=None):
+        calls.append((alpha.shape[0], grid.shape[0]))
+        return real(alpha, grid, slot, G, images)
+
+    monkeypatch.setattr(attention, "slot_context", spy)
+    dec = _decoder("adaptive_attention")
+    lengths = [3, 6, 2, 6, 4, 5]
+    tokens, lengths_t = _captions(lengths, seed=5)
+    rows = torch.tensor([2, 0, 1, 0, 2, 1]) if grouped else None
+    enc = _enc(3 if grouped else 6, seed=4)
+    steps = sorted((L - 1 for L in lengths), reverse=True)
+    expected = [(sum(1 for c in steps if c > t), enc.grid.shape[0]) for t in range(steps[0])]
+    dec(enc, tokens, lengths_t, image_rows=rows).logits.sum().backward()
+    assert calls == expected
+    calls.clear()
+    with torch.no_grad():
+        dec(enc, tokens, lengths_t, image_rows=rows)
+    assert calls == expected
+
+
 def test_loop_linear_gradients_equal_autograds_per_step_ones():
     """LoopLinear's one-product weight gradient == autograd's per-step sum, with shrinking rows, a
     step whose output is unused, a direct use of the weight outside the loop, and no grad mode."""

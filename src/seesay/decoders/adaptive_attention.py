@@ -10,6 +10,9 @@ the returned attention. Words come from W_p(dropout(c_hat + h_t)). h and c start
 Teacher forcing computes the regions and their attention projection once per image
 (`image_rows`), the LSTM input's and the sentinel's products with [words; v_g] for every step in
 one product each, and the output layer over every step at once; the loop keeps the recurrence.
+Each step attends with the rows still running only: the scores' autograd node
+(`LoopTanhScores`) reads the first rows of the per-row projection itself, and the context reads
+each image's regions once for all its captions (`slot_context`).
 """
 
 from __future__ import annotations
