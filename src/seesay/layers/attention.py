@@ -249,18 +249,23 @@ class LoopTanhScores:
 
     # r - decoder rows, n - regions, a - attention width
     With s_t = sigmoid(2 (P + q_t)), tanh(P + q_t) = 2 s_t - 1 (`tanh_scores`), so the scores are
-    (2w)^T s_t + b - sum(w) and their derivative in P + q_t is 4 w s_t (1 - s_t). A step keeps s_t
-    (as autograd keeps tanh's output); its backward makes t_t = g_t s_t (1 - s_t) in place of s_t
-    in one pass, which gives dq_t = 4 w * sum_n t_t and is added into P's accumulation, scaled by
-    4w once when autograd reaches P after every step. A step covers P's first R rows (the rows
-    still running): autograd would make a gradient of P's full size for a slice, at every step.
-    Outside autograd, or under autocast, the attention computes the scores the plain way.
+    (2w)^T s_t + b - sum(w) and their derivative in P + q_t is 4 w s_t (1 - s_t). s_t is made in
+    one scratch tensor, in the forward and again in the backward, instead of kept per step as
+    autograd keeps tanh's output: a fresh (R, N, A) tensor per step costs more than making it
+    again (the system maps its pages first), and the steps' activations are the loop's largest
+    memory (218 MB at the tutorial's sizes). The backward turns s_t into t_t = g_t s_t (1 - s_t)
+    in place, in one pass, which gives dq_t = 4 w * sum_n t_t and is added into P's accumulation,
+    scaled by 4w once when autograd reaches P after every step. A step covers P's first R rows
+    (the rows still running): autograd would make a gradient of P's full size for a slice, at
+    every step. Outside autograd, or under autocast, the attention computes the scores the plain
+    way.
     """
 
     def __init__(self, proj: Tensor, score: nn.Linear) -> None:
         self.fused = torch.is_grad_enabled() and not torch.is_autocast_enabled(proj.device.type)
         self.acc: Tensor | None = None
         self.doubled: Tensor | None = None
+        self.scratch: Tensor | None = None
         self.w, self.b = score.weight[0], score.bias
         self.accumulating = self.fused and proj.requires_grad
         self.proj = _ScoresHand.apply(self, proj, self.w) if self.accumulating else proj
@@ -270,10 +275,12 @@ class LoopTanhScores:
         return _TanhScores.apply(self, self.proj, query, self.w, self.b)
 
     def activation(self, proj: Tensor, query: Tensor) -> Tensor:
-        """sigmoid(2 (P + q)) for q's rows, in a new tensor."""
+        """sigmoid(2 (P + q)) for q's rows, in the scratch tensor (overwritten by the next call)."""
         if self.doubled is None:  # 2P, once per forward
             self.doubled = proj.detach() * 2
-        return torch.add(self.doubled[: query.shape[0]], (query * 2)[:, None]).sigmoid_()  # alpha=2: slower
+            self.scratch = torch.empty_like(self.doubled)
+        R = query.shape[0]
+        return torch.add(self.doubled[:R], (query * 2)[:, None], out=self.scratch[:R]).sigmoid_()  # alpha=2: slower
 
     def accumulate(self, t: Tensor) -> None:
         """acc[:R] += t for the step's R rows (the backward meets the steps last first)."""
@@ -284,7 +291,7 @@ class LoopTanhScores:
 
     def finish(self, proj: Tensor, w: Tensor, need_w: bool) -> tuple[Tensor | None, Tensor | None]:
         """P's gradient 4w * sum_t t_t from the accumulation; w's gradient comes from the steps."""
-        acc, self.acc, self.doubled = self.acc, None, None
+        acc, self.acc, self.doubled, self.scratch = self.acc, None, None, None
         return (None if acc is None else acc.mul_(4 * w)), None
 
 
@@ -294,16 +301,16 @@ class _TanhScores(torch.autograd.Function):
         s = owner.activation(proj, query)  # (R, N, A)
         R, N, A = s.shape
         e = torch.mv(s.view(-1, A), 2 * w).view(R, N) - w.sum()
-        ctx.owner, ctx.s = owner, s
-        ctx.save_for_backward(w)
+        ctx.owner = owner
+        ctx.save_for_backward(proj, query, w)
         return e if b is None else e + b
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx: Any, grad: Tensor) -> Any:
-        (w,) = ctx.saved_tensors
-        s, owner = ctx.s, ctx.owner
-        ctx.s = None
+        proj, query, w = ctx.saved_tensors
+        owner = ctx.owner
+        s = owner.activation(proj, query)  # made again, in the scratch
         R, N, A = s.shape
         need_p, need_q, need_w, need_b = ctx.needs_input_grad[1:5]
         # dL/dw = sum g (2 s - 1), from s before it is overwritten
