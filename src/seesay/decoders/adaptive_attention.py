@@ -55,8 +55,8 @@ class AdaptiveAttentionDecoder(Decoder):
         self.alpha_c = alpha_c
         self.decoder_dim = decoder_dim
         self.embedding = WordEmbedding(vocab_size, embed_dim)
-        self.region_proj = nn.Linear(enc_dim, decoder_dim)
-        self.global_proj = nn.Linear(enc_dim, embed_dim)
+        self.region_proj = gemm.Linear(enc_dim, decoder_dim)
+        self.global_proj = gemm.Linear(enc_dim, embed_dim)
         self.lstm = LSTMCell(2 * embed_dim, decoder_dim)
         self.sentinel_x = nn.Linear(2 * embed_dim, decoder_dim, bias=False)
         self.sentinel_h = gemm.Linear(decoder_dim, decoder_dim)

@@ -113,7 +113,7 @@ class TransformerDecoder(Decoder):
         self.use_cache = True
         self.attention_layer = -1  # whose cross-attention step()/forward() return (default: the last)
         self.embedding = WordEmbedding(vocab_size, d_model)
-        self.memory_proj = nn.Linear(enc_dim, d_model)
+        self.memory_proj = gemm.Linear(enc_dim, d_model)
         self.memory_norm = nn.LayerNorm(d_model)
         self.layers = nn.ModuleList(DecoderLayer(d_model, heads, ff_dim, dropout) for _ in range(layers))
         self.norm = nn.LayerNorm(d_model)
