@@ -187,11 +187,18 @@ def test_rank_images_puts_the_running_rows_images_first():
         assert set(new[:n].tolist()) == set(range(bisect.bisect_left(first, n)))
 
 
-@pytest.mark.parametrize("grid_grad", [False, True])
-@pytest.mark.parametrize("grouped", [False, True])
-def test_soft_attention_steps_read_only_the_running_rows_images(monkeypatch, grid_grad, grouped):
-    """With cached features (no gradient to the grid) each teacher-forcing step multiplies the context
-    by the images of its running rows only; a grid with a gradient is read whole."""
+def _running_rows_batch(grouped: bool):
+    """Six captions of uneven lengths, of three images (`grouped`: one feature row per image) or of
+    six; with each step's running rows' count, longest caption first."""
+    lengths = [3, 6, 2, 6, 4, 5]
+    tokens, lengths_t = _captions(lengths, seed=5)
+    rows = torch.tensor([2, 0, 1, 0, 2, 1]) if grouped else None
+    steps = sorted((L - 1 for L in lengths), reverse=True)
+    return lengths, tokens, lengths_t, rows, _enc(3 if grouped else 6, seed=4), steps
+
+
+def _spy_on_slot_context(monkeypatch) -> list[tuple[int, int]]:
+    """Record (rows, images read) of every `slot_context` call: one per teacher-forcing step."""
     from seesay.layers import attention
 
     calls = []
@@ -202,14 +209,19 @@ def test_soft_attention_steps_read_only_the_running_rows_images(monkeypatch, gri
         return real(alpha, grid, slot, G, images)
 
     monkeypatch.setattr(attention, "slot_context", spy)
+    return calls
+
+
+@pytest.mark.parametrize("grid_grad", [False, True])
+@pytest.mark.parametrize("grouped", [False, True])
+def test_soft_attention_steps_read_only_the_running_rows_images(monkeypatch, grid_grad, grouped):
+    """With cached features (no gradient to the grid) each teacher-forcing step multiplies the context
+    by the images of its running rows only; a grid with a gradient is read whole."""
+    calls = _spy_on_slot_context(monkeypatch)
     dec = _decoder("soft_attention")
-    lengths = [3, 6, 2, 6, 4, 5]
-    tokens, lengths_t = _captions(lengths, seed=5)
-    rows = torch.tensor([2, 0, 1, 0, 2, 1]) if grouped else None
-    enc = _enc(3 if grouped else 6, seed=4)
+    lengths, tokens, lengths_t, rows, enc, steps = _running_rows_batch(grouped)
     enc = EncoderOutput(enc.grid.requires_grad_(grid_grad), enc.pooled, enc.grid_hw)
     dec(enc, tokens, lengths_t, image_rows=rows).logits.sum().backward()
-    steps = sorted((L - 1 for L in lengths), reverse=True)
     img = rows if grouped else torch.arange(6)
     by_length = img[torch.sort(torch.tensor(lengths), descending=True, stable=True).indices]
     expected = []
@@ -223,22 +235,9 @@ def test_soft_attention_steps_read_only_the_running_rows_images(monkeypatch, gri
 def test_adaptive_attention_steps_attend_with_the_running_rows_only(monkeypatch, grouped):
     """Each teacher-forcing step of the adaptive decoder scores and reads the regions with its running
     rows only, the regions one row per image; under no grad too (evaluation losses)."""
-    from seesay.layers import attention
-
-    calls = []
-    real = attention.slot_context
-
-    def spy(alpha, grid, slot, G, images=None):
-        calls.append((alpha.shape[0], grid.shape[0]))
-        return real(alpha, grid, slot, G, images)
-
-    monkeypatch.setattr(attention, "slot_context", spy)
+    calls = _spy_on_slot_context(monkeypatch)
     dec = _decoder("adaptive_attention")
-    lengths = [3, 6, 2, 6, 4, 5]
-    tokens, lengths_t = _captions(lengths, seed=5)
-    rows = torch.tensor([2, 0, 1, 0, 2, 1]) if grouped else None
-    enc = _enc(3 if grouped else 6, seed=4)
-    steps = sorted((L - 1 for L in lengths), reverse=True)
+    _, tokens, lengths_t, rows, enc, steps = _running_rows_batch(grouped)
     expected = [(sum(1 for c in steps if c > t), enc.grid.shape[0]) for t in range(steps[0])]
     dec(enc, tokens, lengths_t, image_rows=rows).logits.sum().backward()
     assert calls == expected
@@ -433,40 +432,16 @@ def test_checkpoint_falls_back_to_the_plain_load_for_tied_or_unfilled_tensors(tm
 
 
 @pytest.mark.parametrize("p_grad", [True, False])
-def test_loop_scores_gradients_equal_autograds(p_grad):
-    """LoopScores (scratch activation, P's gradient summed over the steps, w's made mostly from that
-    sum; or from the activation when P needs no gradient) == the plain formula, for P also used
-    outside the loop; under autocast or without grad the attention takes the plain path."""
-    from seesay.layers.attention import LoopScores
+@pytest.mark.parametrize("kind", ["relu", "tanh"])
+def test_loop_scores_gradients_equal_autograds(kind, p_grad):
+    """LoopScores (relu: scratch activation, P's gradient summed over the steps, w's made mostly from
+    that sum, or from the activation when P needs no gradient) and LoopTanhScores (tanh through
+    sigmoid, made again in the backward) == the plain formula, for steps over shrinking prefixes of
+    P's rows (the rows still running) and P also used outside the loop; without grad or under
+    autocast the attention takes the plain path."""
+    from seesay.layers.attention import LoopScores, LoopTanhScores
 
-    torch.manual_seed(0)
-    score = torch.nn.Linear(6, 1)
-    P0 = torch.randn(3, 4, 6, requires_grad=p_grad)
-    qs = [torch.randn(3, 6, requires_grad=True) for _ in range(3)]
-
-    def run(fused: bool):
-        P = P0 * 2.0
-        scores = LoopScores(P, score)
-        assert scores.fused and scores.by_accumulation == p_grad
-        out = [scores(q) if fused else score(torch.relu(P + q[:, None])).squeeze(-1) for q in qs]
-        loss = sum((torch.softmax(e, -1) * torch.arange(4.0)).sum() * (i + 1) for i, e in enumerate(out)) + P.sum()
-        return torch.autograd.grad(loss, [P0, *qs, score.weight, score.bias] if p_grad else [*qs, score.weight, score.bias])
-
-    for a, b in zip(run(True), run(False)):
-        torch.testing.assert_close(a, b, **TOL)
-    with torch.no_grad():
-        assert not LoopScores(P0, score).fused
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert not LoopScores(P0, score).fused
-
-
-@pytest.mark.parametrize("p_grad", [True, False])
-def test_loop_tanh_scores_gradients_equal_autograds(p_grad):
-    """LoopTanhScores (scores through sigmoid, P's gradient summed over the steps and scaled once)
-    == the plain tanh formula, for steps over shrinking prefixes of P's rows (the rows still
-    running) and P also used outside the loop; without grad or under autocast it stands aside."""
-    from seesay.layers.attention import LoopTanhScores
-
+    owner, act = {"relu": (LoopScores, torch.relu), "tanh": (LoopTanhScores, torch.tanh)}[kind]
     torch.manual_seed(0)
     score = torch.nn.Linear(6, 1)
     P0 = torch.randn(4, 5, 6, requires_grad=p_grad)
@@ -474,19 +449,19 @@ def test_loop_tanh_scores_gradients_equal_autograds(p_grad):
 
     def run(fused: bool):
         P = P0 * 2.0
-        scores = LoopTanhScores(P, score)
+        scores = owner(P, score)
         assert scores.fused and scores.accumulating == p_grad
-        out = [scores(q) if fused else score(torch.tanh(P[: q.shape[0]] + q[:, None])).squeeze(-1) for q in qs]
+        out = [scores(q) if fused else score(act(P[: q.shape[0]] + q[:, None])).squeeze(-1) for q in qs]
         loss = sum((torch.softmax(e, -1) * torch.arange(5.0)).sum() * (i + 1) for i, e in enumerate(out)) + P.sum()
         return out, torch.autograd.grad(loss, [P0, *qs, *score.parameters()] if p_grad else [*qs, *score.parameters()])
 
     (e_new, g_new), (e_old, g_old) = run(True), run(False)
-    for a, b in zip([*e_new, *g_new], [*e_old, *g_old]):
-        torch.testing.assert_close(a, b, **TOL)
+    for x, y in zip([*e_new, *g_new], [*e_old, *g_old]):
+        torch.testing.assert_close(x, y, **TOL)
     with torch.no_grad():
-        assert not LoopTanhScores(P0, score).fused
+        assert not owner(P0, score).fused
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert not LoopTanhScores(P0, score).fused
+        assert not owner(P0, score).fused
 
 
 @pytest.mark.parametrize("bias", [True, False])

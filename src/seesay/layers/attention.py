@@ -124,7 +124,21 @@ class AdditiveAttention(nn.Module):
         return context.view(R, -1), alpha.view(R, N)
 
 
-class LoopScores:
+class _StepScores:
+    """What `LoopScores` and `LoopTanhScores` share: the attention's P (the per-row projection, (R,
+    N, A)) and its score layer; when P needs a gradient, P's gradient is accumulated over the steps
+    by the owner and handed to autograd once, through `_ScoresHand`."""
+
+    def __init__(self, proj: Tensor, score: nn.Linear) -> None:
+        self.fused = torch.is_grad_enabled() and not torch.is_autocast_enabled(proj.device.type)
+        self.acc: Tensor | None = None
+        self.scratch: Tensor | None = None
+        self.w, self.b = score.weight[0], score.bias
+        self.accumulating = self.fused and proj.requires_grad
+        self.proj = _ScoresHand.apply(self, proj, self.w) if self.accumulating else proj
+
+
+class LoopScores(_StepScores):
     """The additive scores w^T relu(P + q_t) + b of every step t of one teacher-forced forward.
 
     # r - decoder rows, n - regions, a - attention width
@@ -143,15 +157,6 @@ class LoopScores:
     then read and write those rows only. Outside autograd, or under autocast, the attention
     computes the scores the plain way.
     """
-
-    def __init__(self, proj: Tensor, score: nn.Linear) -> None:
-        self.fused = torch.is_grad_enabled() and not torch.is_autocast_enabled(proj.device.type)
-        self.acc: Tensor | None = None
-        self.scratch: Tensor | None = None
-        self.w, self.b = score.weight[0], score.bias
-        # with P's gradient accumulated, w's gradient is made mostly from it (`_ScoresHand`)
-        self.by_accumulation = self.fused and proj.requires_grad
-        self.proj = _ScoresHand.apply(self, proj, self.w) if self.by_accumulation else proj
 
     def __call__(self, query: Tensor) -> Tensor:
         """query (R, A) for P's first R rows (the rows still running) -> scores (R, N)."""
@@ -227,7 +232,7 @@ class _Scores(torch.autograd.Function):
         proj, query, w = ctx.saved_tensors
         owner = ctx.owner
         need_p, need_q, need_w, need_b = ctx.needs_input_grad[1:5]
-        by_acc = owner.by_accumulation and need_p
+        by_acc = owner.accumulating and need_p  # w's gradient mostly from P's accumulation
         dw = None
         if need_w and not by_acc:  # w's gradient from the activation, made again
             s = owner.activation(proj, query)
@@ -243,7 +248,7 @@ class _Scores(torch.autograd.Function):
         return None, None, dq, dw, db
 
 
-class LoopTanhScores:
+class LoopTanhScores(_StepScores):
     """The sentinel attention's scores w^T tanh(P + q_t) + b of every step t of one teacher-forced
     forward, as `LoopScores` does for relu's.
 
@@ -262,13 +267,8 @@ class LoopTanhScores:
     """
 
     def __init__(self, proj: Tensor, score: nn.Linear) -> None:
-        self.fused = torch.is_grad_enabled() and not torch.is_autocast_enabled(proj.device.type)
-        self.acc: Tensor | None = None
+        super().__init__(proj, score)
         self.doubled: Tensor | None = None
-        self.scratch: Tensor | None = None
-        self.w, self.b = score.weight[0], score.bias
-        self.accumulating = self.fused and proj.requires_grad
-        self.proj = _ScoresHand.apply(self, proj, self.w) if self.accumulating else proj
 
     def __call__(self, query: Tensor) -> Tensor:
         """query (R, A) for P's first R rows (the rows still running) -> scores (R, N)."""
