@@ -157,5 +157,5 @@ def unpack_steps(packed: Tensor, order: Tensor, rows_per_step: list[int], time: 
         t = torch.repeat_interleave(torch.arange(len(rows_per_step), device=order.device), counts)
         starts = torch.cumsum(counts, 0) - counts
         r = torch.arange(packed.shape[0], device=order.device) - starts.repeat_interleave(counts)
-        out = out.index_copy(0, order[r] * time + t, packed)
+        out.index_copy_(0, order[r] * time + t, packed)  # in place: no second (B * time, X) tensor
     return out.view(B, time, X)
