@@ -198,7 +198,7 @@ def _running_rows_batch(grouped: bool):
 
 
 def _spy_on_slot_context(monkeypatch) -> list[tuple[int, int]]:
-    """Record (rows, images read) of every `slot_context` call: one per teacher-forcing step."""
+    """Record (rows, images read) of every `slot_context` or `LoopContext` call: one per teacher-forcing step."""
     from seesay.layers import attention
 
     calls = []
@@ -208,7 +208,14 @@ def _spy_on_slot_context(monkeypatch) -> list[tuple[int, int]]:
         calls.append((alpha.shape[0], grid.shape[0] if images is None else images))
         return real(alpha, grid, slot, G, images)
 
+    def loop_spy(self, alpha, images):
+        if self.fused:  # else it calls slot_context
+            calls.append((alpha.shape[0], images))
+        return loop_real(self, alpha, images)
+
+    loop_real = attention.LoopContext.__call__
     monkeypatch.setattr(attention, "slot_context", spy)
+    monkeypatch.setattr(attention.LoopContext, "__call__", loop_spy)
     return calls
 
 
@@ -233,12 +240,18 @@ def test_soft_attention_steps_read_only_the_running_rows_images(monkeypatch, gri
 
 @pytest.mark.parametrize("grouped", [False, True])
 def test_adaptive_attention_steps_attend_with_the_running_rows_only(monkeypatch, grouped):
-    """Each teacher-forcing step of the adaptive decoder scores and reads the regions with its running
-    rows only, the regions one row per image; under no grad too (evaluation losses)."""
+    """Each teacher-forcing step of the adaptive decoder scores with its running rows only and reads
+    only their images' regions (ranked by their longest caption; `LoopContext` keeps the regions'
+    gradient to those images), with grad and without (evaluation losses)."""
     calls = _spy_on_slot_context(monkeypatch)
     dec = _decoder("adaptive_attention")
-    _, tokens, lengths_t, rows, enc, steps = _running_rows_batch(grouped)
-    expected = [(sum(1 for c in steps if c > t), enc.grid.shape[0]) for t in range(steps[0])]
+    lengths, tokens, lengths_t, rows, enc, steps = _running_rows_batch(grouped)
+    img = rows if grouped else torch.arange(6)
+    by_length = img[torch.sort(torch.tensor(lengths), descending=True, stable=True).indices]
+    expected = []
+    for t in range(steps[0]):
+        n = sum(1 for c in steps if c > t)
+        expected.append((n, len(set(by_length[:n].tolist()))))
     dec(enc, tokens, lengths_t, image_rows=rows).logits.sum().backward()
     assert calls == expected
     calls.clear()
@@ -462,6 +475,36 @@ def test_loop_scores_gradients_equal_autograds(kind, p_grad):
         assert not owner(P0, score).fused
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert not owner(P0, score).fused
+
+
+def test_loop_context_gradients_equal_autograds():
+    """LoopContext (each step's gradient added into the first k images of one accumulation) ==
+    slot_context under plain autograd, for steps over shrinking prefixes of rows and images and a
+    grid also used outside the loop; without grad or under autocast it is slot_context itself."""
+    from seesay.layers.attention import LoopContext, image_slots, slot_context
+
+    torch.manual_seed(0)
+    rows = torch.tensor([0, 0, 1, 2, 1, 3])  # ranked: each image's first row in image order
+    slots = image_slots(rows, 4)
+    grid0 = torch.randn(4, 5, 3, requires_grad=True)
+    alphas = [torch.randn(r, 5, requires_grad=True) for r in (6, 5, 4, 3, 1)]
+    images = [4, 4, 3, 3, 1]  # the images of the first r rows
+
+    def run(fused: bool):
+        grid = grid0 * 2.0
+        ctx = LoopContext(grid, slots)
+        assert ctx.fused
+        out = [ctx(a, k) if fused else slot_context(a, grid, *slots, images=k) for a, k in zip(alphas, images)]
+        loss = sum((o * torch.arange(3.0)).sum() * (i + 1) for i, o in enumerate(out)) + grid.sum()
+        return out, torch.autograd.grad(loss, [grid0, *alphas])
+
+    (o_new, g_new), (o_old, g_old) = run(True), run(False)
+    for x, y in zip([*o_new, *g_new], [*o_old, *g_old]):
+        torch.testing.assert_close(x, y, **TOL)
+    with torch.no_grad():
+        assert not LoopContext(grid0, slots).fused
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not LoopContext(grid0, slots).fused
 
 
 @pytest.mark.parametrize("bias", [True, False])

@@ -17,6 +17,7 @@ each image's regions once for all its captions (`slot_context`).
 
 from __future__ import annotations
 
+import bisect
 import functools
 from typing import Any
 
@@ -38,7 +39,7 @@ from seesay.decoders.common import (
 )
 from seesay.encoders.base import EncoderOutput
 from seesay.layers import gemm
-from seesay.layers.attention import LoopTanhScores, SentinelAttention, image_slots
+from seesay.layers.attention import LoopContext, LoopTanhScores, SentinelAttention, image_slots, rank_images
 from seesay.layers.embedding import WordEmbedding
 from seesay.layers.loop import LoopLinear
 from seesay.registry import register_decoder
@@ -69,16 +70,25 @@ class AdaptiveAttentionDecoder(Decoder):
     def _start(self, grid: Tensor, rows: Tensor | None = None) -> dict[str, Tensor]:
         """grid (M, N, D), one row per image; `rows` [R] the image of each decoder row (None: one row each).
 
-        In teacher forcing (`rows` given) the regions stay one row per image, never copied per
-        caption, and "slots" tells the attention where each row's image is (`image_slots`)."""
+        In teacher forcing (`rows` given, sorted longest caption first) the regions stay one row per
+        image, never copied per caption, put in the order of their first row (`rank_images`:
+        "first" is each image's first row), so that each step reads only the regions of the rows
+        still running; "slots" tells the attention where each row's image is (`image_slots`)."""
         regions = torch.relu(self.region_proj(grid))  # (M, N, H), once per image
-        proj = row_memory(self.attention.project(regions), rows)
-        glob = row_memory(torch.relu(self.global_proj(grid.mean(dim=1))), rows)
+        glob = torch.relu(self.global_proj(grid.mean(dim=1)))
+        first = None
+        if rows is not None:
+            rows, ranked, first = rank_images(rows, grid.shape[0])
+            regions, glob = regions.index_select(0, ranked), glob.index_select(0, ranked)
+        # one row per image, now in row order (caption batches): the per-image tensors serve the rows as they are
+        per_row = None if rows is None or first == list(range(len(rows))) else rows
+        proj = row_memory(self.attention.project(regions), per_row)
+        glob = row_memory(glob, per_row)
         zeros = grid.new_zeros(proj.shape[0], self.decoder_dim)
         s = {"h": zeros, "c": zeros, "mem_regions": regions, "mem_proj": proj, "mem_global": glob,
              "img": image_ids(proj.shape[0], grid.device)}
         if rows is not None:
-            s["slots"] = image_slots(rows, grid.shape[0])
+            s["slots"], s["first"] = image_slots(rows, grid.shape[0]), first
         return s
 
     def _inputs(self, emb: Tensor, glob: Tensor) -> tuple[Tensor, Tensor]:
@@ -122,8 +132,10 @@ class AdaptiveAttentionDecoder(Decoder):
         h_q, sentinel_q = h, sentinel
         if rows < R and not running:  # finished rows: their old h and no sentinel; their results are dropped
             h_q, sentinel_q = torch.cat([h, h_all[rows:]]), F.pad(sentinel, (0, 0, 0, R - rows))
+        first = s.get("first") if running else None  # ranked images: read only the running rows' ones
         context, alpha_hat = self.attention(s["mem_regions"], s["mem_proj"], h_q, sentinel_q, lin["query"](h_q),
-                                            s.get("slots"), scores)
+                                            s.get("slots"), scores, s.get("context"),
+                                            None if first is None else bisect.bisect_left(first, rows))
         if rows < R:
             h = torch.cat([h, h_all[rows:]])
         return h, c, context[:rows] + h[:rows], alpha_hat[:rows]
@@ -140,6 +152,7 @@ class AdaptiveAttentionDecoder(Decoder):
         x_gates, x_sent = x_gates.unbind(0), x_sent.unbind(0)  # per step, from one product for all steps
         lin = self._linears(loop=True)
         s["scores"] = LoopTanhScores(s["mem_proj"], self.attention.score)
+        s["context"] = LoopContext(s["mem_regions"], s["slots"])
         outs, alphas = [], []
         for t, n in enumerate(rows_per_step):  # n rows still decoding at step t (sorted longest first)
             s["h"], s["c"], out, alpha = self._core(x_gates[t][:n], x_sent[t][:n], s, n, lin)

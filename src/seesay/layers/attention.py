@@ -374,6 +374,80 @@ def slot_context(alpha: Tensor, grid: Tensor, slot: Tensor, G: int, images: int 
     return torch.bmm(placed.view(M, G, N), grid).view(M * G, D).index_select(0, slot)
 
 
+class LoopContext:
+    """`slot_context` for every step of one teacher-forced forward over a grid that needs a
+    gradient (the adaptive decoder's regions), reading only the running rows' images.
+
+    # m - images, g - rows per image (slots), n - regions, d - width
+    The images are ranked by their first row (`rank_images`), so a step's running rows belong to
+    the first k images; autograd would make a gradient of the whole grid for the slice grid[:k]
+    at every step. Here each step's backward adds its share into the first k images of one
+    accumulation (one in-place batched product), which autograd receives once, when it reaches the
+    grid after every step. Outside autograd, or under autocast, `slot_context` is used as it is.
+    """
+
+    def __init__(self, grid: Tensor, slots: tuple[Tensor, int]) -> None:
+        self.fused = (torch.is_grad_enabled() and grid.requires_grad
+                      and not torch.is_autocast_enabled(grid.device.type))
+        self.slot, self.G = slots
+        self.acc: Tensor | None = None
+        self.grid = _ContextHand.apply(self, grid) if self.fused else grid
+
+    def __call__(self, alpha: Tensor, images: int) -> Tensor:
+        """alpha (R, N) for the first R rows, whose images are the grid's first `images` -> (R, D)."""
+        if not self.fused:
+            return slot_context(alpha, self.grid, self.slot, self.G, images)
+        return _Context.apply(self, self.grid, alpha, images)
+
+    def accumulate(self, placed: Tensor, grad: Tensor) -> None:
+        """acc[:k] += placed^T grad: placed (k, G, N), grad (k, G, D)."""
+        k = placed.shape[0]
+        if self.acc is None:
+            self.acc = self.grid.new_zeros(self.grid.shape)
+        self.acc[:k].baddbmm_(placed.transpose(1, 2), grad)
+
+
+class _ContextHand(torch.autograd.Function):
+    """Identity on the grid; its backward adds the steps' accumulation (`LoopContext`)."""
+
+    @staticmethod
+    def forward(ctx: Any, owner: LoopContext, grid: Tensor) -> Tensor:
+        ctx.owner = owner
+        ctx.set_materialize_grads(False)
+        return grid.view_as(grid)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor | None) -> Any:
+        acc, ctx.owner.acc = ctx.owner.acc, None
+        if acc is not None:
+            grad = acc if grad is None else grad + acc
+        return None, grad
+
+
+class _Context(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, owner: LoopContext, grid: Tensor, alpha: Tensor, images: int) -> Tensor:
+        R, N = alpha.shape
+        G, slot = owner.G, owner.slot[:R]
+        placed = alpha.new_zeros(images * G, N).index_copy_(0, slot, alpha).view(images, G, N)
+        ctx.owner, ctx.images = owner, images
+        ctx.save_for_backward(grid, placed, slot)
+        return torch.bmm(placed, grid[:images]).view(images * G, -1).index_select(0, slot)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad: Tensor) -> Any:
+        grid, placed, slot = ctx.saved_tensors
+        k, G, N = placed.shape
+        g = grad.new_zeros(k * G, grad.shape[1]).index_copy_(0, slot, grad).view(k, G, -1)
+        d_alpha = None
+        if ctx.needs_input_grad[2]:
+            d_alpha = torch.bmm(g, grid[:k].transpose(1, 2)).view(k * G, N).index_select(0, slot)
+        if ctx.needs_input_grad[1]:
+            ctx.owner.accumulate(placed, g)
+        return None, None, d_alpha, None
+
+
 class SentinelAttention(nn.Module):
     """Spatial attention with a visual sentinel (Lu et al. 2017, "Knowing When to Look").
 
@@ -396,15 +470,16 @@ class SentinelAttention(nn.Module):
         return tanh_scores(x, self.score)
 
     def forward(self, grid: Tensor, grid_proj: Tensor, h: Tensor, sentinel: Tensor, query: Tensor | None = None,
-                slots: tuple[Tensor, int] | None = None, scores: LoopTanhScores | None = None
-                ) -> tuple[Tensor, Tensor]:
+                slots: tuple[Tensor, int] | None = None, scores: LoopTanhScores | None = None,
+                context: LoopContext | None = None, images: int | None = None) -> tuple[Tensor, Tensor]:
         """grid (M, N, H), grid_proj (M, N, A), h and sentinel (R, H) with R = M * G; `query` is
         g_proj(h) when the caller made it (teacher forcing's `LoopLinear`).
 
         Teacher forcing passes `slots` (its rows' places among their images' rows, `image_slots`):
         grid_proj has one row per decoder row, `grid` one per image, and h may hold only the first
-        R of grid_proj's rows (the rows still running); `scores` is the forward's `LoopTanhScores`.
-        Returns the adaptive context (R, H) and alpha_hat (R, N+1), last column = beta.
+        R of grid_proj's rows (the rows still running), whose images may be the grid's first
+        `images` (`rank_images`); `scores` and `context` are the forward's `LoopTanhScores` and
+        `LoopContext`. Returns the adaptive context (R, H) and alpha_hat (R, N+1), last column = beta.
         """
         M, N, _ = grid.shape
         R = h.shape[0]
@@ -421,8 +496,10 @@ class SentinelAttention(nn.Module):
         z_s = tanh_scores(self.s_proj(sentinel) + g, self.score)  # (R, 1)
         alpha_hat = torch.softmax(torch.cat([z, z_s], dim=-1), dim=-1)  # (R, N+1)
         beta = alpha_hat[:, -1:]  # (R, 1)
-        if slots is not None:
-            spatial = slot_context(alpha_hat[:, :-1], grid, *slots)
+        if context is not None:
+            spatial = context(alpha_hat[:, :-1], grid.shape[0] if images is None else images)
+        elif slots is not None:
+            spatial = slot_context(alpha_hat[:, :-1], grid, *slots, images=images)
         else:
             spatial = torch.bmm(alpha_hat[:, :-1].reshape(M, G, N), grid).view(R, -1)
         return spatial + beta * sentinel, alpha_hat
