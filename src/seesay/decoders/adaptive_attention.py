@@ -11,8 +11,9 @@ Teacher forcing computes the regions and their attention projection once per ima
 (`image_rows`), the LSTM input's and the sentinel's products with [words; v_g] for every step in
 one product each, and the output layer over every step at once; the loop keeps the recurrence.
 Each step attends with the rows still running only: the scores' autograd node
-(`LoopTanhScores`) reads the first rows of the per-row projection itself, and the context reads
-each image's regions once for all its captions (`slot_context`).
+(`LoopTanhScores`) reads the first rows of the per-row projection itself, and the context
+(`LoopContext`) reads each image's regions once for all its captions, only for the images of the
+rows still running (ranked by their first caption).
 """
 
 from __future__ import annotations
@@ -134,7 +135,7 @@ class AdaptiveAttentionDecoder(Decoder):
             h_q, sentinel_q = torch.cat([h, h_all[rows:]]), F.pad(sentinel, (0, 0, 0, R - rows))
         first = s.get("first") if running else None  # ranked images: read only the running rows' ones
         context, alpha_hat = self.attention(s["mem_regions"], s["mem_proj"], h_q, sentinel_q, lin["query"](h_q),
-                                            s.get("slots"), scores, s.get("context"),
+                                            scores, s.get("context"),
                                             None if first is None else bisect.bisect_left(first, rows))
         if rows < R:
             h = torch.cat([h, h_all[rows:]])

@@ -54,6 +54,19 @@ def grouped_scores(grid_proj: Tensor, query: Tensor, head: Callable[[Tensor], Te
     return out
 
 
+def running_scores(grid_proj: Tensor, query: Tensor, head: Callable[[Tensor], Tensor],
+                   scores: LoopScores | LoopTanhScores | None) -> Tensor:
+    """Teacher forcing's scores (R, N) for the first R rows of the per-row projection grid_proj
+    (M >= R rows; query (R, A)): by the forward's loop node (`LoopScores`, `LoopTanhScores`), which
+    reads those rows itself, or the plain way, which slices grid_proj only when R is smaller (only
+    without grad: under autograd a slice per step costs a gradient of grid_proj's full size)."""
+    if scores is not None and scores.fused:
+        return scores(query)
+    R, N = query.shape[0], grid_proj.shape[1]
+    proj = grid_proj if R == grid_proj.shape[0] else grid_proj[:R]
+    return grouped_scores(proj, query.view(R, 1, -1), head).view(R, N)
+
+
 def relu_scores(x: Tensor, score: nn.Linear) -> Tensor:
     """score(relu(x)) (..., 1), computed in x."""
     return score(x.relu_())
@@ -107,12 +120,7 @@ class AdditiveAttention(nn.Module):
         R = h.shape[0]
         query = self.dec_proj(h) if query is None else query
         if slots is not None:  # teacher forcing: one projection row per decoder row, h maybe only the first rows
-            if scores is not None and scores.fused:
-                e = scores(query)  # reads P's first R rows itself
-            else:  # no autograd slice unless h is shorter than grid_proj (only without grad)
-                proj = grid_proj if R == grid_proj.shape[0] else grid_proj[:R]
-                e = grouped_scores(proj, query.view(R, 1, -1), self._head).view(R, N)
-            alpha = torch.softmax(e, dim=-1)
+            alpha = torch.softmax(running_scores(grid_proj, query, self._head, scores), dim=-1)
             return slot_context(alpha, grid, *slots, images=images), alpha
         M = grid_proj.shape[0]
         G = rows_per_image(M, R)
@@ -470,26 +478,22 @@ class SentinelAttention(nn.Module):
         return tanh_scores(x, self.score)
 
     def forward(self, grid: Tensor, grid_proj: Tensor, h: Tensor, sentinel: Tensor, query: Tensor | None = None,
-                slots: tuple[Tensor, int] | None = None, scores: LoopTanhScores | None = None,
-                context: LoopContext | None = None, images: int | None = None) -> tuple[Tensor, Tensor]:
+                scores: LoopTanhScores | None = None, context: LoopContext | None = None,
+                images: int | None = None) -> tuple[Tensor, Tensor]:
         """grid (M, N, H), grid_proj (M, N, A), h and sentinel (R, H) with R = M * G; `query` is
         g_proj(h) when the caller made it (teacher forcing's `LoopLinear`).
 
-        Teacher forcing passes `slots` (its rows' places among their images' rows, `image_slots`):
-        grid_proj has one row per decoder row, `grid` one per image, and h may hold only the first
-        R of grid_proj's rows (the rows still running), whose images may be the grid's first
-        `images` (`rank_images`); `scores` and `context` are the forward's `LoopTanhScores` and
-        `LoopContext`. Returns the adaptive context (R, H) and alpha_hat (R, N+1), last column = beta.
+        Teacher forcing passes the forward's `context` (`LoopContext` over `grid`, one row per image,
+        which knows each row's place among its image's rows) and `scores` (`LoopTanhScores` over
+        grid_proj, one row per decoder row); h may then hold only the first R of grid_proj's rows
+        (the rows still running), whose images may be the grid's first `images` (`rank_images`).
+        Returns the adaptive context (R, H) and alpha_hat (R, N+1), last column = beta.
         """
         M, N, _ = grid.shape
         R = h.shape[0]
         g = self.g_proj(h) if query is None else query  # (R, A)
-        if slots is not None:
-            if scores is not None and scores.fused:
-                z = scores(g)  # reads P's first R rows itself
-            else:  # no autograd slice unless h is shorter than grid_proj (only without grad)
-                proj = grid_proj if R == grid_proj.shape[0] else grid_proj[:R]
-                z = grouped_scores(proj, g.view(R, 1, -1), self._head).view(R, N)
+        if context is not None:
+            z = running_scores(grid_proj, g, self._head, scores)
         else:
             G = rows_per_image(M, R)
             z = grouped_scores(grid_proj, g.view(M, G, -1), self._head).view(R, N)
@@ -497,9 +501,7 @@ class SentinelAttention(nn.Module):
         alpha_hat = torch.softmax(torch.cat([z, z_s], dim=-1), dim=-1)  # (R, N+1)
         beta = alpha_hat[:, -1:]  # (R, 1)
         if context is not None:
-            spatial = context(alpha_hat[:, :-1], grid.shape[0] if images is None else images)
-        elif slots is not None:
-            spatial = slot_context(alpha_hat[:, :-1], grid, *slots, images=images)
+            spatial = context(alpha_hat[:, :-1], M if images is None else images)
         else:
             spatial = torch.bmm(alpha_hat[:, :-1].reshape(M, G, N), grid).view(R, -1)
         return spatial + beta * sentinel, alpha_hat
