@@ -37,6 +37,7 @@ import torch
 from roofline import best_of
 from torch.utils.flop_counter import FlopCounterMode
 
+from seesay.allocator import keep_freed_memory
 from seesay.decoding import beam_search, greedy
 from seesay.encoders.base import EncoderOutput
 from seesay.registry import build_decoder, list_decoders
@@ -162,6 +163,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3,
                         help="time each measurement this many times and keep the fastest (noisy shared machines)")
     args = parser.parse_args()
+    kept = keep_freed_memory()  # as the command line does (seesay.allocator; SEESAY_KEEP_FREED_MEMORY=0: not)
     if args.threads:
         torch.set_num_threads(args.threads)
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -177,8 +179,9 @@ def main() -> None:
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "torch": torch.__version__, "threads": torch.get_num_threads(), "images": args.images,
         "sequential_images": args.sequential_images, "max_len": args.max_len, "repeats": args.repeats,
-        # glibc returns big freed blocks to the OS, so every step's large attention tensors page-fault
-        # afresh; these variables (or jemalloc/tcmalloc) change CPU figures a lot: record them
+        # glibc returns big freed blocks to the OS, so every step's large tensors page-fault afresh unless
+        # its thresholds are set (seesay.allocator, or these variables, or jemalloc/tcmalloc): record which
+        "allocator_kept_freed_memory": kept,
         "malloc_env": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_") or k == "LD_PRELOAD"},
         "roofline_gmacs": roofline,
         "results": {},

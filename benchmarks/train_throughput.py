@@ -39,6 +39,7 @@ import time
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from seesay.allocator import keep_freed_memory
 from seesay.encoders.base import EncoderOutput
 from seesay.model import build_model
 from seesay.train.objectives import token_cross_entropy as caption_loss
@@ -185,6 +186,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     ap.add_argument("--no-roofline", action="store_true", help="skip measuring the matmul roofline")
     args = ap.parse_args()
+    kept = keep_freed_memory()  # as the command line does (seesay.allocator; SEESAY_KEEP_FREED_MEMORY=0: not)
     if args.threads:
         torch.set_num_threads(args.threads)
     sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
@@ -217,7 +219,8 @@ def main() -> None:
                        and x["mode"] == "encoder_per_caption")
             speedups[f"{r['preset']}/{r['decoder']}"] = round(r["captions_per_s"] / per["captions_per_s"], 2)
     print(json.dumps({"device": str(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
-                      "machine": platform.machine(), "steps": args.steps, "amp": args.amp, "roofline_gmacs": roofline,
+                      "machine": platform.machine(), "steps": args.steps, "amp": args.amp,
+                      "allocator_kept_freed_memory": kept, "roofline_gmacs": roofline,
                       "results": results,
                       "grouped_vs_per_caption_speedup": speedups}, indent=1))
 

@@ -47,6 +47,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from seesay.allocator import keep_freed_memory
+
 HERE = Path(__file__).resolve().parent
 VOCAB, GRID, ENC_DIM, DIMS, BATCH, STEPS = 10000, 14, 2048, 512, 32, 20
 TUTORIAL_FILES = ("models.py", "caption.py", "train.py")
@@ -233,6 +235,7 @@ def main() -> None:
     ap.add_argument("--with-encoder", action="store_true", help="also time the tutorial with ResNet-101 in the loop")
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args()
+    kept = keep_freed_memory()  # as the command line does (seesay.allocator; SEESAY_KEEP_FREED_MEMORY=0: not)
     if args.threads:
         torch.set_num_threads(args.threads)
     tut = load_tutorial(args.tutorial)
@@ -253,6 +256,7 @@ def main() -> None:
         ratios["train_cached_vs_frozen_resnet101"] = s["train_cached"] / t["train_frozen_resnet101"]
     r2 = lambda d: {k: round(v, 2) for k, v in d.items()}  # noqa: E731
     print(json.dumps({"machine": platform.machine(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+                      "allocator_kept_freed_memory": kept,
                       "sizes": {"dims": DIMS, "vocab": VOCAB, "grid": GRID, "enc_dim": ENC_DIM, "batch": BATCH,
                                 "beam": 5, "steps": STEPS},
                       "tutorial_captions_per_s": r2(t), "tutorial_beam_steps_per_image": round(tutorial_steps, 1),

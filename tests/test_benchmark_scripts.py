@@ -61,6 +61,20 @@ def test_decode_throughput_reports_batched_and_one_image_beam():
     assert r["beam5_mmacs_per_caption"] > r["greedy_mmacs_per_caption"] > 0
 
 
+def test_allocator_alternates_glibc_defaults_and_the_kept_setting():
+    from seesay import allocator
+
+    out = _run("allocator.py", "--workloads", "greedy_transformer", "--rounds", "2", "--reps", "1", "--warmup", "0",
+               "--images", "1", "--threads", "1")
+    r = out["results"]["greedy_transformer"]
+    # each setting really ran as named (on glibc: the worker's keep_freed_memory() set it, or was told not to)
+    assert r["glibc_defaults"]["applied"] is True
+    assert r["kept"]["applied"] is (allocator._glibc() is not None)
+    for k in ("glibc_defaults", "kept"):
+        assert 0 < r[k]["best_s"] <= r[k]["median_s"] and r[k]["minor_faults"] >= 0 and r[k]["peak_rss_mib"] > 0
+    assert r["speedup_median"] == round(r["glibc_defaults"]["median_s"] / r["kept"]["median_s"], 3)
+
+
 def test_roofline_takes_the_faster_backend_as_its_peak():
     g = _run("roofline.py", "--threads", "1")["gmacs"]
     assert g["large_500x3072x2048"] > 0

@@ -15,6 +15,7 @@ import importlib
 import logging
 import sys
 
+from seesay.allocator import keep_freed_memory
 from seesay.errors import SeesayError
 
 VERBS = (
@@ -85,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    keep_freed_memory()  # tensors a step frees are reused by the next (seesay.allocator)
     try:
         return int(args._run(args) or 0)
     except SeesayError as e:
