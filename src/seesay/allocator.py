@@ -5,8 +5,10 @@ over the vocabulary, the attention's sums, gradients). glibc's defaults give suc
 to the kernel when it is freed: blocks above the mmap threshold (128 KiB at first, adjusted
 upward as blocks are freed) through `munmap`, and the heap's free top above the trim threshold.
 The next step's tensors are then fresh pages, which the kernel maps and zero-fills one page
-fault at a time. At the tutorial's sizes (2 threads, 2026-12-03) that cost batched beam-5
-decoding 1.5x and training 1.1-1.3x.
+fault at a time. At the tutorial's sizes (2 threads) keeping them made batched beam 5 over 100
+images 1.14x faster and the Transformer's greedy decoding 1.28x (medians, page faults near
+zero); training steps changed less than their run-to-run spread (`benchmarks/allocator.py`,
+docs/performance.md).
 
 `keep_freed_memory()` sets both thresholds to 1 GiB, as `MALLOC_MMAP_THRESHOLD_=1073741824
 MALLOC_TRIM_THRESHOLD_=1073741824` in the environment would: blocks up to 1 GiB come from the heap
