@@ -75,6 +75,14 @@ def test_allocator_alternates_glibc_defaults_and_the_kept_setting():
     assert r["speedup_median"] == round(r["glibc_defaults"]["median_s"] / r["kept"]["median_s"], 3)
 
 
+def test_context_product_times_both_orientations_and_they_agree():
+    out = _run("context_product.py", "--images", "3", "--beam", "2", "--regions", "4", "--width", "8", "--repeats", "1",
+               "--rounds", "2", "--threads", "1")
+    assert set(out["ms"]) == {"alpha_grid", "grid_t_alpha", "sum"} and all(len(v) == 2 for v in out["all_ms"].values())
+    assert out["max_abs_difference"] < 1e-5  # the same context either way
+    assert out["speedup"] > 0 and all(v > 0 for v in out["ms"].values())
+
+
 def test_roofline_takes_the_faster_backend_as_its_peak():
     g = _run("roofline.py", "--threads", "1")["gmacs"]
     assert g["large_500x3072x2048"] > 0
