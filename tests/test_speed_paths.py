@@ -131,6 +131,49 @@ def test_hoisted_teacher_forcing_equals_the_plain_loop(name):
             torch.testing.assert_close(a, b, **TOL, msg=pname)
 
 
+def _loop_nodes_alive() -> int:
+    import gc
+
+    from seesay.layers import attention, loop
+
+    kinds = (loop.LoopLinear, attention.LoopScores, attention.LoopTanhScores, attention.LoopContext)
+    gc.collect()
+    return sum(type(o) in kinds for o in gc.get_objects())  # type(), not isinstance: no deprecated proxies touched
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_loop_linear_is_freed_once_its_forward_and_backward_are_done(bias):
+    """No cycle through autograd's graph keeps a LoopLinear (with its rows) alive after backward:
+    one biased LoopLinear per step of a training loop used to stay in memory for good."""
+    import weakref
+
+    from seesay.layers.loop import LoopLinear
+
+    lin = torch.nn.Linear(3, 4, bias=bias)
+    x = torch.randn(2, 3, requires_grad=True)
+    loop = LoopLinear(lin.weight, lin.bias)
+    (loop(x) + loop(x[:1]).sum()).sum().backward()
+    assert lin.weight.grad is not None
+    gone = weakref.ref(loop)
+    del loop
+    import gc
+
+    gc.collect()
+    assert gone() is None
+
+
+@pytest.mark.parametrize("name", sorted(PLAIN))
+@pytest.mark.parametrize("grouped", [False, True])
+def test_training_steps_leave_no_loop_nodes_behind(name, grouped):
+    before = _loop_nodes_alive()
+    dec = _decoder(name).train()
+    tokens, lengths = _captions([4, 7, 2, 7, 5, 3])
+    rows = torch.tensor([0, 0, 1, 1, 2, 2]) if grouped else None
+    for _ in range(3):
+        dec(_enc(3 if grouped else 6), tokens, lengths, rows).logits.sum().backward()
+    assert _loop_nodes_alive() == before
+
+
 @pytest.mark.parametrize("name", sorted(SIZES))
 @pytest.mark.parametrize("layout", ["image_major", "shuffled", "uneven"])
 @pytest.mark.parametrize("grid_grad", [True, False])

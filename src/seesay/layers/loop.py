@@ -20,6 +20,7 @@ it is (32 rows by 2048x2048 and 2048x512, one thread), more than paying for the 
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import torch
@@ -92,18 +93,26 @@ class LoopLinear:
 
 
 class _Hand(torch.autograd.Function):
-    """Identity on the parameters; its backward makes their gradients from the steps' rows."""
+    """Identity on the parameters; its backward makes their gradients from the steps' rows.
+
+    The owner keeps this node's outputs (its weight and bias), so the node holds the owner only
+    weakly: a strong reference would close a cycle through autograd's C++ graph that Python's
+    garbage collector does not see when the node has two outputs, and every biased `LoopLinear`
+    of every training step would stay in memory (two per step for soft attention). The steps'
+    nodes (`_Step`) hold the owner until backward has passed them, so it is alive here whenever
+    a step used it."""
 
     @staticmethod
     def forward(ctx: Any, owner: LoopLinear, *params: Tensor) -> Any:
-        ctx.owner = owner
+        ctx.owner = weakref.ref(owner)
         ctx.set_materialize_grads(False)
         out = tuple(p.view_as(p) for p in params)
         return out if len(out) > 1 else out[0]
 
     @staticmethod
     def backward(ctx: Any, *grads: Tensor | None) -> Any:
-        gw, gb = ctx.owner._gradients()
+        owner = ctx.owner()
+        gw, gb = owner._gradients() if owner is not None else (None, None)
         made = (gw, gb)[: len(grads)]
         out = []
         for direct, loop in zip(grads, made):  # a direct use of the parameter outside the steps adds
