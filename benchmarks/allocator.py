@@ -10,6 +10,9 @@ Workloads, at the Show-Attend-Tell tutorial's sizes (512/512/512, vocabulary 10k
 grid, `train_throughput.py`'s "tutorial" preset):
 - train_soft_cached / train_transformer_grouped: one training step (forward, loss, backward,
   Adam) on cached features, 32 captions (`train_throughput.make_step`);
+- train_soft_varying: the same soft-attention step with new captions (8-16 words) and features
+  at every repetition, as a real epoch's batches are (not in the default list: run it with many
+  `--reps` to watch the resident size, reported after the first and the last repetition);
 - beam5_soft: soft attention's beam 5 over `--images` images, 20 steps;
 - greedy_transformer: the Transformer's greedy decoding over `--images` images, 20 steps.
 
@@ -30,6 +33,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 WORKLOADS = ("train_soft_cached", "train_transformer_grouped", "beam5_soft", "greedy_transformer")
+EXTRA_WORKLOADS = ("train_soft_varying",)
 
 
 def _workload(name: str, images: int):
@@ -37,6 +41,8 @@ def _workload(name: str, images: int):
     import torch
 
     sys.path.insert(0, str(HERE))
+    if name == "train_soft_varying":
+        return _varying_training_step()
     if name.startswith("train_"):
         from train_throughput import make_step
 
@@ -67,6 +73,48 @@ def _workload(name: str, images: int):
     return run
 
 
+def _varying_training_step():
+    """Soft attention's training step at the tutorial's sizes with new captions and features each call."""
+    import torch
+    from train_throughput import PRESETS, _captions
+
+    from seesay.encoders.base import EncoderOutput
+    from seesay.model import build_model
+    from seesay.train.objectives import token_cross_entropy
+    from seesay.train.optim import build_optimizer
+
+    p = PRESETS["tutorial"]
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(0)
+    spec = {"encoder": dict(p["encoder"]),
+            "decoder": {"name": "soft_attention", **p["decoders"]["soft_attention"], "vocab_size": p["vocab"]}}
+    model = build_model(spec)
+    model.encoder.set_fine_tune(False)
+    model.decoder.train()
+    opt = build_optimizer("adam", [{"params": [q for q in model.decoder.parameters() if q.requires_grad],
+                                    "lr": 1e-4}], 0.0)
+    n, B = p["grid"] ** 2, p["batch"]
+
+    def step() -> None:
+        tokens, lengths = _captions(B, p["vocab"], gen)
+        grid = torch.randn(B, n, p["enc_dim"], generator=gen)
+        out = model.forward_features(EncoderOutput(grid, grid.mean(1), (p["grid"], p["grid"])), tokens, lengths, None)
+        loss, _, _ = token_cross_entropy(out.logits, tokens, lengths)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return step
+
+
+def _rss_mib() -> float:
+    """The resident size now (Linux), else the peak so far."""
+    try:
+        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError, IndexError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def worker(args: argparse.Namespace) -> dict:
     import torch
 
@@ -78,28 +126,30 @@ def worker(args: argparse.Namespace) -> dict:
     run = _workload(args.worker, args.images)
     for _ in range(args.warmup):
         run()
-    times = []
+    times, rss = [], []
     r0 = resource.getrusage(resource.RUSAGE_SELF)
     for _ in range(args.reps):
         t0 = time.perf_counter()
         run()
         times.append(time.perf_counter() - t0)
+        if not rss or len(times) == args.reps:
+            rss.append(_rss_mib())
     r1 = resource.getrusage(resource.RUSAGE_SELF)
     n = args.reps
     return {"kept": kept, "seconds": times, "minor_faults": (r1.ru_minflt - r0.ru_minflt) / n,
             "sys_seconds": (r1.ru_stime - r0.ru_stime) / n, "user_seconds": (r1.ru_utime - r0.ru_utime) / n,
-            "peak_rss_mib": r1.ru_maxrss / 1024}
+            "peak_rss_mib": r1.ru_maxrss / 1024, "rss_mib_first_last": rss}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=WORKLOADS)
+    ap.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=WORKLOADS + EXTRA_WORKLOADS)
     ap.add_argument("--rounds", type=int, default=3, help="alternations of the two settings, fresh processes")
     ap.add_argument("--reps", type=int, default=4, help="timed repetitions per process")
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--images", type=int, default=100, help="images per decoding batch")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    ap.add_argument("--worker", choices=WORKLOADS, help=argparse.SUPPRESS)
+    ap.add_argument("--worker", choices=WORKLOADS + EXTRA_WORKLOADS, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         print(json.dumps(worker(args)))
@@ -127,6 +177,7 @@ def main() -> None:
                 "sys_s": round(statistics.median(r["sys_seconds"] for r in rs), 4),
                 "user_s": round(statistics.median(r["user_seconds"] for r in rs), 4),
                 "peak_rss_mib": round(max(r["peak_rss_mib"] for r in rs)),
+                "rss_mib_first_last": [[round(x) for x in r["rss_mib_first_last"]] for r in rs],
             }
         d, k = summary["glibc_defaults"], summary["kept"]
         summary["speedup_median"] = round(d["median_s"] / k["median_s"], 3)

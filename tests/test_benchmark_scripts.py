@@ -72,6 +72,7 @@ def test_allocator_alternates_glibc_defaults_and_the_kept_setting():
     assert r["kept"]["applied"] is (allocator._glibc() is not None)
     for k in ("glibc_defaults", "kept"):
         assert 0 < r[k]["best_s"] <= r[k]["median_s"] and r[k]["minor_faults"] >= 0 and r[k]["peak_rss_mib"] > 0
+        assert [len(x) for x in r[k]["rss_mib_first_last"]] == [1, 1]  # one process per round; 1 rep: one reading
     assert r["speedup_median"] == round(r["glibc_defaults"]["median_s"] / r["kept"]["median_s"], 3)
 
 
