@@ -41,14 +41,14 @@ def _workload(name: str, images: int):
     import torch
 
     sys.path.insert(0, str(HERE))
-    if name == "train_soft_varying":
-        return _varying_training_step()
     if name.startswith("train_"):
         from train_throughput import make_step
 
         decoder, mode = {"train_soft_cached": ("soft_attention", "cached"),
+                         "train_soft_varying": ("soft_attention", "cached"),
                          "train_transformer_grouped": ("transformer", "cached_grouped")}[name]
-        return make_step("tutorial", decoder, mode, device=torch.device("cpu"), amp=False)[0]
+        return make_step("tutorial", decoder, mode, device=torch.device("cpu"), amp=False,
+                         varying=name == "train_soft_varying")[0]
     from decode_throughput import PRESETS, decoder_kwargs
 
     from seesay.decoding import beam_search, greedy
@@ -71,40 +71,6 @@ def _workload(name: str, images: int):
                 greedy(dec, enc, **common)
 
     return run
-
-
-def _varying_training_step():
-    """Soft attention's training step at the tutorial's sizes with new captions and features each call."""
-    import torch
-    from train_throughput import PRESETS, _captions
-
-    from seesay.encoders.base import EncoderOutput
-    from seesay.model import build_model
-    from seesay.train.objectives import token_cross_entropy
-    from seesay.train.optim import build_optimizer
-
-    p = PRESETS["tutorial"]
-    torch.manual_seed(0)
-    gen = torch.Generator().manual_seed(0)
-    spec = {"encoder": dict(p["encoder"]),
-            "decoder": {"name": "soft_attention", **p["decoders"]["soft_attention"], "vocab_size": p["vocab"]}}
-    model = build_model(spec)
-    model.encoder.set_fine_tune(False)
-    model.decoder.train()
-    opt = build_optimizer("adam", [{"params": [q for q in model.decoder.parameters() if q.requires_grad],
-                                    "lr": 1e-4}], 0.0)
-    n, B = p["grid"] ** 2, p["batch"]
-
-    def step() -> None:
-        tokens, lengths = _captions(B, p["vocab"], gen)
-        grid = torch.randn(B, n, p["enc_dim"], generator=gen)
-        out = model.forward_features(EncoderOutput(grid, grid.mean(1), (p["grid"], p["grid"])), tokens, lengths, None)
-        loss, _, _ = token_cross_entropy(out.logits, tokens, lengths)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-
-    return step
 
 
 def _rss_mib() -> float:

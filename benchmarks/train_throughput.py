@@ -95,31 +95,46 @@ def _time_steps(step, steps: int, warmup: int, device: torch.device) -> float:
     return time.perf_counter() - t0
 
 
-def make_step(preset: str, decoder: str, mode: str, *, device: torch.device, amp: bool):
-    """(step, forward, tokens, lengths): one optimiser step of `decoder` in feeding `mode`, and its forward."""
+def make_step(preset: str, decoder: str, mode: str, *, device: torch.device, amp: bool, varying: bool = False,
+              batch: int | None = None):
+    """(step, forward, tokens, lengths): one optimiser step of `decoder` in feeding `mode`, and its forward.
+
+    By default every step trains on the same batch. With `varying` each step draws new captions
+    (8-16 words) and, for cached features, new images' features, as an epoch's batches come: the
+    products' shapes then change from step to step, which a fixed batch never shows (libraries
+    that build a kernel per shape pay for it only there). `batch` overrides the preset's."""
     p = PRESETS[preset]
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(0)
     spec = {"encoder": dict(p["encoder"]), "decoder": {"name": decoder, **p["decoders"][decoder], "vocab_size": p["vocab"]}}
     model = build_model(spec).to(device)
-    B = p["batch"]
-    tokens, lengths = _captions(B, p["vocab"], gen)
-    tokens, lengths = tokens.to(device), lengths.to(device)
-    if mode in ("cached", "cached_grouped"):
+    B = batch or p["batch"]
+    cached = mode in ("cached", "cached_grouped")
+    now: dict[str, torch.Tensor] = {}  # this step's batch
+
+    def draw() -> None:
+        tokens, lengths = _captions(B, p["vocab"], gen)
+        now["tokens"], now["lengths"] = tokens.to(device), lengths.to(device)
+        if cached:
+            now["idx"] = torch.randint(0, 64, (B if mode == "cached" else -(-B // CPI),), generator=gen).to(device)
+
+    if cached:
         model.encoder.set_fine_tune(False)
         module = model.decoder
         n = p["grid"] ** 2
         bank_grid = torch.randn(64, n, p["enc_dim"], dtype=torch.float16, device=device)
         bank_pooled = bank_grid.float().mean(1).half()
-        idx = torch.randint(0, 64, (B if mode == "cached" else -(-B // CPI),), generator=gen).to(device)
+        draw()
         rows = None if mode == "cached" else torch.arange(-(-B // CPI), device=device).repeat_interleave(CPI)[:B]
 
         def forward():
+            idx = now["idx"]
             enc = EncoderOutput(bank_grid[idx].float(), bank_pooled[idx].float(), (p["grid"], p["grid"]))
-            return model.forward_features(enc, tokens, lengths, rows)
+            return model.forward_features(enc, now["tokens"], now["lengths"], rows)
     else:
         model.encoder.set_fine_tune(True)
         module = model
+        draw()
         n_images = -(-B // CPI) if mode == "encoder_grouped" else B  # B = 32: 6 images of 5 captions, one of 2
         images = torch.randint(0, 256, (n_images, 3, p["image_size"], p["image_size"]), dtype=torch.uint8,
                                generator=gen).to(device)
@@ -128,7 +143,7 @@ def make_step(preset: str, decoder: str, mode: str, *, device: torch.device, amp
             rows = rows.repeat_interleave(CPI)[:B]
 
         def forward():
-            return module(images, tokens, lengths, rows)
+            return module(images, now["tokens"], now["lengths"], rows)
     module.train()
     opt = build_optimizer("adam", [{"params": [q for q in module.parameters() if q.requires_grad], "lr": 1e-4}], 0.0)
     # --amp: float16 with a GradScaler on CUDA, bfloat16 on the CPU (what `seesay train --amp` does)
@@ -136,9 +151,11 @@ def make_step(preset: str, decoder: str, mode: str, *, device: torch.device, amp
     scaler = torch.amp.GradScaler("cuda", enabled=amp and amp_dtype == torch.float16)
 
     def step():
+        if varying:
+            draw()
         with torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=amp):
             out = forward()
-            loss, _, _ = caption_loss(out.logits, tokens, lengths)
+            loss, _, _ = caption_loss(out.logits, now["tokens"], now["lengths"])
             if out.extras and out.extras.get("aux_loss") is not None:
                 loss = loss + out.extras["aux_loss"]
         opt.zero_grad(set_to_none=True)
@@ -146,16 +163,16 @@ def make_step(preset: str, decoder: str, mode: str, *, device: torch.device, amp
         scaler.step(opt)
         scaler.update()
 
-    return step, forward, tokens, lengths
+    return step, forward, now["tokens"], now["lengths"]
 
 
 def bench(preset: str, decoder: str, mode: str, *, device: torch.device, steps: int, warmup: int,
-          amp: bool, peak: float | None = None) -> dict:
-    step, forward, tokens, lengths = make_step(preset, decoder, mode, device=device, amp=amp)
+          amp: bool, peak: float | None = None, varying: bool = False) -> dict:
+    step, forward, tokens, lengths = make_step(preset, decoder, mode, device=device, amp=amp, varying=varying)
     B = PRESETS[preset]["batch"]
     macs = count_macs(forward, tokens, lengths) / B
     seconds = _time_steps(step, steps, warmup, device)
-    out = {"preset": preset, "decoder": decoder, "mode": mode, "batch_captions": B,
+    out = {"preset": preset, "decoder": decoder, "mode": mode, "batch_captions": B, "new_batch_each_step": varying,
            "images_encoded_per_step": 0 if mode.startswith("cached") else (-(-B // CPI) if mode == "encoder_grouped" else B),
            "captions_per_s": round(B * steps / seconds, 1), "step_ms": round(1000 * seconds / steps, 1),
            "mmacs_per_caption": round(macs / 1e6, 1), "gmacs_achieved": round(macs * B * steps / seconds / 1e9, 2)}
@@ -185,6 +202,8 @@ def main() -> None:
     ap.add_argument("--modes", nargs="+", default=None, help="only these feeding modes")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     ap.add_argument("--no-roofline", action="store_true", help="skip measuring the matmul roofline")
+    ap.add_argument("--varying", action="store_true",
+                    help="new captions and features at every step, as an epoch's batches (multiply-adds: the first's)")
     args = ap.parse_args()
     kept = keep_freed_memory()  # as the command line does (seesay.allocator; SEESAY_KEEP_FREED_MEMORY=0: not)
     if args.threads:
@@ -209,7 +228,7 @@ def main() -> None:
                 if args.modes and mode not in args.modes:
                     continue
                 r = bench(preset, decoder, mode, device=device, steps=args.steps, warmup=args.warmup, amp=args.amp,
-                          peak=peak)
+                          peak=peak, varying=args.varying)
                 results.append(r)
                 print(json.dumps(r), file=sys.stderr, flush=True)  # progress; the summary goes to stdout
     speedups = {}

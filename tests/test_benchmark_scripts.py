@@ -108,19 +108,19 @@ def test_onednn_decode_times_both_paths_alternately():
         assert r["speedup"] == round(r["onednn"] / r["torch"], 2)
 
 
-def test_onednn_train_times_both_paths_alternately():
+def test_onednn_varying_runs_each_setting_in_fresh_processes():
     from seesay.layers import gemm
 
-    if not gemm.available():
-        pytest.skip("no oneDNN float32 product in this torch build")
-    out = _run("onednn_train.py", "--preset", "demo", "--decoders", "soft_attention", "--modes", "cached",
-               "cached_grouped", "--steps", "1", "--rounds", "2", "--threads", "1")
-    assert [(r["decoder"], r["mode"]) for r in out["results"]] == [("soft_attention", "cached"),
-                                                                   ("soft_attention", "cached_grouped")]
-    for r in out["results"]:
-        assert len(r["all"]["torch"]) == len(r["all"]["onednn"]) == 2
-        assert r["torch"] == max(r["all"]["torch"]) > 0 and r["onednn"] == max(r["all"]["onednn"]) > 0
-        assert r["speedup"] == round(r["onednn"] / r["torch"], 3)
+    out = _run("onednn_varying.py", "--preset", "demo", "--workloads", "train:soft_attention:4", "beam5:soft_attention",
+               "--rounds", "2", "--warmup", "1", "--steps", "2", "--images", "3", "--threads", "1")
+    assert set(out["results"]) == {"train:soft_attention:4", "beam5:soft_attention"}
+    for r in out["results"].values():
+        assert r["onednn"]["applied"] == [gemm.available()] * 2 and r["torch"]["applied"] == [False, False]
+        for setting in ("onednn", "torch"):
+            assert len(r[setting]["rounds_median_s"]) == 2 and r[setting]["total_s"] > 0
+            assert all(a > 0 and b > 0 for a, b in r[setting]["rss_mib_after_warmup_and_end"])
+        assert r["onednn_speedup"] == pytest.approx(r["torch"]["total_s"] / r["onednn"]["total_s"], rel=0.05)
+    assert out["results"]["train:soft_attention:4"]["torch"]["captions_per_s"][0] > 0
 
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")

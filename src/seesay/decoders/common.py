@@ -135,8 +135,7 @@ def input_gates(lstm: torch.nn.LSTMCell, x: Tensor, start: int = 0, stop: int | 
 def split_input_weight(lstm: torch.nn.LSTMCell, width: int) -> tuple[Tensor, Tensor]:
     """W_ih's columns [:width] and [width:], each contiguous, for a training forward that uses both
     parts: one split gives W_ih one gradient, made by concatenation (two slices would each make a
-    zero-filled gradient of W_ih's full size, then add them), and contiguous parts are what oneDNN
-    reads unpacked (`seesay.layers.gemm`)."""
+    zero-filled gradient of W_ih's full size, then add them)."""
     first, rest = lstm.weight_ih.split([width, lstm.weight_ih.shape[1] - width], dim=1)
     return first.contiguous(), rest.contiguous()
 

@@ -7,28 +7,35 @@ AMD EPYC build machine a 32-row product with a 2048x2048 weight runs at 27 GMAC/
 MKL and 40-47 through oneDNN with the weight packed once; 5 rows (one image's beams) 11 vs 28;
 2 threads double the oneDNN figures and hardly move MKL's small ones
 (benchmarks/roofline.py reports both backends). torch ships oneDNN (`torch.backends.mkldnn`)
-and exposes the product as `mkldnn::_linear_pointwise`, the op its compiler uses. Given an
-unpacked weight, oneDNN is still faster than MKL on this machine, by less: 32 rows 35 vs 25
-GMAC/s, 5 rows 14 vs 7.5, a 411x512 by 512x10000 output layer 46 vs 41 (one thread).
+and exposes the product as `mkldnn::_linear_pointwise`, the op its compiler uses.
 
-`linear` takes oneDNN for a weight of more than `MIN_WEIGHT_ELEMENTS` elements, float32, on the
-CPU (`usable`):
-- inside a `packing()` block and without autograd (decoding), with the weight packed once;
-- elsewhere reading the weight as it is, with autograd through `_Linear`, whose gradient
-  products go through oneDNN too (training; `seesay.layers.loop.LoopLinear` uses `dense` and
-  `matmul` for its step products). oneDNN reads an unpacked weight only when it is contiguous or
-  the transpose of a contiguous one; a slice of columns goes to torch.
-and `torch.nn.functional.linear` everywhere else: other devices and dtypes, autocast, tracing,
-ONNX export, torch.compile and Python dispatch modes (torch's flop counter counts only its own
-ops), builds without oneDNN, non-x86 CPUs (whose oneDNN may route through other libraries), and
-when the environment sets SEESAY_ONEDNN=0. Results equal torch's up to the order of float32 sums.
+`linear` takes oneDNN inside a `packing()` block, without autograd (decoding), for a weight of
+more than `MIN_WEIGHT_ELEMENTS` elements, float32, on the CPU (`usable`), with the weight packed
+once per block; everywhere else it is `torch.nn.functional.linear`: training and any forward
+outside a block, other devices and dtypes, autocast, tracing, ONNX export, torch.compile and
+Python dispatch modes (torch's flop counter counts only its own ops), builds without oneDNN,
+non-x86 CPUs (whose oneDNN may route through other libraries), and when the environment sets
+SEESAY_ONEDNN=0. Results equal torch's up to the order of float32 sums.
 
 Packing costs about one product's time, so it pays only when a weight is used many times with
 the same values: the decoding functions (`seesay.decoding`) open a `packing()` block, inside
 which each weight is packed at its first use and reused at every step. A block is the cache's
 whole lifetime: weights change between calls (training steps; fused Adam does not even move a
-parameter's version counter), never within one decoding call. Training does not pack: packing
-the loop's weights once per forward cost about what it saved (in-process A/B, tutorial sizes).
+parameter's version counter), never within one decoding call.
+
+Training stays on torch's products. oneDNN builds (JIT-compiles) a kernel for every new shape
+and keeps up to 1024 of them: about 0.5 ms for a few rows by a 2048x512 weight, 3-5 ms for
+400 rows by the 10000x512 output layer, on top of the product. A batch of new captions brings
+new shapes (the all-steps products' row counts, the loop's per-step row counts, the weight
+gradients' inner sizes), so with a new batch at every step, training through oneDNN took
+1.11-1.17x torch's time in the four families measured, and the kept kernels grew the process
+by up to 1.5 GB (soft attention, 128 captions; tutorial sizes, Intel Xeon, two threads;
+`benchmarks/onednn_varying.py`, docs/performance.md). The speedups measured earlier came from
+repeating one batch, whose kernels were all built at its first step. Decoding's shapes are
+few (rows = live beams, at most batch x beam size) and its packed weights save MKL's repacking
+at every step, which decides it there (on AMD CPUs; on an Intel Xeon MKL's small products were
+about as fast: docs/performance.md).
+
 `Linear` is a drop-in nn.Linear (same parameters, same state dict) whose calls go through
 `linear` (`seesay.decoders.common.LSTMCell` is its nn.LSTMCell).
 """
@@ -42,7 +49,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from functools import cache
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -66,10 +72,6 @@ def available() -> bool:
 # ~10 us of this module's checks) exceeds what packing saves: torch's own product is as fast or
 # faster there (5 to 100 rows, measured on the build machine).
 MIN_WEIGHT_ELEMENTS = 1 << 17
-# An unpacked weight needs more: 16-32 rows by a 512x512 weight run as fast through MKL as through
-# oneDNN, by 1024x512 oneDNN is 1.2x faster, by 2048x512 to 10000x512 1.3-2.2x (1 and 2 threads).
-MIN_UNPACKED_ELEMENTS = 1 << 18
-
 _OFF: ContextVar[bool] = ContextVar("seesay_gemm_off", default=False)
 
 
@@ -80,13 +82,6 @@ def usable(x: Tensor, weight: Tensor) -> bool:
             and weight.dtype == torch.float32 and weight.dim() == 2 and not torch.is_autocast_enabled("cpu")
             and not torch.jit.is_tracing() and not torch.compiler.is_compiling() and not _dispatch_mode()
             and not _exporting() and not _OFF.get() and available())
-
-
-def unpackable(weight: Tensor) -> bool:
-    """A `usable` product may also read this weight unpacked: more than `MIN_UNPACKED_ELEMENTS`, and
-    contiguous or a contiguous tensor's transpose (given a slice of columns, oneDNN falls back to a
-    reference loop a thousand times slower: measured)."""
-    return weight.numel() > MIN_UNPACKED_ELEMENTS and (weight.is_contiguous() or weight.t().is_contiguous())
 
 
 @contextmanager
@@ -119,8 +114,7 @@ def pack(weight: Tensor) -> Tensor:
 
 
 def product(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-    """x @ W.T + bias through oneDNN, `weight` = `pack(W)` or W itself (contiguous, or the transpose
-    of a contiguous tensor); no checks and no autograd (see `linear`)."""
+    """x @ W.T + bias through oneDNN, `weight` = `pack(W)`; no checks and no autograd (see `linear`)."""
     return torch.ops.mkldnn._linear_pointwise(x, weight, None if bias is None else bias.detach(), "none", [], "")
 
 
@@ -148,56 +142,22 @@ def active() -> bool:
 
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, *, cols: tuple[int, int] | None = None) -> Tensor:
-    """x @ weight[:, cols].T + bias, through oneDNN where `usable` (packed once per `packing()` block
-    when no gradient flows, else read as it is; see the module's docstring), else torch's
-    `F.linear`. `cols` (start, stop) multiplies by a block of the weight's columns (the part of an
-    input layer that meets one part of its input).
+    """x @ weight[:, cols].T + bias: inside a `packing()` block and without autograd through oneDNN
+    where `usable`, with the weight packed at its first use in the block; else torch's `F.linear`
+    (see the module's docstring). `cols` (start, stop) multiplies by a block of the weight's
+    columns (the part of an input layer that meets one part of its input).
 
     `weight` should be a parameter (a long-lived tensor): the block keeps each distinct weight
     and its pack until it ends, which for the server is its whole life."""
     part = weight if cols is None else weight[:, cols[0]:cols[1]]
-    if not usable(x, part):
-        return F.linear(x, part, bias)
-    if _tracked(x, part, bias):
-        return _Linear.apply(x, part, bias) if unpackable(part) else F.linear(x, part, bias)
     packs = _SCOPE.get()
-    if packs is None:
-        return dense(x, part, bias)  # no block: oneDNN reads the weight as it is
+    if packs is None or _tracked(x, part, bias) or not usable(x, part):
+        return F.linear(x, part, bias)
     key = (id(weight), cols)
     hit = packs.get(key)
     if hit is None:  # the weight is kept with its pack, so that its id cannot be reused within the block
         hit = packs[key] = (weight, pack(part))
     return product(x, hit[1], bias)
-
-
-def dense(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-    """x @ weight.T + bias through oneDNN (weight not packed) where `usable`, else torch; no autograd
-    (for a custom function's forward and backward formulas)."""
-    return product(x, weight, bias) if usable(x, weight) and unpackable(weight) else F.linear(x, weight, bias)
-
-
-def matmul(a: Tensor, b: Tensor) -> Tensor:
-    """a @ b for a (..., K) and b (K, N), as `dense`."""
-    return dense(a, b.t())
-
-
-class _Linear(torch.autograd.Function):
-    """x W^T + b through oneDNN with autograd: the gradients' products go through oneDNN too."""
-
-    @staticmethod
-    def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-        ctx.save_for_backward(x, weight)
-        return product(x, weight, bias)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx: Any, grad: Tensor) -> Any:
-        x, weight = ctx.saved_tensors
-        g = grad.reshape(-1, grad.shape[-1])
-        grad_x = matmul(grad, weight) if ctx.needs_input_grad[0] else None
-        grad_w = matmul(g.t(), x.reshape(-1, x.shape[-1])) if ctx.needs_input_grad[1] else None
-        grad_b = g.sum(0) if ctx.needs_input_grad[2] else None
-        return grad_x, grad_w, grad_b
 
 
 class Linear(nn.Linear):

@@ -11,11 +11,10 @@ How: the weight reaches the loop through an identity node (`_Hand`) whose backwa
 only after every step that used the weight has run its own backward (each step depends on it),
 so by then every step has left its rows. The result is the same gradient, up to the order of
 floating-point sums. Inputs' gradients are computed per step as before (the recurrence needs
-them). Under autocast the weight is cast once per loop to the autocast dtype. On a CPU where
-oneDNN pays (`seesay.layers.gemm.usable`) the steps' products go through it with the weight
-packed once per loop, and the input gradients with W^T packed once at the first backward step:
-a step multiplies only a few rows, for which a packed weight is 1.2-1.3x faster than one read as
-it is (32 rows by 2048x2048 and 2048x512, one thread), more than paying for the packing.
+them). Under autocast the weight is cast once per loop to the autocast dtype. The products are
+torch's: oneDNN's, with the weight packed once per loop, were faster on a repeated batch but
+slower on real batches, whose every new row count costs a kernel build
+(`seesay.layers.gemm`'s docstring).
 """
 
 from __future__ import annotations
@@ -39,8 +38,6 @@ class LoopLinear:
     def __init__(self, weight: Tensor, bias: Tensor | None = None) -> None:
         self._xs: list[Tensor] = []
         self._gs: list[Tensor] = []
-        self._packed: Tensor | None = None
-        self._transposed: Tensor | None = None
         weight = weight.contiguous()  # once per loop: a slice of columns costs a copy per product
         params = (weight,) if bias is None else (weight, bias)
         self.track = torch.is_grad_enabled() and any(p.requires_grad for p in params)
@@ -64,32 +61,13 @@ class LoopLinear:
         self._xs.append(x.reshape(-1, x.shape[-1]))
         self._gs.append(grad.reshape(-1, grad.shape[-1]))
 
-    def _product(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-        """x W^T + b for a step; through oneDNN with W packed at the loop's first step."""
-        if not gemm.usable(x, weight):
-            return F.linear(x, weight, bias)
-        if self._packed is None:
-            self._packed = gemm.pack(weight)
-        return gemm.product(x, self._packed, bias)
-
-    def _input_gradient(self, grad: Tensor, weight: Tensor) -> Tensor:
-        """grad @ W for a step; through oneDNN with W^T packed at the first backward step (the
-        forward's pack is released then)."""
-        if not gemm.usable(grad, weight):
-            return grad.matmul(weight)
-        if self._transposed is None:
-            self._packed = None
-            self._transposed = gemm.pack(weight.t())
-        return gemm.product(grad, self._transposed)
-
     def _gradients(self) -> tuple[Tensor | None, Tensor | None]:
         """G^T X and the sum of G over all kept rows; the rows are released."""
-        self._packed = self._transposed = None
         if not self._gs:
             return None, None
         g, x = torch.cat(self._gs), torch.cat(self._xs)
         self._xs, self._gs = [], []
-        return gemm.matmul(g.t(), x), g.sum(0)
+        return g.t() @ x, g.sum(0)
 
 
 class _Hand(torch.autograd.Function):
@@ -130,11 +108,11 @@ class _Step(torch.autograd.Function):
     def forward(ctx: Any, owner: LoopLinear, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         ctx.owner = owner
         ctx.save_for_backward(x, weight)
-        return owner._product(x, weight, bias)
+        return F.linear(x, weight, bias)
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> Any:
         x, weight = ctx.saved_tensors
         ctx.owner._keep(x, grad)
-        grad_x = ctx.owner._input_gradient(grad, weight) if ctx.needs_input_grad[1] else None
+        grad_x = grad.matmul(weight) if ctx.needs_input_grad[1] else None
         return None, grad_x, None, None
