@@ -36,13 +36,10 @@ import sys
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
+from allocator import _rss_mib
+
 DEFAULT = ("train:soft_attention:32", "train:soft_attention:128", "train:show_tell:32",
            "train:adaptive_attention:32", "train:transformer:32", "beam5:soft_attention", "greedy:transformer")
-
-
-def _rss_mib() -> float:
-    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
 def _cpu_name() -> str:
@@ -53,6 +50,27 @@ def _cpu_name() -> str:
         import platform
 
         return platform.machine()
+
+
+def _parse(name: str, preset: str) -> tuple[str, str, int]:
+    """(kind, decoder, batch) of a workload name; ValueError saying what is wrong."""
+    from train_throughput import PRESETS
+
+    from seesay.registry import list_decoders
+
+    kind, _, rest = name.partition(":")
+    family, _, batch = rest.partition(":")
+    if kind not in ("train", "beam5", "greedy"):
+        raise ValueError(f"workload {name!r}: kind must be train, beam5 or greedy")
+    known = [d for d in PRESETS[preset]["decoders"] if d in list_decoders()]
+    if family not in known:
+        raise ValueError(f"workload {name!r}: decoder {family!r} is not in the {preset} preset "
+                         f"(known: {', '.join(known)})")
+    if kind == "train" and not (batch.isdigit() and int(batch) > 0):
+        raise ValueError(f"workload {name!r}: train needs a batch size, e.g. train:{family}:32")
+    if kind != "train" and batch:
+        raise ValueError(f"workload {name!r}: decoding takes no batch size (--images sets the most images)")
+    return kind, family, int(batch or 0)
 
 
 def _decode_call(kind: str, family: str, preset: str, images: int):
@@ -89,15 +107,13 @@ def worker(args: argparse.Namespace) -> dict:
 
     from seesay.allocator import keep_freed_memory
 
-    sys.path.insert(0, str(HERE))
     if args.threads:
         torch.set_num_threads(args.threads)
     keep_freed_memory()
-    kind, family, *rest = args.worker.split(":")
+    kind, family, B = _parse(args.worker, args.preset)
     if kind == "train":
         from train_throughput import make_step
 
-        B = int(rest[0])
         step = make_step(args.preset, family, "cached", device=torch.device("cpu"), amp=False, varying=True,
                          batch=B)[0]
 
@@ -136,6 +152,11 @@ def main() -> None:
     if args.worker:
         print(json.dumps(worker(args)))
         return
+    for name in args.workloads:
+        try:
+            _parse(name, args.preset)
+        except ValueError as e:
+            ap.error(str(e))
     flags = [f"--{k}={getattr(args, k)}" for k in ("preset", "warmup", "steps", "images")]
     flags += [f"--threads={args.threads}"] if args.threads else []
     results = {}
@@ -144,17 +165,19 @@ def main() -> None:
         for r in range(args.rounds):
             for setting in (("onednn", "torch") if r % 2 == 0 else ("torch", "onednn")):
                 env = {**os.environ, "SEESAY_ONEDNN": "1" if setting == "onednn" else "0"}
-                out = subprocess.run([sys.executable, __file__, "--worker", name, *flags], check=True,
+                out = subprocess.run([sys.executable, __file__, "--worker", name, *flags],
                                      capture_output=True, text=True, env=env)
+                if out.returncode:
+                    sys.exit(f"onednn_varying.py: workload {name} ({setting}) failed:\n{out.stderr[-2000:]}")
                 runs[setting].append(json.loads(out.stdout.strip().splitlines()[-1]))
+        total = {k: statistics.median(r["total_s"] for r in rs) for k, rs in runs.items()}
         summary = {s: {"applied": [r["onednn"] for r in rs],
                        "median_s": round(statistics.median(r["median_s"] for r in rs), 4),
-                       "total_s": round(statistics.median(r["total_s"] for r in rs), 4),
+                       "total_s": round(total[s], 4),
                        "rounds_median_s": [round(r["median_s"], 4) for r in rs],
                        "captions_per_s": [round(r["captions_per_s"], 1) for r in rs],
                        "rss_mib_after_warmup_and_end": [r["rss_mib_after_warmup_and_end"] for r in rs]}
                    for s, rs in runs.items()}
-        total = {k: statistics.median(r["total_s"] for r in rs) for k, rs in runs.items()}
         summary["onednn_speedup"] = round(total["torch"] / total["onednn"], 3)
         results[name] = summary
     import torch

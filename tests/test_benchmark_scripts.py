@@ -108,6 +108,16 @@ def test_onednn_decode_times_both_paths_alternately():
         assert r["speedup"] == round(r["onednn"] / r["torch"], 2)
 
 
+@pytest.mark.parametrize("name, message", [("train:soft_attention", "train needs a batch size"),
+                                           ("beam5:nonesuch", "decoder 'nonesuch' is not in the demo preset"),
+                                           ("fit:soft_attention:4", "kind must be train, beam5 or greedy")])
+def test_onednn_varying_names_a_bad_workload_in_one_line(name, message):
+    proc = subprocess.run([sys.executable, str(BENCH / "onednn_varying.py"), "--preset", "demo", "--workloads", name],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert f"workload {name!r}: {message}" in proc.stderr.strip().splitlines()[-1]
+
+
 def test_onednn_varying_runs_each_setting_in_fresh_processes():
     from seesay.layers import gemm
 
