@@ -82,6 +82,18 @@ def _captions(n: int, vocab: int, gen: torch.Generator) -> tuple[torch.Tensor, t
     return tokens, lengths
 
 
+def _packed(model) -> dict:
+    """forward(..., packed=True) where the model takes it (as `seesay train`'s cross-entropy asks);
+    nothing for versions of seesay without it, so this file also times older checkouts."""
+    return {"packed": True} if getattr(model, "packs_logits", False) else {}
+
+
+def _loss(out, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    positions = getattr(out, "positions", None)
+    kw = {} if positions is None else {"positions": positions}
+    return caption_loss(out.logits, tokens, lengths, **kw)[0]
+
+
 def _time_steps(step, steps: int, warmup: int, device: torch.device) -> float:
     for _ in range(warmup):
         step()
@@ -130,7 +142,7 @@ def make_step(preset: str, decoder: str, mode: str, *, device: torch.device, amp
         def forward():
             idx = now["idx"]
             enc = EncoderOutput(bank_grid[idx].float(), bank_pooled[idx].float(), (p["grid"], p["grid"]))
-            return model.forward_features(enc, now["tokens"], now["lengths"], rows)
+            return model.forward_features(enc, now["tokens"], now["lengths"], rows, **_packed(model))
     else:
         model.encoder.set_fine_tune(True)
         module = model
@@ -143,7 +155,7 @@ def make_step(preset: str, decoder: str, mode: str, *, device: torch.device, amp
             rows = rows.repeat_interleave(CPI)[:B]
 
         def forward():
-            return module(images, now["tokens"], now["lengths"], rows)
+            return module(images, now["tokens"], now["lengths"], rows, **_packed(module))
     module.train()
     opt = build_optimizer("adam", [{"params": [q for q in module.parameters() if q.requires_grad], "lr": 1e-4}], 0.0)
     # --amp: float16 with a GradScaler on CUDA, bfloat16 on the CPU (what `seesay train --amp` does)
@@ -155,7 +167,7 @@ def make_step(preset: str, decoder: str, mode: str, *, device: torch.device, amp
             draw()
         with torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=amp):
             out = forward()
-            loss, _, _ = caption_loss(out.logits, now["tokens"], now["lengths"])
+            loss = _loss(out, now["tokens"], now["lengths"])
             if out.extras and out.extras.get("aux_loss") is not None:
                 loss = loss + out.extras["aux_loss"]
         opt.zero_grad(set_to_none=True)
@@ -185,8 +197,7 @@ def count_macs(forward, tokens: torch.Tensor, lengths: torch.Tensor) -> float:
     """Multiply-adds of one forward + backward (FLOPs / 2, as torch's flop counter counts them)."""
     with FlopCounterMode(display=False) as counter:
         out = forward()
-        loss, _, _ = caption_loss(out.logits, tokens, lengths)
-        loss.backward()
+        _loss(out, tokens, lengths).backward()
     return counter.get_total_flops() / 2
 
 

@@ -53,6 +53,16 @@ def test_train_throughput_reports_speed_macs_and_grouping():
     assert rows["cached_grouped"]["mmacs_per_caption"] < rows["cached"]["mmacs_per_caption"]
 
 
+def test_loss_layout_times_padded_and_packed_logits():
+    out = _run("loss_layout.py", "--reps", "2", "--batch", "4", "--vocab", "50", "--threads", "1")
+    assert out["reps"] == 2 and out["batch"] == 4 and out["vocab"] == 50
+    for route in ("padded", "packed"):
+        assert 0 < out["ms"][route]["min"] <= out["ms"][route]["median"] <= out["ms"][route]["max"]
+    assert out["padded_over_packed"] > 0
+    # 4 captions of at most 16 words (T - 1 <= 17 positions) over 50 words
+    assert 0 < out["padded_logits_mib_median"] <= 4 * 17 * 50 * 4 / 2**20 + 0.001  # (rounded to 3 places)
+
+
 def test_decode_throughput_reports_batched_and_one_image_beam():
     out = _run("decode_throughput.py", "--preset", "demo", "--decoders", "soft_attention", "--images", "2",
                "--sequential-images", "1", "--repeats", "1", "--max-len", "4", "--threads", "1")

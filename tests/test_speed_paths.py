@@ -362,6 +362,114 @@ def test_caption_model_passes_image_rows_to_decoders_that_take_them(name, monkey
     torch.testing.assert_close(out.logits, ref.logits, **TOL)
 
 
+PACKING = sorted(n for n in SIZES if getattr(_decoder(n), "packs_logits", False))
+
+
+def test_the_lstm_decoders_pack_their_logits():
+    assert PACKING == ["adaptive_attention", "show_tell", "soft_attention", "transformer"]
+
+
+@pytest.mark.parametrize("grouped", [False, True], ids=["per_caption", "by_image"])
+@pytest.mark.parametrize("name", PACKING)
+def test_packed_logits_are_the_padded_logits_real_positions(name, grouped):
+    dec = _decoder(name).train()  # dropout on: both forwards must draw the same masks
+    lengths_list = [4, 7, 2, 7, 5, 3]
+    tokens, lengths = _captions(lengths_list)
+    rows = torch.tensor([0, 0, 1, 1, 2, 2]) if grouped else None
+    enc = _enc(3 if grouped else 6)
+    torch.manual_seed(5)
+    padded = dec(enc, tokens, lengths, rows)
+    torch.manual_seed(5)
+    packed = dec(enc, tokens, lengths, rows, packed=True)
+    assert padded.positions is None
+    T1 = tokens.shape[1] - 1
+    pos = packed.positions
+    real = sorted(b * T1 + t for b, L in enumerate(lengths_list) for t in range(L - 1))
+    assert sorted(pos.tolist()) == real  # every real position once, no padding
+    assert packed.logits.shape == (len(real), V)
+    if name == "transformer":  # the output layer runs on fewer rows: another blocking of the same product
+        torch.testing.assert_close(packed.logits, padded.logits.reshape(-1, V)[pos], **TOL)
+    else:  # the same product over the same rows
+        assert torch.equal(packed.logits, padded.logits.reshape(-1, V)[pos])
+    if padded.attention is not None:
+        assert torch.equal(packed.attention, padded.attention)
+    w = torch.randn(len(real), V)
+    a = torch.autograd.grad((packed.logits * w).sum(), list(dec.parameters()), allow_unused=True)
+    g = torch.zeros(len(lengths_list) * T1, V).index_copy_(0, pos, w).view(len(lengths_list), T1, V)
+    b = torch.autograd.grad((padded.logits * g).sum(), list(dec.parameters()), allow_unused=True)
+    for (pname, _), x, y in zip(dec.named_parameters(), a, b):
+        assert (x is None) == (y is None), pname
+        if x is not None:
+            torch.testing.assert_close(x, y, **TOL, msg=pname)
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_packed_cross_entropy_equals_the_padded_one(smoothing):
+    from seesay.train.objectives import token_cross_entropy
+
+    dec = _decoder("soft_attention")
+    tokens, lengths = _captions([4, 7, 2, 7, 5])
+    enc = _enc(5)
+    padded = dec(enc, tokens, lengths)
+    packed = dec(enc, tokens, lengths, packed=True)
+    loss_a, n_a, hits_a = token_cross_entropy(padded.logits, tokens, lengths, label_smoothing=smoothing)
+    loss_b, n_b, hits_b = token_cross_entropy(packed.logits, tokens, lengths, label_smoothing=smoothing,
+                                              positions=packed.positions)
+    assert int(n_a) == int(n_b) == 20 and int(hits_a) == int(hits_b)
+    torch.testing.assert_close(loss_b, loss_a)
+    # each real position's gradient is the same: the loss sums the same terms, in another order
+    (ga,) = torch.autograd.grad(loss_a, [padded.logits])
+    (gb,) = torch.autograd.grad(loss_b, [packed.logits])
+    torch.testing.assert_close(gb, ga.reshape(-1, V)[packed.positions], atol=1e-7, rtol=1e-6)
+    assert (gb.sum(-1).abs() < 1e-6).all()  # a softmax's gradient rows sum to zero: no target lost
+
+
+@pytest.mark.parametrize("packs", [True, False], ids=["packing", "not_packing"])
+@pytest.mark.parametrize("name", sorted(SIZES))
+def test_cross_entropy_asks_packed_logits_of_models_that_give_them(name, packs, monkeypatch):
+    from seesay.model import build_model
+    from seesay.train.objectives import CrossEntropy
+
+    torch.manual_seed(0)
+    model = build_model({"encoder": {"name": "small_cnn", "width": 16, "encoded_size": 3, "image_size": 24},
+                         "decoder": {"name": name, "vocab_size": V, **SIZES[name]}}).eval()
+    if not packs:  # a family without the packed path (titans_mac, T5) is never asked for it
+        model.decoder.packs_logits = False
+    images = torch.randint(0, 256, (2, 3, 24, 24), dtype=torch.uint8)
+    rows = torch.tensor([0, 0, 1, 1, 1])
+    tokens, lengths = _captions([4, 6, 3, 5, 6])
+    asked, given = [], []
+    original = type(model).forward
+
+    def spy(self, *a, **kw):
+        asked.append(kw.get("packed", False))
+        out = original(self, *a, **kw)
+        given.append(out.positions is not None)
+        return out
+
+    monkeypatch.setattr(type(model), "forward", spy)
+
+    class Wrapped(torch.nn.Module):  # as DDP holds it: the model is .module
+        def __init__(self, m):
+            super().__init__()
+            self.module = m
+
+        def forward(self, *a, **kw):
+            return self.module(*a, **kw)
+
+    got = CrossEntropy(0.1)(Wrapped(model), images, tokens, lengths, rows)
+    assert asked == [packs] and given == [packs]
+    out = original(model, images, tokens, lengths, rows)  # padded, the reference
+    from seesay.train.objectives import token_cross_entropy
+
+    ref, _, _ = token_cross_entropy(out.logits, tokens, lengths, label_smoothing=0.1)
+    torch.testing.assert_close(got["loss_ce"], ref)
+    # a decoder that does not pack ignores the request: padded logits, no positions
+    out = model(images, tokens, lengths, rows, packed=True)
+    assert (out.positions is not None) == packs
+    assert out.logits.dim() == (2 if packs else 3)
+
+
 def test_unpack_steps_places_each_step_at_its_row_and_time():
     order = torch.tensor([2, 0, 1])  # sorted row r is caller row order[r]
     rows_per_step = [3, 2, 1]

@@ -91,23 +91,26 @@ class CaptionModel(nn.Module):
 
     def forward(self, src: Tensor | EncoderOutput, tokens: Tensor, lengths: Tensor,
                 image_rows: Tensor | None = None, prompt: Tensor | None = None,
-                bool_masked_pos: Tensor | None = None) -> DecoderOutput:
+                bool_masked_pos: Tensor | None = None, packed: bool = False) -> DecoderOutput:
         """Teacher forcing. Each image is encoded once; `image_rows` [R] names the image of each caption row;
         `prompt` [R, P] (ids, right-padded with pad) is each row's input text for decoders that read one;
-        `bool_masked_pos` [B, patches] masks image patches (`seesay.train.mim`)."""
+        `bool_masked_pos` [B, patches] masks image patches (`seesay.train.mim`); `packed`: logits of real
+        positions only, where the decoder `packs_logits` (decoders/base.py; others give padded logits)."""
         enc = src if isinstance(src, EncoderOutput) else self.encode(src, bool_masked_pos)
-        return self.forward_features(enc, tokens, lengths, image_rows, prompt=prompt)
+        return self.forward_features(enc, tokens, lengths, image_rows, prompt=prompt, packed=packed)
 
     def forward_features(self, enc: EncoderOutput, tokens: Tensor, lengths: Tensor,
-                         image_rows: Tensor | None = None, prompt: Tensor | None = None) -> DecoderOutput:
+                         image_rows: Tensor | None = None, prompt: Tensor | None = None,
+                         packed: bool = False) -> DecoderOutput:
+        kw = {"packed": True} if packed and self.packs_logits else {}
         if image_rows is not None:
             # per-image work once per image (features stay one row per image; prompts are per row)
             if getattr(self.decoder, "takes_image_rows", False) and prompt is None:
-                return self.decoder(enc, tokens, lengths, image_rows=image_rows.to(enc.grid.device))
+                return self.decoder(enc, tokens, lengths, image_rows=image_rows.to(enc.grid.device), **kw)
             enc = enc.index_select(image_rows.to(enc.grid.device))
         if prompt is not None:  # one per caption row, so after the row selection
             enc = enc._replace(prompt=prompt.to(enc.grid.device))
-        return self.decoder(enc, tokens, lengths)
+        return self.decoder(enc, tokens, lengths, **kw)
 
     @torch.no_grad()
     def generate(self, src: Tensor | EncoderOutput, strategy: Strategy = Greedy(), *, prompt: Any = None,
@@ -158,6 +161,11 @@ class CaptionModel(nn.Module):
     def reads_prompt(self) -> bool:
         """Whether the prompt is the model's input text (T5) rather than a forced caption prefix."""
         return bool(getattr(self.decoder, "reads_prompt", False))
+
+    @property
+    def packs_logits(self) -> bool:
+        """Whether `forward(..., packed=True)` gives the logits of real positions only (decoders/base.py)."""
+        return bool(getattr(self.decoder, "packs_logits", False))
 
     @property
     def ddp_find_unused_parameters(self) -> bool:

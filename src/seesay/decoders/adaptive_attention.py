@@ -36,6 +36,7 @@ from seesay.decoders.common import (
     per_row,
     reorder_rows,
     row_memory,
+    step_outputs,
     unpack_steps,
 )
 from seesay.encoders.base import EncoderOutput
@@ -49,6 +50,7 @@ from seesay.registry import register_decoder
 class AdaptiveAttentionDecoder(Decoder):
     has_sentinel = True
     takes_image_rows = True
+    packs_logits = True
 
     def __init__(self, *, vocab_size: int, enc_dim: int, embed_dim: int = 512, attention_dim: int = 512,
                  decoder_dim: int = 512, dropout: float = 0.5, alpha_c: float = 0.0) -> None:
@@ -142,8 +144,9 @@ class AdaptiveAttentionDecoder(Decoder):
         return h, c, context[:rows] + h[:rows], alpha_hat[:rows]
 
     def forward(self, enc: EncoderOutput, tokens: Tensor, lengths: Tensor,
-                image_rows: Tensor | None = None) -> DecoderOutput:
-        """`enc` holds one row per image when `image_rows` [B] names each caption's image, else one per caption."""
+                image_rows: Tensor | None = None, packed: bool = False) -> DecoderOutput:
+        """`enc` holds one row per image when `image_rows` [B] names each caption's image, else one per caption;
+        `packed`: logits of real positions only (decoders/base.py)."""
         B, T = tokens.shape
         order, steps, rows_per_step = decode_order(lengths)
         rows = order if image_rows is None else image_rows.to(order.device).index_select(0, order)
@@ -160,14 +163,14 @@ class AdaptiveAttentionDecoder(Decoder):
             outs.append(out)
             alphas.append(alpha)
         logits = self.fc(self.dropout(torch.cat(outs))) if outs else s["h"].new_zeros(0, self.vocab_size)
-        logits = unpack_steps(logits, order, rows_per_step, T - 1)
         alphas = unpack_steps(torch.cat(alphas) if alphas else logits.new_zeros(0, enc.grid.shape[1] + 1), order,
                               rows_per_step, T - 1)
+        logits, positions = step_outputs(logits, order, rows_per_step, T - 1, packed)
         extras = {"sentinel_gate": alphas[..., -1]}
         if self.alpha_c > 0:  # Xu et al.'s regulariser on the spatial weights, renormalised without the sentinel
             spatial = alphas[..., :-1] / (1.0 - alphas[..., -1:]).clamp(min=1e-6)
             extras["aux_loss"] = self.alpha_c * ((1.0 - spatial.sum(dim=1)) ** 2).mean()
-        return DecoderOutput(logits, alphas, extras)
+        return DecoderOutput(logits, alphas, extras, positions)
 
     def init_state(self, enc: EncoderOutput) -> dict[str, Tensor]:
         return self._start(enc.grid)

@@ -7,6 +7,10 @@
   positions t >= lengths-1 are padding and must not influence the loss (or each other).
   `extras["aux_loss"]` (optional scalar) is added to the cross-entropy by the trainer,
   already weighted (e.g. alpha_c * doubly-stochastic term).
+  Decoders with `packs_logits = True` also take `forward(..., packed=True)`: `logits` is then
+  (K, V), one row per real position only, and `positions` [K] says where each row is in the
+  padded layout (b * (T-1) + t). The cross-entropy asks for it: padded logits cost a (B, T-1, V)
+  tensor, its gradient and two copies at every step (`seesay.train.objectives`).
 - `init_state(enc) -> state`; `step(prev_tokens [B], state) -> (logprobs [B,V], state,
   attention [B,A] | None)`; `reorder_state(state, index)` picks rows (beams, batch
   expansion, finished images leaving the batch). A is N (regions), or N+1 for decoders with
@@ -31,9 +35,10 @@ State = Any
 
 
 class DecoderOutput(NamedTuple):
-    logits: Tensor  # (B, T-1, V)
+    logits: Tensor  # (B, T-1, V); (K, V) when `positions` is given
     attention: Tensor | None  # (B, T-1, A) or None
     extras: dict[str, Tensor]
+    positions: Tensor | None = None  # [K] b * (T-1) + t of each logits row (forward(..., packed=True))
 
 
 class Decoder(nn.Module):
@@ -45,6 +50,8 @@ class Decoder(nn.Module):
     # True: forward(enc, tokens, lengths, image_rows=None) takes `enc` with one row per image and
     # `image_rows` [B] naming each caption's image, so per-image work is done once per image
     takes_image_rows: bool = False
+    # True: forward(..., packed=True) gives the logits of real positions only, with their `positions`
+    packs_logits: bool = False
 
     def forward(self, enc: EncoderOutput, tokens: Tensor, lengths: Tensor) -> DecoderOutput:  # pragma: no cover
         raise NotImplementedError

@@ -140,6 +140,16 @@ def split_input_weight(lstm: torch.nn.LSTMCell, width: int) -> tuple[Tensor, Ten
     return first.contiguous(), rest.contiguous()
 
 
+def step_positions(order: Tensor, rows_per_step: list[int], time: int) -> Tensor:
+    """Where each row of a length-sorted loop's step-major outputs goes in the caller's (B, time)
+    layout, flattened: b * time + t (`decode_order`: sorted row r is the caller's row order[r])."""
+    counts = torch.tensor(rows_per_step, dtype=torch.long, device=order.device)
+    t = torch.repeat_interleave(torch.arange(len(rows_per_step), device=order.device), counts)
+    starts = torch.cumsum(counts, 0) - counts
+    r = torch.arange(t.numel(), device=order.device) - starts.repeat_interleave(counts)
+    return order[r] * time + t
+
+
 def unpack_steps(packed: Tensor, order: Tensor, rows_per_step: list[int], time: int) -> Tensor:
     """Step-major outputs of a length-sorted loop -> (B, time, X) in the caller's row order.
 
@@ -152,9 +162,15 @@ def unpack_steps(packed: Tensor, order: Tensor, rows_per_step: list[int], time: 
     X = packed.shape[-1]
     out = packed.new_zeros(B * time, X)
     if packed.shape[0]:
-        counts = torch.tensor(rows_per_step, device=order.device)
-        t = torch.repeat_interleave(torch.arange(len(rows_per_step), device=order.device), counts)
-        starts = torch.cumsum(counts, 0) - counts
-        r = torch.arange(packed.shape[0], device=order.device) - starts.repeat_interleave(counts)
-        out.index_copy_(0, order[r] * time + t, packed)  # in place: no second (B * time, X) tensor
+        out.index_copy_(0, step_positions(order, rows_per_step, time), packed)  # in place: no second tensor
     return out.view(B, time, X)
+
+
+def step_outputs(logits: Tensor, order: Tensor, rows_per_step: list[int], time: int, packed: bool
+                 ) -> tuple[Tensor, Tensor | None]:
+    """The teacher-forced logits as the decoder contract gives them: (B, time, V) padded, or, when
+    the caller asked for `packed` (`forward(..., packed=True)`), the step-major rows as they are
+    with their positions (`step_positions`)."""
+    if packed:
+        return logits, step_positions(order, rows_per_step, time)
+    return unpack_steps(logits, order, rows_per_step, time), None

@@ -22,7 +22,7 @@ from seesay.decoders.common import (
     lstm_cell,
     reorder_rows,
     row_memory,
-    unpack_steps,
+    step_outputs,
 )
 from seesay.encoders.base import EncoderOutput
 from seesay.layers import gemm
@@ -33,6 +33,7 @@ from seesay.registry import register_decoder
 
 class ShowTellDecoder(Decoder):
     takes_image_rows = True
+    packs_logits = True
 
     def __init__(self, *, vocab_size: int, enc_dim: int, embed_dim: int = 512, decoder_dim: int = 512,
                  dropout: float = 0.5) -> None:
@@ -52,8 +53,9 @@ class ShowTellDecoder(Decoder):
         return {"h": h, "c": c}
 
     def forward(self, enc: EncoderOutput, tokens: Tensor, lengths: Tensor,
-                image_rows: Tensor | None = None) -> DecoderOutput:
-        """`enc` holds one row per image when `image_rows` [B] names each caption's image, else one per caption."""
+                image_rows: Tensor | None = None, packed: bool = False) -> DecoderOutput:
+        """`enc` holds one row per image when `image_rows` [B] names each caption's image, else one per caption;
+        `packed`: logits of real positions only (decoders/base.py)."""
         B, T = tokens.shape
         order, steps, rows_per_step = decode_order(lengths)
         rows = order if image_rows is None else image_rows.to(order.device).index_select(0, order)
@@ -68,7 +70,8 @@ class ShowTellDecoder(Decoder):
             h, c = lstm_cell(word_gates[t][:n] + hh(h[:n]), c[:n])
             hs.append(h)
         logits = self.fc(self.dropout(torch.cat(hs))) if hs else h.new_zeros(0, self.vocab_size)
-        return DecoderOutput(unpack_steps(logits, order, rows_per_step, T - 1), None, {})
+        logits, positions = step_outputs(logits, order, rows_per_step, T - 1, packed)
+        return DecoderOutput(logits, None, {}, positions)
 
     def init_state(self, enc: EncoderOutput) -> dict[str, Tensor]:
         return self._start(enc.pooled)

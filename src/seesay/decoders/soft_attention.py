@@ -34,6 +34,7 @@ from seesay.decoders.common import (
     reorder_rows,
     row_memory,
     split_input_weight,
+    step_outputs,
     unpack_steps,
 )
 from seesay.encoders.base import EncoderOutput
@@ -46,6 +47,7 @@ from seesay.registry import register_decoder
 
 class SoftAttentionDecoder(Decoder):
     takes_image_rows = True
+    packs_logits = True
 
     def __init__(self, *, vocab_size: int, enc_dim: int, embed_dim: int = 512, attention_dim: int = 512,
                  decoder_dim: int = 512, dropout: float = 0.5, alpha_c: float = 0.0) -> None:
@@ -125,8 +127,9 @@ class SoftAttentionDecoder(Decoder):
         return {k: LoopLinear(w, b) for k, (w, b) in maps.items()}
 
     def forward(self, enc: EncoderOutput, tokens: Tensor, lengths: Tensor,
-                image_rows: Tensor | None = None) -> DecoderOutput:
-        """`enc` holds one row per image when `image_rows` [B] names each caption's image, else one per caption."""
+                image_rows: Tensor | None = None, packed: bool = False) -> DecoderOutput:
+        """`enc` holds one row per image when `image_rows` [B] names each caption's image, else one per caption;
+        `packed`: logits of real positions only (decoders/base.py)."""
         B, T = tokens.shape
         order, steps, rows_per_step = decode_order(lengths)
         rows = order if image_rows is None else image_rows.to(order.device).index_select(0, order)
@@ -143,13 +146,13 @@ class SoftAttentionDecoder(Decoder):
             hs.append(s["h"][:n])
             alphas.append(alpha)
         logits = self.fc(self.dropout(torch.cat(hs))) if hs else s["h"].new_zeros(0, self.vocab_size)
-        logits = unpack_steps(logits, order, rows_per_step, T - 1)
         alphas = unpack_steps(torch.cat(alphas) if alphas else logits.new_zeros(0, enc.grid.shape[1]), order,
                               rows_per_step, T - 1)
+        logits, positions = step_outputs(logits, order, rows_per_step, T - 1, packed)
         extras = {}
         if self.alpha_c > 0:
             extras["aux_loss"] = self.alpha_c * ((1.0 - alphas.sum(dim=1)) ** 2).mean()
-        return DecoderOutput(logits, alphas, extras)
+        return DecoderOutput(logits, alphas, extras, positions)
 
     def init_state(self, enc: EncoderOutput) -> dict[str, Tensor]:
         return self._start(enc.grid)

@@ -104,6 +104,7 @@ class DecoderLayer(nn.Module):
 
 class TransformerDecoder(Decoder):
     takes_image_rows = True
+    packs_logits = True
 
     def __init__(self, *, vocab_size: int, enc_dim: int, d_model: int = 512, heads: int = 8, layers: int = 3,
                  ff_dim: int = 2048, dropout: float = 0.1) -> None:
@@ -133,7 +134,9 @@ class TransformerDecoder(Decoder):
         pos = sinusoid(torch.arange(start, start + tokens.shape[1], device=tokens.device), self.d_model)
         return self.drop(x + pos.to(x.dtype))
 
-    def _run(self, x: Tensor, memory: list[tuple[Tensor, Tensor]], caches: list | None) -> tuple[Tensor, list, Tensor]:
+    def _run(self, x: Tensor, memory: list[tuple[Tensor, Tensor]], caches: list | None,
+             head: bool = True) -> tuple[Tensor, list, Tensor]:
+        """(logits, or with `head` False the normalised states before the output layer, caches, attention)."""
         new_caches, attention = [], None
         shown = self.attention_layer % len(self.layers)
         for i, layer in enumerate(self.layers):
@@ -141,11 +144,13 @@ class TransformerDecoder(Decoder):
             new_caches.append(kv)
             if i == shown:
                 attention = att
-        return self.fc(self.norm(x)), new_caches, attention
+        x = self.norm(x)
+        return (self.fc(x) if head else x), new_caches, attention
 
     def forward(self, enc: EncoderOutput, tokens: Tensor, lengths: Tensor,
-                image_rows: Tensor | None = None) -> DecoderOutput:
-        """`enc` holds one row per image when `image_rows` [B] names each caption's image, else one per caption."""
+                image_rows: Tensor | None = None, packed: bool = False) -> DecoderOutput:
+        """`enc` holds one row per image when `image_rows` [B] names each caption's image, else one per caption;
+        `packed`: the output layer runs on real positions only, whose logits come back alone (decoders/base.py)."""
         B, T = tokens.shape
         steps = max(int(lengths.max()) - 1, 0) if B else 0
         memory = self._memory(enc)
@@ -155,13 +160,18 @@ class TransformerDecoder(Decoder):
             G = B // M if M and B % M == 0 else 0
             if not (G and torch.equal(image_rows, torch.arange(M, device=tokens.device).repeat_interleave(G))):
                 memory = [(k.index_select(0, image_rows), v.index_select(0, image_rows)) for k, v in memory]
-        logits, _, attention = self._run(self._embed(tokens[:, :steps], 0), memory, None)
-        valid = (torch.arange(steps, device=tokens.device)[None, :] < (lengths.to(tokens.device) - 1)[:, None])
-        valid = valid[..., None].to(logits.dtype)
-        logits, attention = logits * valid, attention * valid  # padding positions are exact zeros
+        hidden, _, attention = self._run(self._embed(tokens[:, :steps], 0), memory, None, head=False)
+        real = torch.arange(steps, device=tokens.device)[None, :] < (lengths.to(tokens.device) - 1)[:, None]
+        attention = attention * real[..., None].to(attention.dtype)  # padding positions are exact zeros
         if steps < T - 1:  # keep the contract's (B, T-1, .) shape
-            logits = F.pad(logits, (0, 0, 0, T - 1 - steps))
             attention = F.pad(attention, (0, 0, 0, T - 1 - steps))
+        if packed:
+            b, t = real.nonzero(as_tuple=True)
+            return DecoderOutput(self.fc(hidden[b, t]), attention, {}, b * (T - 1) + t)
+        logits = self.fc(hidden)
+        logits = logits * real[..., None].to(logits.dtype)
+        if steps < T - 1:
+            logits = F.pad(logits, (0, 0, 0, T - 1 - steps))
         return DecoderOutput(logits, attention, {})
 
     def init_state(self, enc: EncoderOutput) -> dict[str, Tensor]:

@@ -30,20 +30,27 @@ from seesay.train.distributed import all_reduce_sum
 
 
 def token_cross_entropy(logits: torch.Tensor, tokens: torch.Tensor, lengths: torch.Tensor, *,
-                        label_smoothing: float = 0.0, normalise_globally: bool = True
-                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                        label_smoothing: float = 0.0, normalise_globally: bool = True,
+                        positions: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss, token count, top-5 hits) over real positions; logits[:, t] predicts tokens[:, t+1].
 
     The loss is averaged over every real token of the *global* batch (so 2 processes with half
     the batch each give the same gradient as one process with all of it); padding never counts.
+    With `positions` [K] (a decoder's packed output, decoders/base.py) `logits` is (K, V), the
+    real positions only, row k at b * (T-1) + t: the same loss without a padded (R, T-1, V) tensor.
     """
-    steps = logits.size(1)
-    targets = tokens[:, 1: steps + 1]
-    mask = torch.arange(steps, device=logits.device)[None, :] < (lengths.to(logits.device) - 1)[:, None]  # (R, T-1)
-    sel = logits[mask].float()  # (K, V)
-    tgt = targets[mask]
+    if positions is not None:
+        sel = logits.float()
+        tgt = tokens[:, 1:].reshape(-1).index_select(0, positions.to(tokens.device)).to(logits.device)
+        n_local = torch.tensor(sel.shape[0], device=logits.device)
+    else:
+        steps = logits.size(1)
+        targets = tokens[:, 1: steps + 1]
+        mask = torch.arange(steps, device=logits.device)[None, :] < (lengths.to(logits.device) - 1)[:, None]  # (R, T-1)
+        sel = logits[mask].float()  # (K, V)
+        tgt = targets[mask]
+        n_local = mask.sum()
     ce = F.cross_entropy(sel, tgt, reduction="sum", label_smoothing=label_smoothing)
-    n_local = mask.sum()
     with torch.no_grad():
         hits = (sel.topk(min(5, sel.size(-1)), dim=-1).indices == tgt[:, None]).any(-1).sum()
     n_global = n_local.detach().clone().double()
@@ -70,9 +77,12 @@ class CrossEntropy:
                  image_rows: torch.Tensor | None = None, prompt: torch.Tensor | None = None,
                  bool_masked_pos: torch.Tensor | None = None) -> dict[str, Any]:
         extra = {} if bool_masked_pos is None else {"bool_masked_pos": bool_masked_pos}  # masked image modelling
+        if getattr(getattr(model, "module", model), "packs_logits", False):  # (DDP holds the model as .module)
+            extra["packed"] = True  # the logits of real positions only: no padded (R, T-1, V) tensor
         out = model(src, tokens, lengths, image_rows, **extra) if prompt is None else model(
             src, tokens, lengths, image_rows, prompt=prompt, **extra)
-        ce, n_tok, hits = token_cross_entropy(out.logits, tokens, lengths, label_smoothing=self.label_smoothing)
+        ce, n_tok, hits = token_cross_entropy(out.logits, tokens, lengths, label_smoothing=self.label_smoothing,
+                                              positions=getattr(out, "positions", None))
         result: dict[str, Any] = {"loss_ce": ce, "top5": hits.double() / n_tok.clamp(min=1),
                                   "n": int(tokens.size(0))}
         aux = out.extras.get("aux_loss") if out.extras else None
