@@ -18,7 +18,9 @@ Measured (captions/s; sizes 512/512/512, vocabulary 10k, grid 14x14x2048, batch 
 of 8-16 words, as in the issue):
 
 - training, decoder only: the tutorial's `train.train()` on precomputed features (an identity
-  encoder) vs seesay's cached-feature training (`train_throughput.py` "cached" and "cached_grouped");
+  encoder) vs seesay's cached-feature training (`train_throughput.py` "cached" and "cached_grouped"),
+  both with a new batch at every step, timed after `--warmup` batches (a real run's steps come
+  after thousands of others: a few warm-up steps let the allocator's heap settle on both sides);
 - training with the frozen ResNet-101 in the loop (`--with-encoder`, slow on a CPU): the
   tutorial encodes every caption's image each step, seesay caches features (the same seesay figures);
 - beam 5, decoder only: `caption_image_beam_search` one image at a time vs seesay's
@@ -26,7 +28,7 @@ of 8-16 words, as in the issue):
   steps' worth: the tutorial runs until step 51 with random weights, so its time is scaled
   by 20 / its steps.
 
-    python benchmarks/tutorial_compare.py --tutorial PATH/TO/a-PyTorch-Tutorial-to-Image-Captioning [--threads 2]
+    python benchmarks/tutorial_compare.py --tutorial PATH/TO/a-PyTorch-Tutorial-to-Image-Captioning [--threads 2] [--warmup 3]
 
 Prints one JSON object with every figure and the ratios (seesay / tutorial).
 """
@@ -143,8 +145,8 @@ def _batches(n: int, gen: torch.Generator, with_images: bool) -> list:
     return out
 
 
-def tutorial_training(tut: dict, *, steps: int, with_encoder: bool) -> float:
-    """Captions/s of the tutorial's train() over `steps` batches (plus one warm-up batch)."""
+def tutorial_training(tut: dict, *, steps: int, with_encoder: bool, warmup: int = 1) -> float:
+    """Captions/s of the tutorial's train() over `steps` batches, after `warmup` batches."""
     models, train = tut["models"], tut["train"]
     torch.manual_seed(0)
     decoder = models.DecoderWithAttention(attention_dim=DIMS, embed_dim=DIMS, decoder_dim=DIMS, vocab_size=VOCAB,
@@ -157,13 +159,13 @@ def tutorial_training(tut: dict, *, steps: int, with_encoder: bool) -> float:
     opt = torch.optim.Adam([p for p in decoder.parameters() if p.requires_grad], lr=4e-4)
     crit = torch.nn.CrossEntropyLoss()
     gen = torch.Generator().manual_seed(0)
-    loader = _batches(steps + 1, gen, with_encoder)
+    loader = _batches(steps + warmup, gen, with_encoder)
     train.print_freq = 10**9
     # train() prints its first batch's line whatever print_freq is: to stderr, so stdout stays JSON
     with contextlib.redirect_stdout(sys.stderr):
-        train.train(loader[:1], encoder, decoder, crit, None, opt, 0)  # warm-up
+        train.train(loader[:warmup], encoder, decoder, crit, None, opt, 0)  # warm-up
         t0 = time.perf_counter()
-        train.train(loader[1:], encoder, decoder, crit, None, opt, 0)
+        train.train(loader[warmup:], encoder, decoder, crit, None, opt, 0)
         elapsed = time.perf_counter() - t0
     return BATCH * steps / elapsed
 
@@ -204,7 +206,9 @@ def seesay_figures(args: argparse.Namespace) -> dict:
 
     out = {}
     for mode in ("cached", "cached_grouped"):
-        r = bench("tutorial", "soft_attention", mode, device=torch.device("cpu"), steps=args.steps, warmup=1, amp=False)
+        # a new batch at every step, as the tutorial's loader gives (new caption lengths, new shapes)
+        r = bench("tutorial", "soft_attention", mode, device=torch.device("cpu"), steps=args.steps,
+                  warmup=args.warmup, amp=False, varying=True)
         out[f"train_{mode}"] = r["captions_per_s"]
     torch.manual_seed(0)
     dec = build_decoder("soft_attention", vocab_size=VOCAB, enc_dim=ENC_DIM, embed_dim=DIMS, attention_dim=DIMS,
@@ -230,6 +234,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tutorial", required=True, help="a checkout of sgrvinod/a-PyTorch-Tutorial-to-Image-Captioning")
     ap.add_argument("--steps", type=int, default=3, help="training batches timed per figure")
+    ap.add_argument("--warmup", type=int, default=1, help="training batches run before the timed ones (both)")
     ap.add_argument("--images", type=int, default=100, help="images in seesay's batched beam search")
     ap.add_argument("--sequential-images", type=int, default=10, help="images decoded one at a time (both)")
     ap.add_argument("--with-encoder", action="store_true", help="also time the tutorial with ResNet-101 in the loop")
@@ -239,9 +244,9 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     tut = load_tutorial(args.tutorial)
-    t = {"train_decoder_only": tutorial_training(tut, steps=args.steps, with_encoder=False)}
+    t = {"train_decoder_only": tutorial_training(tut, steps=args.steps, with_encoder=False, warmup=args.warmup)}
     if args.with_encoder:
-        t["train_frozen_resnet101"] = tutorial_training(tut, steps=args.steps, with_encoder=True)
+        t["train_frozen_resnet101"] = tutorial_training(tut, steps=args.steps, with_encoder=True, warmup=args.warmup)
     t["beam5_one_image"], tutorial_steps = tutorial_beam(tut, images=args.sequential_images)
     s = seesay_figures(args)
     best_train = max(s["train_cached"], s["train_cached_grouped"])  # cached_grouped: `seesay train --batch-by image`
@@ -257,6 +262,7 @@ def main() -> None:
     r2 = lambda d: {k: round(v, 2) for k, v in d.items()}  # noqa: E731
     print(json.dumps({"machine": platform.machine(), "torch": torch.__version__, "threads": torch.get_num_threads(),
                       "allocator_kept_freed_memory": kept,
+                      "training_steps": {"warmup": args.warmup, "timed": args.steps},
                       "sizes": {"dims": DIMS, "vocab": VOCAB, "grid": GRID, "enc_dim": ENC_DIM, "batch": BATCH,
                                 "beam": 5, "steps": STEPS},
                       "tutorial_captions_per_s": r2(t), "tutorial_beam_steps_per_image": round(tutorial_steps, 1),

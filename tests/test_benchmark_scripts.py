@@ -63,6 +63,103 @@ def test_loss_layout_times_padded_and_packed_logits():
     assert 0 < out["padded_logits_mib_median"] <= 4 * 17 * 50 * 4 / 2**20 + 0.001  # (rounded to 3 places)
 
 
+# A stand-in for a checkout of the tutorial (its code is the user's, never in this repository):
+# the names tutorial_compare.py imports, written the way its files use today's-broken APIs
+# (scipy.misc, a float index from `/`, two values from pack_padded_sequence), small and fast.
+FAKE_TUTORIAL = {
+    "models.py": """
+import torch
+from torch import nn
+
+device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+class Encoder(nn.Module):
+    def fine_tune(self, fine_tune=True):
+        pass
+
+
+class DecoderWithAttention(nn.Module):
+    def __init__(self, attention_dim, embed_dim, decoder_dim, vocab_size, encoder_dim=2048, dropout=0.5):
+        super().__init__()
+        self.embedding = nn.Embedding(vocab_size, 8)
+        self.decode_step = nn.LSTMCell(8, 8)
+        self.fc = nn.Linear(8, vocab_size)
+        self.vocab_size = vocab_size
+
+    def forward(self, encoder_out, encoded_captions, caption_lengths):
+        caption_lengths, sort_ind = caption_lengths.squeeze(1).sort(dim=0, descending=True)
+        encoded_captions = encoded_captions[sort_ind]
+        decode_lengths = (caption_lengths - 1).tolist()
+        emb = self.embedding(encoded_captions)
+        h = c = encoder_out.new_zeros(emb.shape[0], 8)
+        preds = []
+        for t in range(max(decode_lengths)):
+            h, c = self.decode_step(emb[:, t], (h, c))
+            preds.append(self.fc(h))
+        return torch.stack(preds, 1), encoded_captions, decode_lengths, None, sort_ind
+""",
+    "train.py": """
+from torch.nn.utils.rnn import pack_padded_sequence
+
+print_freq = 100
+
+
+def train(train_loader, encoder, decoder, criterion, encoder_optimizer, decoder_optimizer, epoch):
+    for i, (imgs, caps, caplens) in enumerate(train_loader):
+        scores, caps_sorted, decode_lengths, alphas, sort_ind = decoder(encoder(imgs), caps, caplens)
+        scores, _ = pack_padded_sequence(scores, decode_lengths, batch_first=True)
+        targets, _ = pack_padded_sequence(caps_sorted[:, 1:], decode_lengths, batch_first=True)
+        loss = criterion(scores, targets)
+        decoder_optimizer.zero_grad()
+        loss.backward()
+        decoder_optimizer.step()
+        if i % print_freq == 0:
+            print("Epoch", epoch, "batch", i, "loss", float(loss))
+""",
+    "caption.py": """
+import torch
+from scipy.misc import imread, imresize
+
+
+def caption_image_beam_search(encoder, decoder, image_path, word_map, beam_size=3):
+    img = imresize(imread(image_path), (256, 256))
+    encoder(img)
+    k, vocab_size = beam_size, len(word_map)
+    h = c = torch.zeros(k, 8)
+    for step in range(1, 51):
+        h, c = decoder.decode_step(torch.zeros(k, 8), (h, c))
+        scores = torch.log_softmax(decoder.fc(h), dim=1).view(-1)
+        top_k_scores, top_k_words = scores.topk(k)
+        prev_word_inds = top_k_words / vocab_size
+        h, c = h[prev_word_inds], c[prev_word_inds]
+    raise ValueError("no beam ended")
+""",
+}
+
+
+def test_tutorial_compare_runs_against_a_checkout(tmp_path):
+    for name, text in FAKE_TUTORIAL.items():
+        (tmp_path / name).write_text(text)
+    out = _run("tutorial_compare.py", "--tutorial", str(tmp_path), "--steps", "1", "--warmup", "2", "--images", "2",
+               "--sequential-images", "1", "--threads", "1")
+    assert out["training_steps"] == {"warmup": 2, "timed": 1}
+    t, s, r = out["tutorial_captions_per_s"], out["seesay_captions_per_s"], out["ratios"]
+    assert t["train_decoder_only"] > 0 and t["beam5_one_image"] > 0 and "train_frozen_resnet101" not in t
+    assert out["tutorial_beam_steps_per_image"] == 50.0  # every decode_step call counted, the `/` index patched
+    assert all(s[k] > 0 for k in ("train_cached", "train_cached_grouped", "beam5_batched", "beam5_one_image"))
+    assert r["train_vs_decoder_only"] == pytest.approx(max(s["train_cached"], s["train_cached_grouped"])
+                                                       / t["train_decoder_only"], rel=0.02, abs=0.006)  # 2 places
+
+
+def test_tutorial_compare_needs_a_checkout(tmp_path):
+    proc = subprocess.run([sys.executable, str(BENCH / "tutorial_compare.py"), "--tutorial", str(tmp_path)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert proc.stderr.strip().splitlines()[-1] == (f"--tutorial {tmp_path}: not a checkout of the tutorial "
+                                                    "(no models.py, caption.py, train.py)")
+
+
 def test_decode_throughput_reports_batched_and_one_image_beam():
     out = _run("decode_throughput.py", "--preset", "demo", "--decoders", "soft_attention", "--images", "2",
                "--sequential-images", "1", "--repeats", "1", "--max-len", "4", "--threads", "1")
