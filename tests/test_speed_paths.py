@@ -365,7 +365,7 @@ def test_caption_model_passes_image_rows_to_decoders_that_take_them(name, monkey
 PACKING = sorted(n for n in SIZES if getattr(_decoder(n), "packs_logits", False))
 
 
-def test_the_lstm_decoders_pack_their_logits():
+def test_the_recurrent_decoders_and_the_transformer_pack_their_logits():
     assert PACKING == ["adaptive_attention", "show_tell", "soft_attention", "transformer"]
 
 
