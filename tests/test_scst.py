@@ -125,6 +125,35 @@ def test_greedy_baseline_and_loss_by_hand():
     assert model.training
 
 
+class PackedToy(ToyCaptioner):
+    """The same table, given packed (decoders/base.py): one logits row per real position, with its place."""
+
+    packs_logits = True
+
+    def forward(self, src, tokens, lengths, image_rows=None, packed=False):
+        assert packed  # the objective asks for it
+        steps = tokens.size(1) - 1
+        pos = [b * steps + t for b, n in enumerate(lengths.tolist()) for t in range(n - 1)]
+        return DecoderOutput(self.table.expand(len(pos), -1), None, {}, torch.tensor(pos))
+
+
+def test_packed_logits_give_the_same_loss_and_gradient():
+    images = torch.zeros(2, 3, 2, 2)
+    texts = {"greedy": ["red square", "blue circle"], "sampled": ["red red", "blue", "blue circle", "red"]}
+    grads, losses = [], []
+    for cls in (ToyCaptioner, PackedToy):
+        model = cls(**texts)
+        with torch.no_grad():
+            model.table.copy_(torch.tensor([0.0, 0.1, -0.2, 0.3, 0.5, -0.4, 0.2, 0.7, -0.1])[: len(VOCAB)])
+        out = SelfCritical(WordReward(), samples=2, baseline="greedy", max_len=5)(
+            model, images, [["a red square"], ["a blue circle"]])
+        out["loss_scst"].backward()
+        losses.append(out["loss_scst"].item())
+        grads.append(model.table.grad.clone())
+    assert losses[1] == pytest.approx(losses[0], rel=1e-6)
+    torch.testing.assert_close(grads[1], grads[0])
+
+
 def test_a_step_raises_the_log_prob_of_captions_above_the_baseline():
     model = ToyCaptioner(greedy=[], sampled=["red", "blue circle", "red square", "circle"])
     objective = SelfCritical(WordReward(), samples=2, baseline="mean", max_len=5)

@@ -424,6 +424,27 @@ def test_packed_cross_entropy_equals_the_padded_one(smoothing):
     assert (gb.sum(-1).abs() < 1e-6).all()  # a softmax's gradient rows sum to zero: no target lost
 
 
+@pytest.mark.parametrize("name", PACKING)
+def test_packed_sequence_logprobs_equal_the_padded_ones(name):
+    from seesay.train.objectives import sequence_logprobs
+
+    dec = _decoder(name)
+    tokens, lengths = _captions([4, 7, 2, 7, 5])
+    enc = _enc(5)
+    padded = dec(enc, tokens, lengths)
+    packed = dec(enc, tokens, lengths, packed=True)
+    a = sequence_logprobs(padded.logits, tokens, lengths)
+    b = sequence_logprobs(packed.logits, tokens, lengths, packed.positions)
+    assert a.shape == b.shape == (5,)
+    torch.testing.assert_close(b, a, **TOL)
+    w = torch.randn(5)
+    ga = torch.autograd.grad((a * w).sum(), list(dec.parameters()), allow_unused=True)
+    gb = torch.autograd.grad((b * w).sum(), list(dec.parameters()), allow_unused=True)
+    for (pname, _), x, y in zip(dec.named_parameters(), gb, ga):
+        if x is not None:
+            torch.testing.assert_close(x, y, **TOL, msg=pname)
+
+
 @pytest.mark.parametrize("packs", [True, False], ids=["packing", "not_packing"])
 @pytest.mark.parametrize("name", sorted(SIZES))
 def test_cross_entropy_asks_packed_logits_of_models_that_give_them(name, packs, monkeypatch):

@@ -29,6 +29,15 @@ from seesay.errors import SeesayError
 from seesay.train.distributed import all_reduce_sum
 
 
+def packed_request(model: Any) -> dict[str, bool]:
+    """`{"packed": True}` for a model whose teacher forcing can give the logits of real positions only
+    (`packs_logits`, decoders/base.py; the model may be inside DDP), else nothing: the objectives pass
+    it to the forward, so that no padded (R, T-1, V) logits, nor their gradient, are made."""
+    from seesay.checkpoint import unwrap
+
+    return {"packed": True} if getattr(unwrap(model), "packs_logits", False) else {}
+
+
 def token_cross_entropy(logits: torch.Tensor, tokens: torch.Tensor, lengths: torch.Tensor, *,
                         label_smoothing: float = 0.0, normalise_globally: bool = True,
                         positions: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -77,8 +86,7 @@ class CrossEntropy:
                  image_rows: torch.Tensor | None = None, prompt: torch.Tensor | None = None,
                  bool_masked_pos: torch.Tensor | None = None) -> dict[str, Any]:
         extra = {} if bool_masked_pos is None else {"bool_masked_pos": bool_masked_pos}  # masked image modelling
-        if getattr(getattr(model, "module", model), "packs_logits", False):  # (DDP holds the model as .module)
-            extra["packed"] = True  # the logits of real positions only: no padded (R, T-1, V) tensor
+        extra.update(packed_request(model))
         out = model(src, tokens, lengths, image_rows, **extra) if prompt is None else model(
             src, tokens, lengths, image_rows, prompt=prompt, **extra)
         ce, n_tok, hits = token_cross_entropy(out.logits, tokens, lengths, label_smoothing=self.label_smoothing,
@@ -104,8 +112,15 @@ def mean_of_others(reward: torch.Tensor, samples: int) -> torch.Tensor:
     return ((r.sum(1, keepdim=True) - r) / (samples - 1)).reshape(-1)
 
 
-def sequence_logprobs(logits: torch.Tensor, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-    """[R] sum of log p(token) over each row's real positions (every token after bos, eos included)."""
+def sequence_logprobs(logits: torch.Tensor, tokens: torch.Tensor, lengths: torch.Tensor,
+                      positions: torch.Tensor | None = None) -> torch.Tensor:
+    """[R] sum of log p(token) over each row's real positions (every token after bos, eos included).
+    With `positions` [K] (packed logits, decoders/base.py) `logits` is (K, V), the real positions only."""
+    if positions is not None:
+        positions = positions.to(logits.device)
+        tgt = tokens[:, 1:].reshape(-1).to(logits.device).index_select(0, positions)
+        logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, tgt[:, None]).squeeze(-1)  # (K,)
+        return logp.new_zeros(tokens.shape[0]).index_add(0, positions // max(tokens.shape[1] - 1, 1), logp)
     steps = logits.size(1)
     logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, tokens[:, 1: steps + 1, None]).squeeze(-1)  # (R, T-1)
     mask = torch.arange(steps, device=logits.device)[None, :] < (lengths.to(logits.device) - 1)[:, None]
@@ -184,9 +199,11 @@ class SelfCritical:
         bos = torch.full((res.tokens.size(0), 1), tok.bos_id, dtype=res.tokens.dtype, device=res.tokens.device)
         tokens = torch.cat([bos, res.tokens], 1).to(device)
         lengths = (res.lengths + 1).to(device)
-        out = (model(src, tokens, lengths, image_rows) if prompt is None
-               else model(src, tokens, lengths, image_rows, prompt=prompt.index_select(0, image_rows.to(prompt.device))))
-        logprob = sequence_logprobs(out.logits, tokens, lengths)
+        extra = packed_request(model)
+        if prompt is not None:
+            extra["prompt"] = prompt.index_select(0, image_rows.to(prompt.device))
+        out = model(src, tokens, lengths, image_rows, **extra)
+        logprob = sequence_logprobs(out.logits, tokens, lengths, getattr(out, "positions", None))
         advantage = (reward - base).detach()
         n_global = torch.tensor(float(logprob.numel()), dtype=torch.float64, device=device)
         world = 1
