@@ -42,7 +42,9 @@ learning rate; default: every trainable parameter in "decoder"), `set_fine_tune(
 (False: training's default trains the image model, since random frozen features carry little),
 `ddp_find_unused_parameters` (True when some parameters get no gradient in some steps), and
 `reads_prompt` (True: the prompt is the model's input text, e.g. T5's encoder side, so training
-gives each row its dataset's prompt, `seesay.data.tasks`; False or absent: a forced caption prefix).
+gives each row its dataset's prompt, `seesay.data.tasks`; False or absent: a forced caption prefix), and
+`packs_logits` (True: `forward(..., packed=True)` gives the logits of real positions only, with their
+`positions`, decoders/base.py; `packed_request` and `sequence_logprobs` below use it).
 
 The functions below (`caption_images`, `decode_batches`, `decode_split`, `evaluation_lang`) are
 how the applications use a captioner, so there is one copy of each.
@@ -135,6 +137,35 @@ def device_of(module: Any) -> torch.device:
     for b in module.buffers():
         return b.device
     return torch.device("cpu")
+
+
+# ---------------------------------------------------------------------------------------------
+# Teacher forcing's outputs, read the same way by training and evaluation.
+
+
+def packed_request(model: Any) -> dict[str, bool]:
+    """`{"packed": True}` for a model whose teacher forcing can give the logits of real positions only
+    (`packs_logits`, decoders/base.py; the model may be inside DDP), else nothing: training's objectives
+    and evaluation's label scores pass it to the forward, so that no padded (R, T-1, V) logits (nor,
+    in training, their gradient) are made."""
+    from seesay.checkpoint import unwrap
+
+    return {"packed": True} if getattr(unwrap(model), "packs_logits", False) else {}
+
+
+def sequence_logprobs(logits: torch.Tensor, tokens: torch.Tensor, lengths: torch.Tensor,
+                      positions: torch.Tensor | None = None) -> torch.Tensor:
+    """[R] sum of log p(token) over each row's real positions (every token after bos, eos included).
+    With `positions` [K] (packed logits, decoders/base.py) `logits` is (K, V), the real positions only."""
+    if positions is not None:
+        positions = positions.to(logits.device)
+        tgt = tokens[:, 1:].reshape(-1).to(logits.device).index_select(0, positions)
+        logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, tgt[:, None]).squeeze(-1)  # (K,)
+        return logp.new_zeros(tokens.shape[0]).index_add(0, positions // max(tokens.shape[1] - 1, 1), logp)
+    steps = logits.size(1)
+    logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, tokens[:, 1: steps + 1, None]).squeeze(-1)  # (R, T-1)
+    mask = torch.arange(steps, device=logits.device)[None, :] < (lengths.to(logits.device) - 1)[:, None]
+    return torch.where(mask, logp, torch.zeros_like(logp)).sum(1)  # (a -inf logit at padding must not leak)
 
 
 # ---------------------------------------------------------------------------------------------

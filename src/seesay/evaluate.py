@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from seesay.captioner import decode_batches, decode_split, evaluation_lang
+from seesay.captioner import decode_batches, decode_split, evaluation_lang, packed_request, sequence_logprobs
 from seesay.decoding import Beam, Constraints, Strategy
 from seesay.errors import SeesayError
 
@@ -230,12 +230,12 @@ def _label_logprobs(model: Any, enc: Any, targets: Any, target_lengths: Any, pro
         k = tok.shape[0]
         image_rows = torch.arange(n_images, device=tok.device).repeat_interleave(k)  # (B*k,) image-major
         rows_tok, rows_len = tok.repeat(n_images, 1), lens.repeat(n_images)
-        extra = {} if prompt is None else {"prompt": prompt.index_select(0, image_rows.to(prompt.device))}
-        logits = model(enc, rows_tok, rows_len, image_rows, **extra).logits  # (B*k, T-1, V)
-        steps = logits.size(1)
-        logp = torch.log_softmax(logits.float(), -1).gather(-1, rows_tok[:, 1: steps + 1, None]).squeeze(-1)
-        mask = torch.arange(steps, device=logp.device)[None, :] < (rows_len - 1)[:, None]
-        out[:, start: start + k] = torch.where(mask, logp, torch.zeros_like(logp)).sum(1).view(n_images, k).cpu()
+        extra = packed_request(model)  # the real positions' logits only, where the model can
+        if prompt is not None:
+            extra["prompt"] = prompt.index_select(0, image_rows.to(prompt.device))
+        res = model(enc, rows_tok, rows_len, image_rows, **extra)
+        logp = sequence_logprobs(res.logits, rows_tok, rows_len, getattr(res, "positions", None))  # (B*k,)
+        out[:, start: start + k] = logp.view(n_images, k).cpu()
     return out
 
 

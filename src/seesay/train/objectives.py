@@ -25,17 +25,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from seesay.captioner import packed_request, sequence_logprobs
 from seesay.errors import SeesayError
 from seesay.train.distributed import all_reduce_sum
-
-
-def packed_request(model: Any) -> dict[str, bool]:
-    """`{"packed": True}` for a model whose teacher forcing can give the logits of real positions only
-    (`packs_logits`, decoders/base.py; the model may be inside DDP), else nothing: the objectives pass
-    it to the forward, so that no padded (R, T-1, V) logits, nor their gradient, are made."""
-    from seesay.checkpoint import unwrap
-
-    return {"packed": True} if getattr(unwrap(model), "packs_logits", False) else {}
 
 
 def token_cross_entropy(logits: torch.Tensor, tokens: torch.Tensor, lengths: torch.Tensor, *,
@@ -110,21 +102,6 @@ def mean_of_others(reward: torch.Tensor, samples: int) -> torch.Tensor:
         raise SeesayError("the mean baseline needs --scst-samples >= 2")
     r = reward.view(-1, samples)  # (b, samples)
     return ((r.sum(1, keepdim=True) - r) / (samples - 1)).reshape(-1)
-
-
-def sequence_logprobs(logits: torch.Tensor, tokens: torch.Tensor, lengths: torch.Tensor,
-                      positions: torch.Tensor | None = None) -> torch.Tensor:
-    """[R] sum of log p(token) over each row's real positions (every token after bos, eos included).
-    With `positions` [K] (packed logits, decoders/base.py) `logits` is (K, V), the real positions only."""
-    if positions is not None:
-        positions = positions.to(logits.device)
-        tgt = tokens[:, 1:].reshape(-1).to(logits.device).index_select(0, positions)
-        logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, tgt[:, None]).squeeze(-1)  # (K,)
-        return logp.new_zeros(tokens.shape[0]).index_add(0, positions // max(tokens.shape[1] - 1, 1), logp)
-    steps = logits.size(1)
-    logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, tokens[:, 1: steps + 1, None]).squeeze(-1)  # (R, T-1)
-    mask = torch.arange(steps, device=logits.device)[None, :] < (lengths.to(logits.device) - 1)[:, None]
-    return torch.where(mask, logp, torch.zeros_like(logp)).sum(1)  # (a -inf logit at padding must not leak)
 
 
 class SelfCritical:
