@@ -77,10 +77,12 @@ class CrossEntropy:
     def __call__(self, model: Any, src: Any, tokens: torch.Tensor, lengths: torch.Tensor,
                  image_rows: torch.Tensor | None = None, prompt: torch.Tensor | None = None,
                  bool_masked_pos: torch.Tensor | None = None) -> dict[str, Any]:
-        extra = {} if bool_masked_pos is None else {"bool_masked_pos": bool_masked_pos}  # masked image modelling
-        extra.update(packed_request(model))
-        out = model(src, tokens, lengths, image_rows, **extra) if prompt is None else model(
-            src, tokens, lengths, image_rows, prompt=prompt, **extra)
+        extra = packed_request(model)
+        if bool_masked_pos is not None:  # masked image modelling
+            extra["bool_masked_pos"] = bool_masked_pos
+        if prompt is not None:
+            extra["prompt"] = prompt
+        out = model(src, tokens, lengths, image_rows, **extra)
         ce, n_tok, hits = token_cross_entropy(out.logits, tokens, lengths, label_smoothing=self.label_smoothing,
                                               positions=getattr(out, "positions", None))
         result: dict[str, Any] = {"loss_ce": ce, "top5": hits.double() / n_tok.clamp(min=1),
