@@ -29,6 +29,7 @@ SHAPES = {
     "output_5x512x10000": (5, 512, 10000),
     "lstm_500x2560x2048": (500, 2560, 2048),
 }
+GPU_SHAPES = {"large_8192x8192x8192": (8192, 8192, 8192)}
 
 
 def gmacs(rows: int, inner: int, out: int, *, device: torch.device, dtype: torch.dtype = torch.float32,
@@ -102,16 +103,23 @@ def benchmark_device(name: str) -> torch.device:
         raise SystemExit(str(e)) from None
 
 
-def measure(device: torch.device | str = "cpu", *, quick: bool = False) -> dict:
+def measure(device: torch.device | str = "cpu", *, quick: bool = False, dtype: torch.dtype = torch.float32) -> dict:
     """GMAC/s per shape name (and per "onednn_" shape name on a CPU with oneDNN), plus "peak": the
-    faster backend's large-product rate (the roofline) and "peak_backend"."""
+    faster backend's large-product rate (the roofline) and "peak_backend".
+
+    On CUDA a 500-row product is too small to fill the GPU, so the large products there also
+    include GPU_SHAPES, and the peak is the fastest of them. `dtype`: the products' type (float16
+    or bfloat16 for a mixed-precision roofline; their tensor-core rate is many times float32's)."""
     from seesay.layers import gemm
 
     device = torch.device(device)
     kw = {"min_seconds": 0.05, "repeats": 2} if quick else {}
-    out = {name: round(gmacs(*shape, device=device, **kw), 2) for name, shape in SHAPES.items()}
-    out["peak"], out["peak_backend"] = out["large_500x3072x2048"], "torch"
-    if device.type == "cpu" and gemm.available():
+    shapes = {**SHAPES, **(GPU_SHAPES if device.type == "cuda" else {})}
+    out = {name: round(gmacs(*shape, device=device, dtype=dtype, **kw), 2) for name, shape in shapes.items()}
+    large = [name for name in shapes if name.startswith("large_")]
+    out["peak"] = max(out[name] for name in large)
+    out["peak_backend"], out["dtype"] = "torch", str(dtype).removeprefix("torch.")
+    if device.type == "cpu" and dtype == torch.float32 and gemm.available():
         for name, shape in SHAPES.items():
             out[f"onednn_{name}"] = round(gmacs(*shape, device=device, backend="onednn", **kw), 2)
         if out["onednn_large_500x3072x2048"] > out["peak"]:

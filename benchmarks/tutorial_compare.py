@@ -30,6 +30,10 @@ of 8-16 words, as in the issue):
 
     python benchmarks/tutorial_compare.py --tutorial PATH/TO/a-PyTorch-Tutorial-to-Image-Captioning [--threads 2] [--warmup 3]
 
+With `--device cuda` both sides run on the GPU (the tutorial through its own module-level
+`device`, float32 as it trains; seesay's training in float32 too, so the figures compare the
+same arithmetic), and every timing waits for the GPU to finish.
+
 Prints one JSON object with every figure and the ratios (seesay / tutorial).
 """
 
@@ -82,7 +86,12 @@ def _imresize(img, size, *a, **k):
     return np.asarray(Image.fromarray(img).resize(tuple(size)[::-1]))
 
 
-def load_tutorial(path: str | Path) -> dict[str, types.ModuleType]:
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def load_tutorial(path: str | Path, device: torch.device = torch.device("cpu")) -> dict[str, types.ModuleType]:
     """Import the tutorial's models, caption and train modules from a checkout, patched for today's libraries."""
     root = Path(path).expanduser().resolve()
     missing = [f for f in TUTORIAL_FILES if not (root / f).is_file()]
@@ -126,7 +135,7 @@ def load_tutorial(path: str | Path) -> dict[str, types.ModuleType]:
     modules["train"].pack_padded_sequence = pack_two
     for m in modules.values():
         if hasattr(m, "device"):
-            m.device = torch.device("cpu")
+            m.device = device
     return modules
 
 
@@ -145,7 +154,8 @@ def _batches(n: int, gen: torch.Generator, with_images: bool) -> list:
     return out
 
 
-def tutorial_training(tut: dict, *, steps: int, with_encoder: bool, warmup: int = 1) -> float:
+def tutorial_training(tut: dict, *, steps: int, with_encoder: bool, warmup: int = 1,
+                      device: torch.device = torch.device("cpu")) -> float:
     """Captions/s of the tutorial's train() over `steps` batches, after `warmup` batches."""
     models, train = tut["models"], tut["train"]
     torch.manual_seed(0)
@@ -156,6 +166,7 @@ def tutorial_training(tut: dict, *, steps: int, with_encoder: bool, warmup: int 
         encoder.fine_tune(False)
     else:
         encoder = torch.nn.Identity()
+    decoder, encoder = decoder.to(device), encoder.to(device)  # as the tutorial's main() does
     opt = torch.optim.Adam([p for p in decoder.parameters() if p.requires_grad], lr=4e-4)
     crit = torch.nn.CrossEntropyLoss()
     gen = torch.Generator().manual_seed(0)
@@ -164,19 +175,21 @@ def tutorial_training(tut: dict, *, steps: int, with_encoder: bool, warmup: int 
     # train() prints its first batch's line whatever print_freq is: to stderr, so stdout stays JSON
     with contextlib.redirect_stdout(sys.stderr):
         train.train(loader[:warmup], encoder, decoder, crit, None, opt, 0)  # warm-up
+        _sync(device)
         t0 = time.perf_counter()
         train.train(loader[warmup:], encoder, decoder, crit, None, opt, 0)
+        _sync(device)
         elapsed = time.perf_counter() - t0
     return BATCH * steps / elapsed
 
 
-def tutorial_beam(tut: dict, *, images: int) -> tuple[float, float]:
+def tutorial_beam(tut: dict, *, images: int, device: torch.device = torch.device("cpu")) -> tuple[float, float]:
     """Captions/s of caption_image_beam_search (beam 5, decoder only) scaled to 20 steps, and its steps."""
     models, cap = tut["models"], tut["caption"]
     torch.manual_seed(0)
-    decoder = models.DecoderWithAttention(attention_dim=DIMS, embed_dim=DIMS, decoder_dim=DIMS, vocab_size=VOCAB).eval()
+    decoder = models.DecoderWithAttention(attention_dim=DIMS, embed_dim=DIMS, decoder_dim=DIMS, vocab_size=VOCAB).to(device).eval()
     word_map = {f"w{i}": i for i in range(VOCAB - 3)} | {"<start>": VOCAB - 3, "<end>": VOCAB - 2, "<pad>": VOCAB - 1}
-    feats = torch.randn(images, 1, GRID, GRID, ENC_DIM, generator=torch.Generator().manual_seed(1))
+    feats = torch.randn(images, 1, GRID, GRID, ENC_DIM, generator=torch.Generator().manual_seed(1)).to(device)
     calls = []
     decoder.decode_step.register_forward_hook(lambda *a: calls.append(1))
     total, steps = 0.0, 0
@@ -189,6 +202,7 @@ def tutorial_beam(tut: dict, *, images: int) -> tuple[float, float]:
                 cap.caption_image_beam_search(encoder, decoder, "image.jpg", word_map, beam_size=5)
             except ValueError:  # no beam ended within its 51 steps (random weights): the work is done
                 pass
+            _sync(device)
             if i:  # the first image warms up
                 total += time.perf_counter() - t0
                 steps += len(calls)
@@ -204,28 +218,32 @@ def seesay_figures(args: argparse.Namespace) -> dict:
     from seesay.encoders.base import EncoderOutput
     from seesay.registry import build_decoder
 
+    device = torch.device(args.device)
     out = {}
     for mode in ("cached", "cached_grouped"):
         # a new batch at every step, as the tutorial's loader gives (new caption lengths, new shapes)
-        r = bench("tutorial", "soft_attention", mode, device=torch.device("cpu"), steps=args.steps,
+        r = bench("tutorial", "soft_attention", mode, device=device, steps=args.steps,
                   warmup=args.warmup, amp=False, varying=True)
         out[f"train_{mode}"] = r["captions_per_s"]
     torch.manual_seed(0)
     dec = build_decoder("soft_attention", vocab_size=VOCAB, enc_dim=ENC_DIM, embed_dim=DIMS, attention_dim=DIMS,
-                        decoder_dim=DIMS).eval()
+                        decoder_dim=DIMS).to(device).eval()
     n = args.images
-    grid = torch.randn(n, GRID * GRID, ENC_DIM, generator=torch.Generator().manual_seed(1))
+    grid = torch.randn(n, GRID * GRID, ENC_DIM, generator=torch.Generator().manual_seed(1)).to(device)
     enc = EncoderOutput(grid, grid.mean(1), (GRID, GRID))
     common = {"bos": 1, "eos": VOCAB + 1, "max_len": STEPS, "beam_size": 5}  # <end> unreachable: 20 steps
     with torch.inference_mode():
-        beam_search(dec, enc.index_select(torch.arange(2)), **common)
+        beam_search(dec, enc.index_select(torch.arange(2, device=device)), **common)
+        _sync(device)
         t0 = time.perf_counter()
         beam_search(dec, enc, **common)
+        _sync(device)
         out["beam5_batched"] = n / (time.perf_counter() - t0)
         m = min(n, args.sequential_images)
         t0 = time.perf_counter()
         for i in range(m):
-            beam_search(dec, enc.index_select(torch.tensor([i])), **common)
+            beam_search(dec, enc.index_select(torch.tensor([i], device=device)), **common)
+        _sync(device)
         out["beam5_one_image"] = m / (time.perf_counter() - t0)
     return out
 
@@ -239,15 +257,22 @@ def main() -> None:
     ap.add_argument("--sequential-images", type=int, default=10, help="images decoded one at a time (both)")
     ap.add_argument("--with-encoder", action="store_true", help="also time the tutorial with ResNet-101 in the loop")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N: both sides run there")
     args = ap.parse_args()
+    from roofline import benchmark_device  # this file's folder is on sys.path when run as a script
+
+    args.device = str(benchmark_device(args.device))
     kept = keep_freed_memory()  # as the command line does (seesay.allocator; SEESAY_KEEP_FREED_MEMORY=0: not)
     if args.threads:
         torch.set_num_threads(args.threads)
-    tut = load_tutorial(args.tutorial)
-    t = {"train_decoder_only": tutorial_training(tut, steps=args.steps, with_encoder=False, warmup=args.warmup)}
+    device = torch.device(args.device)
+    tut = load_tutorial(args.tutorial, device)
+    t = {"train_decoder_only": tutorial_training(tut, steps=args.steps, with_encoder=False, warmup=args.warmup,
+                                                 device=device)}
     if args.with_encoder:
-        t["train_frozen_resnet101"] = tutorial_training(tut, steps=args.steps, with_encoder=True, warmup=args.warmup)
-    t["beam5_one_image"], tutorial_steps = tutorial_beam(tut, images=args.sequential_images)
+        t["train_frozen_resnet101"] = tutorial_training(tut, steps=args.steps, with_encoder=True, warmup=args.warmup,
+                                                        device=device)
+    t["beam5_one_image"], tutorial_steps = tutorial_beam(tut, images=args.sequential_images, device=device)
     s = seesay_figures(args)
     best_train = max(s["train_cached"], s["train_cached_grouped"])  # cached_grouped: `seesay train --batch-by image`
     ratios = {"train_vs_decoder_only": best_train / t["train_decoder_only"],
@@ -260,7 +285,8 @@ def main() -> None:
         ratios["train_vs_frozen_resnet101"] = best_train / t["train_frozen_resnet101"]
         ratios["train_cached_vs_frozen_resnet101"] = s["train_cached"] / t["train_frozen_resnet101"]
     r2 = lambda d: {k: round(v, 2) for k, v in d.items()}  # noqa: E731
-    print(json.dumps({"machine": platform.machine(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.machine()
+    print(json.dumps({"machine": platform.machine(), "device": where, "torch": torch.__version__, "threads": torch.get_num_threads(),
                       "allocator_kept_freed_memory": kept,
                       "training_steps": {"warmup": args.warmup, "timed": args.steps},
                       "sizes": {"dims": DIMS, "vocab": VOCAB, "grid": GRID, "enc_dim": ENC_DIM, "batch": BATCH,

@@ -241,9 +241,11 @@ def test_onednn_varying_runs_each_setting_in_fresh_processes():
 
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")
-@pytest.mark.parametrize("script", ["roofline.py", "train_throughput.py", "decode_throughput.py", "compile_check.py"])
+@pytest.mark.parametrize("script", ["roofline.py", "train_throughput.py", "decode_throughput.py", "compile_check.py",
+                                    "tutorial_compare.py --tutorial ."])
 def test_a_missing_cuda_device_is_one_line(script):
-    proc = subprocess.run([sys.executable, str(BENCH / script), "--device", "cuda"], capture_output=True, text=True,
-                          timeout=120)
+    script, *args = script.split()
+    proc = subprocess.run([sys.executable, str(BENCH / script), *args, "--device", "cuda"], capture_output=True,
+                          text=True, timeout=120)
     assert proc.returncode != 0
     assert proc.stderr.strip() == "--device cuda: no CUDA GPU is available (torch.cuda.is_available() is False)"
