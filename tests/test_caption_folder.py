@@ -101,7 +101,7 @@ def test_a_folder_packs_each_weight_once_for_the_whole_command(checkpoint, tree,
     real = gemm.pack
     monkeypatch.setattr(gemm, "pack", lambda w: packed.append(w.data_ptr()) or real(w))
     code, _, _ = run_cli(["--checkpoint", str(checkpoint), str(tree), "--output", str(tmp_path / "c.jsonl"),
-                          "--max-length", "4", "--batch-size", "1"], capsys)
+                          "--max-length", "4", "--batch-size", "1", "--device", "cpu"], capsys)  # oneDNN: CPU only
     assert code == 0
     assert len(packed) == len(set(packed)) == 3  # 4 images, 4 decoding calls: W_ih, W_hh, fc packed once
 
