@@ -225,6 +225,8 @@ def main() -> None:
     from seesay.registry import list_decoders
 
     device = benchmark_device(args.device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # as `seesay train` runs on CUDA (cuDNN picks its convolutions)
     # the roofline in the products' own type: with --amp, float16 (CUDA) or bfloat16 (CPU) products
     roofline_dtype = (torch.float16 if device.type == "cuda" else torch.bfloat16) if args.amp else torch.float32
     roofline = None if args.no_roofline else measure(device, quick=True, dtype=roofline_dtype)
