@@ -4,16 +4,18 @@
 #     benchmarks/cuda_run.sh OUTDIR [TUTORIAL_CHECKOUT]
 #
 # Each step's stdout (JSON for the benchmarks) goes to OUTDIR/NAME.json, every step's stderr to
-# OUTDIR/log.txt, and one line per step (exit status, seconds) to OUTDIR/steps.txt. Each step
+# OUTDIR/log.txt, and one line per step (exit status, milliseconds) to OUTDIR/steps.txt. Each step
 # has its own time limit, so one that hangs or fails costs its own figures only. PYTHON picks
 # the interpreter (default python3); seesay is imported from this checkout's src/. The demo's
 # dataset and run go to WORK (default /tmp/seesay-cuda); its summary and scores are copied to OUTDIR.
 #
-# Steps: the matmul roofline (float32; the --amp runs measure float16's), training throughput of every decoder at the
-# tutorial's sizes in float32 and with --amp (float16 + GradScaler), the tutorial's encoder
-# modes for soft attention, the demo sizes, batched and one-image decoding, torch.compile on the
-# attention scores, the tutorial comparison (when a checkout is given), and a real run: the demo
-# with --amp, then an SCST step against a cross-entropy step on the demo's model.
+# Steps: the matmul roofline (float32; the --amp runs measure float16's), training throughput of
+# every decoder at the tutorial's sizes in float32 and with --amp (float16 + GradScaler), where a
+# step's time goes (host operations, GPU activities and busy time: --profile), 128 captions a
+# step, the tutorial's encoder modes for soft attention, the demo sizes, batched and one-image
+# decoding, torch.compile on the attention scores, the tutorial comparison (when a checkout is
+# given), and a real run: the demo with --amp, then an SCST step against a cross-entropy step on
+# the demo's model.
 set -u
 out=${1:?usage: benchmarks/cuda_run.sh OUTDIR [TUTORIAL_CHECKOUT]}
 tutorial=${2:-}
@@ -43,6 +45,12 @@ step train_tutorial_fp32 100 "$py" $B/train_throughput.py --device "$dev" --pres
     --varying --modes cached cached_grouped
 step train_tutorial_amp 100 "$py" $B/train_throughput.py --device "$dev" --presets tutorial --steps 20 --warmup 5 \
     --varying --modes cached cached_grouped --amp
+step train_profile 90 "$py" $B/train_throughput.py --device "$dev" --presets tutorial --steps 5 --warmup 3 \
+    --varying --modes cached --no-roofline --profile
+step train_batch128_fp32 100 "$py" $B/train_throughput.py --device "$dev" --presets tutorial --steps 10 --warmup 3 \
+    --varying --modes cached cached_grouped --batch 128 --no-roofline
+step train_batch128_amp 100 "$py" $B/train_throughput.py --device "$dev" --presets tutorial --steps 10 --warmup 3 \
+    --varying --modes cached cached_grouped --batch 128 --no-roofline --amp
 step decode 90 "$py" $B/decode_throughput.py --device "$dev" --preset all --sequential-images 20
 if [ -n "$tutorial" ]; then
     step tutorial_compare 90 "$py" $B/tutorial_compare.py --tutorial "$tutorial" --device "$dev" --with-encoder \

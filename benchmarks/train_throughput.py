@@ -179,9 +179,11 @@ def make_step(preset: str, decoder: str, mode: str, *, device: torch.device, amp
 
 
 def bench(preset: str, decoder: str, mode: str, *, device: torch.device, steps: int, warmup: int,
-          amp: bool, peak: float | None = None, varying: bool = False) -> dict:
-    step, forward, tokens, lengths = make_step(preset, decoder, mode, device=device, amp=amp, varying=varying)
-    B = PRESETS[preset]["batch"]
+          amp: bool, peak: float | None = None, varying: bool = False, batch: int | None = None,
+          profile: bool = False) -> dict:
+    step, forward, tokens, lengths = make_step(preset, decoder, mode, device=device, amp=amp, varying=varying,
+                                               batch=batch)
+    B = batch or PRESETS[preset]["batch"]
     macs = count_macs(forward, tokens, lengths) / B
     seconds = _time_steps(step, steps, warmup, device)
     out = {"preset": preset, "decoder": decoder, "mode": mode, "batch_captions": B, "new_batch_each_step": varying,
@@ -190,6 +192,48 @@ def bench(preset: str, decoder: str, mode: str, *, device: torch.device, steps: 
            "mmacs_per_caption": round(macs / 1e6, 1), "gmacs_achieved": round(macs * B * steps / seconds / 1e9, 2)}
     if peak:
         out["roofline_fraction"] = round(out["gmacs_achieved"] / peak, 3)
+    if profile:
+        out["per_step"] = profile_steps(step, device)
+    return out
+
+
+# aten operations that only make a view or an empty tensor: no kernel runs for them
+VIEW_OPS = {"aten::view", "aten::_unsafe_view", "aten::reshape", "aten::_reshape_alias", "aten::as_strided",
+            "aten::detach", "aten::alias", "aten::unsqueeze", "aten::squeeze", "aten::select", "aten::slice",
+            "aten::narrow", "aten::expand", "aten::expand_as", "aten::t", "aten::transpose", "aten::permute",
+            "aten::chunk", "aten::split", "aten::split_with_sizes", "aten::unbind", "aten::empty",
+            "aten::empty_like", "aten::empty_strided", "aten::new_empty", "aten::lift_fresh", "aten::result_type",
+            "aten::resolve_conj", "aten::resolve_neg", "aten::contiguous", "aten::dropout"}
+
+
+def profile_steps(step, device: torch.device, steps: int = 3) -> dict:
+    """What one training step asks of the host and (on CUDA) of the GPU, from torch.profiler over
+    `steps` steps: aten operations called from Python or autograd (not those inside other aten
+    operations), the ones of them that are more than views or empty tensors, and on CUDA the
+    kernels launched and the GPU's busy time. A step whose wall time is far above its GPU time
+    waits on the host: fewer operations, not fewer multiply-adds, make it faster."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    step()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    with profile(activities=activities) as prof:
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        wall = time.perf_counter() - t0
+    events = prof.events()
+    top = [e for e in events if e.name.startswith("aten::")
+           and (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::"))]
+    out = {"wall_ms": round(1000 * wall / steps, 2), "host_ops": len(top) // steps,
+           "host_ops_not_views": sum(e.name not in VIEW_OPS for e in top) // steps}
+    if device.type == "cuda":
+        on_gpu = [e for e in events if str(e.device_type).endswith("CUDA")]  # kernels, copies and memsets
+        busy_us = sum(e.time_range.elapsed_us() for e in on_gpu)
+        out.update(gpu_activities=len(on_gpu) // steps, gpu_busy_ms=round(busy_us / 1000 / steps, 2))
     return out
 
 
@@ -213,6 +257,9 @@ def main() -> None:
     ap.add_argument("--modes", nargs="+", default=None, help="only these feeding modes")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     ap.add_argument("--no-roofline", action="store_true", help="skip measuring the matmul roofline")
+    ap.add_argument("--batch", type=int, default=None, help="captions a step (default: the preset's, 32 or 80)")
+    ap.add_argument("--profile", action="store_true",
+                    help="also profile three steps: host operations per step and, on CUDA, kernels and GPU busy time")
     ap.add_argument("--varying", action="store_true",
                     help="new captions and features at every step, as an epoch's batches (multiply-adds: the first's)")
     args = ap.parse_args()
@@ -243,7 +290,7 @@ def main() -> None:
                 if args.modes and mode not in args.modes:
                     continue
                 r = bench(preset, decoder, mode, device=device, steps=args.steps, warmup=args.warmup, amp=args.amp,
-                          peak=peak, varying=args.varying)
+                          peak=peak, varying=args.varying, batch=args.batch, profile=args.profile)
                 results.append(r)
                 print(json.dumps(r), file=sys.stderr, flush=True)  # progress; the summary goes to stdout
     speedups = {}

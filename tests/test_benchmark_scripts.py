@@ -53,6 +53,19 @@ def test_train_throughput_reports_speed_macs_and_grouping():
     assert rows["cached_grouped"]["mmacs_per_caption"] < rows["cached"]["mmacs_per_caption"]
 
 
+def test_train_throughput_takes_a_batch_size_and_profiles_steps():
+    out = _run("train_throughput.py", "--presets", "demo", "--decoders", "show_tell", "soft_attention", "--modes",
+               "cached", "--steps", "1", "--warmup", "0", "--no-roofline", "--threads", "1", "--batch", "6",
+               "--profile", "--device", "cpu")
+    rows = {r["decoder"]: r for r in out["results"]}
+    for r in rows.values():
+        assert r["batch_captions"] == 6 and r["per_step"]["wall_ms"] > 0
+        assert 0 < r["per_step"]["host_ops_not_views"] < r["per_step"]["host_ops"]
+        assert "gpu_busy_ms" not in r["per_step"]  # a CPU run has no GPU figures
+    # soft attention's step does more than show_tell's: attention at every decoding step
+    assert rows["soft_attention"]["per_step"]["host_ops"] > rows["show_tell"]["per_step"]["host_ops"]
+
+
 def test_loss_layout_times_padded_and_packed_logits():
     out = _run("loss_layout.py", "--reps", "2", "--batch", "4", "--vocab", "50", "--threads", "1")
     assert out["reps"] == 2 and out["batch"] == 4 and out["vocab"] == 50
@@ -249,3 +262,21 @@ def test_a_missing_cuda_device_is_one_line(script):
                           text=True, timeout=120)
     assert proc.returncode != 0
     assert proc.stderr.strip() == "--device cuda: no CUDA GPU is available (torch.cuda.is_available() is False)"
+
+
+@pytest.mark.parametrize("interpreter, status", [("true", "0"), ("false", "1")])
+def test_cuda_run_runs_every_step_and_records_each_status(tmp_path, interpreter, status):
+    """benchmarks/cuda_run.sh's plumbing, with a stand-in interpreter: every step runs, whatever the
+    one before it did, and leaves its output file and one line in steps.txt."""
+    env = {**__import__("os").environ, "PYTHON": interpreter, "WORK": str(tmp_path / "work")}
+    proc = subprocess.run(["bash", str(BENCH / "cuda_run.sh"), str(tmp_path / "out"), str(tmp_path / "tutorial")],
+                          cwd=BENCH.parent, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    lines = (tmp_path / "out" / "steps.txt").read_text().splitlines()
+    names = [line.split()[0] for line in lines]
+    assert {"env", "roofline", "train_tutorial_fp32", "train_tutorial_amp", "train_profile", "decode",
+            "tutorial_compare", "demo_amp.txt", "scst_step", "compile"} <= set(names)
+    assert len(names) == len(set(names)) and all(line.split()[1] == f"rc={status}" for line in lines)
+    for name in names:
+        assert (tmp_path / "out" / (name if "." in name else f"{name}.json")).is_file()
+    assert (tmp_path / "out" / "log.txt").read_text().count("== ") == len(names)
