@@ -47,6 +47,8 @@ step train_tutorial_amp 100 "$py" $B/train_throughput.py --device "$dev" --prese
     --varying --modes cached cached_grouped --amp
 step train_profile 90 "$py" $B/train_throughput.py --device "$dev" --presets tutorial --steps 5 --warmup 3 \
     --varying --modes cached --no-roofline --profile
+step train_profile_amp 90 "$py" $B/train_throughput.py --device "$dev" --presets tutorial --steps 5 --warmup 3 \
+    --varying --modes cached --no-roofline --profile --amp
 step train_batch128_fp32 100 "$py" $B/train_throughput.py --device "$dev" --presets tutorial --steps 10 --warmup 3 \
     --varying --modes cached cached_grouped --batch 128 --no-roofline
 step train_batch128_amp 100 "$py" $B/train_throughput.py --device "$dev" --presets tutorial --steps 10 --warmup 3 \

@@ -274,7 +274,7 @@ def test_cuda_run_runs_every_step_and_records_each_status(tmp_path, interpreter,
     assert proc.returncode == 0, proc.stderr
     lines = (tmp_path / "out" / "steps.txt").read_text().splitlines()
     names = [line.split()[0] for line in lines]
-    assert {"env", "roofline", "train_tutorial_fp32", "train_tutorial_amp", "train_profile", "decode",
+    assert {"env", "roofline", "train_tutorial_fp32", "train_tutorial_amp", "train_profile", "train_profile_amp", "decode",
             "tutorial_compare", "demo_amp.txt", "scst_step", "compile"} <= set(names)
     assert len(names) == len(set(names)) and all(line.split()[1] == f"rc={status}" for line in lines)
     for name in names:
