@@ -13,7 +13,7 @@
 # every decoder at the tutorial's sizes in float32 and with --amp (float16 + GradScaler), where a
 # step's time goes (host operations, GPU activities and busy time: --profile), 128 captions a
 # step, the tutorial's encoder modes for soft attention, the demo sizes, batched and one-image
-# decoding, torch.compile on the attention scores, the tutorial comparison (when a checkout is
+# decoding, torch.compile on the attention scores and on whole decoders, the tutorial comparison (when a checkout is
 # given), and a real run: the demo with --amp, then an SCST step against a cross-entropy step on
 # the demo's model.
 set -u
@@ -65,6 +65,8 @@ done
 step scst_step 60 "$py" $B/scst_step.py --checkpoint "$work/demo/run/best" --data "$work/demo/data" --device "$dev" \
     --steps 20 --warmup 3
 step compile 90 "$py" $B/compile_check.py --device "$dev"
+step train_compiled 150 "$py" $B/train_throughput.py --device "$dev" --presets tutorial \
+    --decoders soft_attention transformer --modes cached --steps 10 --warmup 2 --no-roofline --compile
 step train_encoder_fp32 60 "$py" $B/train_throughput.py --device "$dev" --presets tutorial --decoders soft_attention \
     --tutorial-encoder --modes encoder_grouped encoder_per_caption --steps 8 --warmup 2 --varying --no-roofline
 step train_encoder_amp 60 "$py" $B/train_throughput.py --device "$dev" --presets tutorial --decoders soft_attention \

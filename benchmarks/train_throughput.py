@@ -108,13 +108,15 @@ def _time_steps(step, steps: int, warmup: int, device: torch.device) -> float:
 
 
 def make_step(preset: str, decoder: str, mode: str, *, device: torch.device, amp: bool, varying: bool = False,
-              batch: int | None = None):
+              batch: int | None = None, compile: bool = False):
     """(step, forward, tokens, lengths): one optimiser step of `decoder` in feeding `mode`, and its forward.
 
     By default every step trains on the same batch. With `varying` each step draws new captions
     (8-16 words) and, for cached features, new images' features, as an epoch's batches come: the
     products' shapes then change from step to step, which a fixed batch never shows (libraries
-    that build a kernel per shape pay for it only there). `batch` overrides the preset's."""
+    that build a kernel per shape pay for it only there). `batch` overrides the preset's. `compile`:
+    the decoder runs through `torch.compile` (inductor) from the first step on, which compiles it
+    (`forward` called before that step runs eager, as the flop counter needs)."""
     p = PRESETS[preset]
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(0)
@@ -162,7 +164,12 @@ def make_step(preset: str, decoder: str, mode: str, *, device: torch.device, amp
     amp_dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
     scaler = torch.amp.GradScaler("cuda", enabled=amp and amp_dtype == torch.float16)
 
+    pending_compile = [compile]
+
     def step():
+        if pending_compile[0]:
+            model.decoder.compile()
+            pending_compile[0] = False
         if varying:
             draw()
         with torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=amp):
@@ -180,11 +187,12 @@ def make_step(preset: str, decoder: str, mode: str, *, device: torch.device, amp
 
 def bench(preset: str, decoder: str, mode: str, *, device: torch.device, steps: int, warmup: int,
           amp: bool, peak: float | None = None, varying: bool = False, batch: int | None = None,
-          profile: bool = False) -> dict:
+          profile: bool = False, compile: bool = False) -> dict:
     step, forward, tokens, lengths = make_step(preset, decoder, mode, device=device, amp=amp, varying=varying,
-                                               batch=batch)
+                                               batch=batch, compile=compile)
     B = batch or PRESETS[preset]["batch"]
-    macs = count_macs(forward, tokens, lengths) / B
+    macs = count_macs(forward, tokens, lengths) / B  # eager: the flop counter sees no compiled kernel's work
+    first = _time_steps(step, 1, 0, device) if compile else None  # the first step compiles: timed on its own
     seconds = _time_steps(step, steps, warmup, device)
     out = {"preset": preset, "decoder": decoder, "mode": mode, "batch_captions": B, "new_batch_each_step": varying,
            "images_encoded_per_step": 0 if mode.startswith("cached") else (-(-B // CPI) if mode == "encoder_grouped" else B),
@@ -192,6 +200,8 @@ def bench(preset: str, decoder: str, mode: str, *, device: torch.device, steps: 
            "mmacs_per_caption": round(macs / 1e6, 1), "gmacs_achieved": round(macs * B * steps / seconds / 1e9, 2)}
     if peak:
         out["roofline_fraction"] = round(out["gmacs_achieved"] / peak, 3)
+    if first is not None:
+        out["compiled"], out["first_step_s"] = True, round(first, 2)
     if profile:
         out["per_step"] = profile_steps(step, device)
     return out
@@ -260,6 +270,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=None, help="captions a step (default: the preset's, 32 or 80)")
     ap.add_argument("--profile", action="store_true",
                     help="also profile three steps: host operations per step and, on CUDA, kernels and GPU busy time")
+    ap.add_argument("--compile", action="store_true",
+                    help="the decoder through torch.compile (the first step, which compiles, is reported apart)")
     ap.add_argument("--varying", action="store_true",
                     help="new captions and features at every step, as an epoch's batches (multiply-adds: the first's)")
     args = ap.parse_args()
@@ -290,7 +302,8 @@ def main() -> None:
                 if args.modes and mode not in args.modes:
                     continue
                 r = bench(preset, decoder, mode, device=device, steps=args.steps, warmup=args.warmup, amp=args.amp,
-                          peak=peak, varying=args.varying, batch=args.batch, profile=args.profile)
+                          peak=peak, varying=args.varying, batch=args.batch, profile=args.profile,
+                          compile=args.compile)
                 results.append(r)
                 print(json.dumps(r), file=sys.stderr, flush=True)  # progress; the summary goes to stdout
     speedups = {}

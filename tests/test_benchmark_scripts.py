@@ -66,6 +66,15 @@ def test_train_throughput_takes_a_batch_size_and_profiles_steps():
     assert rows["soft_attention"]["per_step"]["host_ops"] > rows["show_tell"]["per_step"]["host_ops"]
 
 
+@pytest.mark.slow
+def test_train_throughput_compiles_the_decoder_on_request():
+    out = _run("train_throughput.py", "--presets", "demo", "--decoders", "show_tell", "--modes", "cached", "--steps",
+               "1", "--warmup", "0", "--no-roofline", "--threads", "1", "--batch", "4", "--compile", "--device", "cpu")
+    (r,) = out["results"]
+    assert r["compiled"] is True and r["first_step_s"] > 0 and r["captions_per_s"] > 0
+    assert r["mmacs_per_caption"] > 0  # counted on the eager decoder, before the first step compiles it
+
+
 def test_loss_layout_times_padded_and_packed_logits():
     out = _run("loss_layout.py", "--reps", "2", "--batch", "4", "--vocab", "50", "--threads", "1")
     assert out["reps"] == 2 and out["batch"] == 4 and out["vocab"] == 50
@@ -275,7 +284,7 @@ def test_cuda_run_runs_every_step_and_records_each_status(tmp_path, interpreter,
     lines = (tmp_path / "out" / "steps.txt").read_text().splitlines()
     names = [line.split()[0] for line in lines]
     assert {"env", "roofline", "train_tutorial_fp32", "train_tutorial_amp", "train_profile", "train_profile_amp", "decode",
-            "tutorial_compare", "demo_amp.txt", "scst_step", "compile"} <= set(names)
+            "tutorial_compare", "demo_amp.txt", "scst_step", "compile", "train_compiled"} <= set(names)
     assert len(names) == len(set(names)) and all(line.split()[1] == f"rc={status}" for line in lines)
     for name in names:
         assert (tmp_path / "out" / (name if "." in name else f"{name}.json")).is_file()
