@@ -5,9 +5,11 @@
 #
 # Each step's stdout (JSON for the benchmarks) goes to OUTDIR/NAME.json, every step's stderr to
 # OUTDIR/log.txt, and one line per step (exit status, milliseconds) to OUTDIR/steps.txt. Each step
-# has its own time limit, so one that hangs or fails costs its own figures only. PYTHON picks
-# the interpreter (default python3); seesay is imported from this checkout's src/. The demo's
-# dataset and run go to WORK (default /tmp/seesay-cuda); its summary and scores are copied to OUTDIR.
+# has its own time limit, so one that hangs or fails costs its own figures only, and DEADLINE_S
+# (seconds) ends the whole run in time: a step that would start later is skipped, and the steps
+# run most wanted first. PYTHON picks the interpreter (default python3); seesay is imported from
+# this checkout's src/. The demo's dataset and run go to WORK (default /tmp/seesay-cuda); its
+# summary and scores are copied to OUTDIR.
 #
 # Steps: the matmul roofline (float32; the --amp runs measure float16's), training throughput of
 # every decoder at the tutorial's sizes in float32 and with --amp (float16 + GradScaler), where a
@@ -22,13 +24,23 @@ tutorial=${2:-}
 py=${PYTHON:-python3}
 work=${WORK:-/tmp/seesay-cuda}
 dev=${DEVICE:-cuda}  # DEVICE=cpu: the same steps on the CPU (slow; to try the script)
+deadline=${DEADLINE_S:-0}  # > 0: no step runs past this many seconds from the start (the rest are skipped)
+started=$(date +%s)
 mkdir -p "$out" "$work"
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 
 step() {  # step NAME[.EXT] SECONDS COMMAND...: stdout to NAME.json (or NAME.EXT), stderr to log.txt
-    local name=$1 limit=$2 file=$1 t0 rc
+    local name=$1 limit=$2 file=$1 t0 rc left
     [[ $name == *.* ]] || file=$name.json
     shift 2
+    if [ "$deadline" -gt 0 ]; then
+        left=$((deadline - ($(date +%s) - started)))
+        if [ "$left" -lt 5 ]; then
+            printf '%-24s skipped (DEADLINE_S=%s)\n' "$name" "$deadline" | tee -a "$out/steps.txt"
+            return
+        fi
+        [ "$left" -lt "$limit" ] && limit=$left
+    fi
     echo "== $name ($(date -u +%T), limit ${limit}s): $*" >>"$out/log.txt"
     t0=$(date +%s%N)
     timeout --kill-after=10 "$limit" "$@" >"$out/$file" 2>>"$out/log.txt"

@@ -289,3 +289,18 @@ def test_cuda_run_runs_every_step_and_records_each_status(tmp_path, interpreter,
     for name in names:
         assert (tmp_path / "out" / (name if "." in name else f"{name}.json")).is_file()
     assert (tmp_path / "out" / "log.txt").read_text().count("== ") == len(names)
+
+
+def test_cuda_run_skips_the_steps_past_its_deadline(tmp_path):
+    slow = tmp_path / "slow-python"
+    slow.write_text("#!/bin/sh\nsleep 2\n")
+    slow.chmod(0o755)
+    env = {**__import__("os").environ, "PYTHON": str(slow), "WORK": str(tmp_path / "work"), "DEADLINE_S": "8"}
+    proc = subprocess.run(["bash", str(BENCH / "cuda_run.sh"), str(tmp_path / "out")], cwd=BENCH.parent, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    lines = (tmp_path / "out" / "steps.txt").read_text().splitlines()
+    ran = [line.split()[0] for line in lines if "rc=0" in line]
+    skipped = [line.split()[0] for line in lines if "skipped (DEADLINE_S=8)" in line]
+    assert ran[:2] == ["env", "roofline"] and len(ran) <= 4  # 2 s each; a step needs 5 s left to start
+    assert skipped and len(ran) + len(skipped) == len(lines) and skipped[-1] == "train_demo_amp"
