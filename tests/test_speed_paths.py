@@ -369,6 +369,24 @@ def test_the_recurrent_decoders_and_the_transformer_pack_their_logits():
     assert PACKING == ["adaptive_attention", "show_tell", "soft_attention", "transformer"]
 
 
+@pytest.mark.parametrize("width", [1, 3], ids=["unpadded", "padded"])
+@pytest.mark.parametrize("name", PACKING)
+def test_a_batch_with_no_word_to_predict_gives_empty_outputs(name, width):
+    """Every caption of length 1 (only <start>): no position to predict, in either layout, and no
+    error (the Transformer used to fail reshaping its empty attention)."""
+    dec = _decoder(name).eval()
+    enc = _enc(2)
+    tokens, lengths = torch.zeros(2, width, dtype=torch.long), torch.tensor([1, 1])
+    tokens[:, 0] = 1
+    full = dec(enc, *_captions([3, 2]))  # the shapes of a batch that has words to predict
+    padded = dec(enc, tokens, lengths)
+    packed = dec(enc, tokens, lengths, packed=True)
+    assert padded.logits.shape == (2, width - 1, V) and not padded.logits.any()
+    assert packed.logits.shape == (0, V) and packed.positions.numel() == 0
+    if full.attention is not None:
+        assert padded.attention.shape == (2, width - 1, full.attention.shape[-1]) and not padded.attention.any()
+
+
 @pytest.mark.parametrize("grouped", [False, True], ids=["per_caption", "by_image"])
 @pytest.mark.parametrize("name", PACKING)
 def test_packed_logits_are_the_padded_logits_real_positions(name, grouped):

@@ -153,6 +153,11 @@ class TransformerDecoder(Decoder):
         `packed`: the output layer runs on real positions only, whose logits come back alone (decoders/base.py)."""
         B, T = tokens.shape
         steps = max(int(lengths.max()) - 1, 0) if B else 0
+        if steps == 0:  # no caption has a word to predict (every length <= 1): nothing to run
+            attention = enc.grid.new_zeros(B, T - 1, enc.grid.shape[1])
+            if packed:
+                return DecoderOutput(enc.grid.new_zeros(0, self.vocab_size), attention, {}, tokens.new_zeros(0))
+            return DecoderOutput(enc.grid.new_zeros(B, T - 1, self.vocab_size), attention, {})
         memory = self._memory(enc)
         if image_rows is not None:
             image_rows = image_rows.to(tokens.device)
