@@ -220,7 +220,7 @@ def profile_steps(step, device: torch.device, steps: int = 3) -> dict:
     """What one training step asks of the host and (on CUDA) of the GPU, from torch.profiler over
     `steps` steps: aten operations called from Python or autograd (not those inside other aten
     operations), the ones of them that are more than views or empty tensors, and on CUDA the
-    kernels launched and the GPU's busy time. A step whose wall time is far above its GPU time
+    GPU's activities (kernels, copies, memsets) and the sum of their durations. A step whose wall time is far above its GPU time
     waits on the host: fewer operations, not fewer multiply-adds, make it faster."""
     from torch.profiler import ProfilerActivity, profile
 
@@ -269,7 +269,7 @@ def main() -> None:
     ap.add_argument("--no-roofline", action="store_true", help="skip measuring the matmul roofline")
     ap.add_argument("--batch", type=int, default=None, help="captions a step (default: the preset's, 32 or 80)")
     ap.add_argument("--profile", action="store_true",
-                    help="also profile three steps: host operations per step and, on CUDA, kernels and GPU busy time")
+                    help="also profile three steps: host operations a step and, on CUDA, GPU activities and busy time")
     ap.add_argument("--compile", action="store_true",
                     help="the decoder through torch.compile (the first step, which compiles, is reported apart)")
     ap.add_argument("--varying", action="store_true",
