@@ -32,6 +32,12 @@ SHAPES = {
 GPU_SHAPES = {"large_8192x8192x8192": (8192, 8192, 8192)}
 
 
+def sync(device: torch.device) -> None:
+    """Wait for the device's queued work (CUDA runs asynchronously): every timing ends with it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def gmacs(rows: int, inner: int, out: int, *, device: torch.device, dtype: torch.dtype = torch.float32,
           min_seconds: float = 0.2, repeats: int = 3, backend: str = "torch") -> float:
     """Best-of-`repeats` GMAC/s of (rows x inner) @ (inner x out), each timing at least `min_seconds`.
@@ -56,13 +62,11 @@ def gmacs(rows: int, inner: int, out: int, *, device: torch.device, dtype: torch
     best = 0.0
     for _ in range(repeats):
         while True:
-            if device.type == "cuda":
-                torch.cuda.synchronize()
+            sync(device)
             t0 = time.perf_counter()
             for _ in range(n):
                 product()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
+            sync(device)
             dt = time.perf_counter() - t0
             if dt >= min_seconds:
                 break
@@ -75,18 +79,15 @@ def best_of(fn, repeats: int, device: torch.device | None = None, *, warmup: boo
     """Seconds of the fastest of `repeats` calls of `fn` (on a shared machine the least disturbed),
     after one untimed call if `warmup`; on CUDA each timing waits for the device's work. The
     benchmarks' one timing loop."""
-    def sync() -> None:
-        if device is not None and device.type == "cuda":
-            torch.cuda.synchronize(device)
-
+    device = torch.device("cpu") if device is None else device
     if warmup:
         fn()
     best = float("inf")
     for _ in range(repeats):
-        sync()
+        sync(device)
         t0 = time.perf_counter()
         fn()
-        sync()
+        sync(device)
         best = min(best, time.perf_counter() - t0)
     return best
 

@@ -37,6 +37,7 @@ import sys
 import time
 
 import torch
+from roofline import sync  # this file's folder is on sys.path when run as a script or imported by a sibling
 from torch.utils.flop_counter import FlopCounterMode
 
 from seesay.allocator import keep_freed_memory
@@ -97,13 +98,11 @@ def _loss(out, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
 def _time_steps(step, steps: int, warmup: int, device: torch.device) -> float:
     for _ in range(warmup):
         step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    sync(device)
     t0 = time.perf_counter()
     for _ in range(steps):
         step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    sync(device)
     return time.perf_counter() - t0
 
 
@@ -164,12 +163,11 @@ def make_step(preset: str, decoder: str, mode: str, *, device: torch.device, amp
     amp_dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
     scaler = torch.amp.GradScaler("cuda", enabled=amp and amp_dtype == torch.float16)
 
-    pending_compile = [compile]
-
     def step():
-        if pending_compile[0]:
+        nonlocal compile
+        if compile:  # at the first step, after the caller's eager forward (the flop count)
             model.decoder.compile()
-            pending_compile[0] = False
+            compile = False
         if varying:
             draw()
         with torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=amp):
@@ -226,14 +224,12 @@ def profile_steps(step, device: torch.device, steps: int = 3) -> dict:
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     step()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    sync(device)
     with profile(activities=activities) as prof:
         t0 = time.perf_counter()
         for _ in range(steps):
             step()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        sync(device)
         wall = time.perf_counter() - t0
     events = prof.events()
     top = [e for e in events if e.name.startswith("aten::")

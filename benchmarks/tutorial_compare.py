@@ -52,10 +52,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from roofline import benchmark_device, sync  # this file's folder is on sys.path when run as a script
 
 from seesay.allocator import keep_freed_memory
 
-HERE = Path(__file__).resolve().parent
 VOCAB, GRID, ENC_DIM, DIMS, BATCH, STEPS = 10000, 14, 2048, 512, 32, 20
 TUTORIAL_FILES = ("models.py", "caption.py", "train.py")
 
@@ -84,11 +84,6 @@ def _imresize(img, size, *a, **k):
     from PIL import Image
 
     return np.asarray(Image.fromarray(img).resize(tuple(size)[::-1]))
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def load_tutorial(path: str | Path, device: torch.device = torch.device("cpu")) -> dict[str, types.ModuleType]:
@@ -140,7 +135,6 @@ def load_tutorial(path: str | Path, device: torch.device = torch.device("cpu")) 
 
 
 def _batches(n: int, gen: torch.Generator, with_images: bool) -> list:
-    sys.path.insert(0, str(HERE))
     from train_throughput import _captions
 
     out = []
@@ -175,10 +169,10 @@ def tutorial_training(tut: dict, *, steps: int, with_encoder: bool, warmup: int 
     # train() prints its first batch's line whatever print_freq is: to stderr, so stdout stays JSON
     with contextlib.redirect_stdout(sys.stderr):
         train.train(loader[:warmup], encoder, decoder, crit, None, opt, 0)  # warm-up
-        _sync(device)
+        sync(device)
         t0 = time.perf_counter()
         train.train(loader[warmup:], encoder, decoder, crit, None, opt, 0)
-        _sync(device)
+        sync(device)
         elapsed = time.perf_counter() - t0
     return BATCH * steps / elapsed
 
@@ -202,7 +196,7 @@ def tutorial_beam(tut: dict, *, images: int, device: torch.device = torch.device
                 cap.caption_image_beam_search(encoder, decoder, "image.jpg", word_map, beam_size=5)
             except ValueError:  # no beam ended within its 51 steps (random weights): the work is done
                 pass
-            _sync(device)
+            sync(device)
             if i:  # the first image warms up
                 total += time.perf_counter() - t0
                 steps += len(calls)
@@ -210,15 +204,13 @@ def tutorial_beam(tut: dict, *, images: int, device: torch.device = torch.device
     return 1.0 / (per_step * STEPS), steps / images
 
 
-def seesay_figures(args: argparse.Namespace) -> dict:
-    sys.path.insert(0, str(HERE))
+def seesay_figures(args: argparse.Namespace, device: torch.device) -> dict:
     from train_throughput import bench
 
     from seesay.decoding import beam_search
     from seesay.encoders.base import EncoderOutput
     from seesay.registry import build_decoder
 
-    device = torch.device(args.device)
     out = {}
     for mode in ("cached", "cached_grouped"):
         # a new batch at every step, as the tutorial's loader gives (new caption lengths, new shapes)
@@ -234,16 +226,16 @@ def seesay_figures(args: argparse.Namespace) -> dict:
     common = {"bos": 1, "eos": VOCAB + 1, "max_len": STEPS, "beam_size": 5}  # <end> unreachable: 20 steps
     with torch.inference_mode():
         beam_search(dec, enc.index_select(torch.arange(2, device=device)), **common)
-        _sync(device)
+        sync(device)
         t0 = time.perf_counter()
         beam_search(dec, enc, **common)
-        _sync(device)
+        sync(device)
         out["beam5_batched"] = n / (time.perf_counter() - t0)
         m = min(n, args.sequential_images)
         t0 = time.perf_counter()
         for i in range(m):
             beam_search(dec, enc.index_select(torch.tensor([i], device=device)), **common)
-        _sync(device)
+        sync(device)
         out["beam5_one_image"] = m / (time.perf_counter() - t0)
     return out
 
@@ -259,13 +251,10 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N: both sides run there")
     args = ap.parse_args()
-    from roofline import benchmark_device  # this file's folder is on sys.path when run as a script
-
-    args.device = str(benchmark_device(args.device))
+    device = benchmark_device(args.device)
     kept = keep_freed_memory()  # as the command line does (seesay.allocator; SEESAY_KEEP_FREED_MEMORY=0: not)
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
     tut = load_tutorial(args.tutorial, device)
     t = {"train_decoder_only": tutorial_training(tut, steps=args.steps, with_encoder=False, warmup=args.warmup,
                                                  device=device)}
@@ -273,7 +262,7 @@ def main() -> None:
         t["train_frozen_resnet101"] = tutorial_training(tut, steps=args.steps, with_encoder=True, warmup=args.warmup,
                                                         device=device)
     t["beam5_one_image"], tutorial_steps = tutorial_beam(tut, images=args.sequential_images, device=device)
-    s = seesay_figures(args)
+    s = seesay_figures(args, device)
     best_train = max(s["train_cached"], s["train_cached_grouped"])  # cached_grouped: `seesay train --batch-by image`
     ratios = {"train_vs_decoder_only": best_train / t["train_decoder_only"],
               "train_cached_vs_decoder_only": s["train_cached"] / t["train_decoder_only"],
