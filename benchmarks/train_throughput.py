@@ -271,6 +271,8 @@ def main() -> None:
     ap.add_argument("--varying", action="store_true",
                     help="new captions and features at every step, as an epoch's batches (multiply-adds: the first's)")
     args = ap.parse_args()
+    if args.batch is not None and args.batch < 1:
+        raise SystemExit(f"--batch {args.batch}: a step needs at least one caption")
     kept = keep_freed_memory()  # as the command line does (seesay.allocator; SEESAY_KEEP_FREED_MEMORY=0: not)
     if args.threads:
         torch.set_num_threads(args.threads)

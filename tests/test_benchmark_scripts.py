@@ -66,6 +66,12 @@ def test_train_throughput_takes_a_batch_size_and_profiles_steps():
     assert rows["soft_attention"]["per_step"]["host_ops"] > rows["show_tell"]["per_step"]["host_ops"]
 
 
+def test_train_throughput_refuses_an_empty_batch():
+    proc = subprocess.run([sys.executable, str(BENCH / "train_throughput.py"), "--batch", "0"], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode != 0 and proc.stderr.strip() == "--batch 0: a step needs at least one caption"
+
+
 @pytest.mark.slow
 def test_train_throughput_compiles_the_decoder_on_request():
     out = _run("train_throughput.py", "--presets", "demo", "--decoders", "show_tell", "--modes", "cached", "--steps",
