@@ -23,7 +23,13 @@ multiply-adds per caption of greedy and beam-5 decoding at the measured sizes (c
 torch.utils.flop_counter over a few images), the GMAC/s batched beam 5 reaches, and its
 fraction of the matmul roofline (`roofline.py`: large products, and 5-row products, the
 shape of one image's beam step) measured in the same run.
+
+`--profile` adds, per decoding step of greedy and beam-5 decoding (all images in one batch, and
+one image), the host's aten operations (and those that are more than views) and on CUDA the
+GPU's activities and busy time: a step of a few rows is bound by its count of operations and
+launches, not by its multiply-adds, on a GPU at any model size and on a CPU at small ones.
 """
+
 
 from __future__ import annotations
 
@@ -101,6 +107,22 @@ def add_roofline(out: dict, dec, enc: EncoderOutput, common: dict, roofline: dic
         out["beam5_roofline_fraction_one_at_a_time"] = round(out["beam5_gmacs_one_at_a_time"] / roofline["peak"], 3)
 
 
+def profile_decoding(dec, enc: EncoderOutput, common: dict, device: torch.device) -> dict:
+    """Operations per decoding step (`train_throughput.profile_steps` over one whole decoding call,
+    divided by its `max_len` steps: <end> is unreachable) of greedy and beam 5, batched and one image."""
+    from train_throughput import profile_steps
+
+    one = enc.index_select(torch.tensor([0], device=device))
+    calls = {"greedy": lambda: greedy(dec, enc, **common), "beam5": lambda: beam_search(dec, enc, beam_size=5, **common),
+             "greedy_one_image": lambda: greedy(dec, one, **common),
+             "beam5_one_image": lambda: beam_search(dec, one, beam_size=5, **common)}
+    out = {}
+    for label, call in calls.items():
+        per_call = profile_steps(call, device, steps=1)
+        out[label] = {k: round(v / common["max_len"], 2) for k, v in per_call.items()}
+    return out
+
+
 def bench_decoder(name: str, preset: dict, args: argparse.Namespace, device: torch.device,
                   roofline: dict | None = None) -> dict:
     torch.manual_seed(0)
@@ -113,6 +135,8 @@ def bench_decoder(name: str, preset: dict, args: argparse.Namespace, device: tor
     common = {"bos": 1, "eos": V + 1, "max_len": args.max_len}  # <end> unreachable: fixed work
     out = time_decoding(dec, enc, common, args, device)
     add_roofline(out, dec, enc, common, roofline)
+    if args.profile:
+        out["per_decoding_step"] = profile_decoding(dec, enc, common, device)
     if name == "transformer":
         tokens = n * args.max_len
         out["greedy_tokens_per_s_cached"] = round(tokens / best_of(lambda: greedy(dec, enc, **common), args.repeats, device), 1)
@@ -160,6 +184,8 @@ def main() -> None:
     parser.add_argument("--data", default=None, help="prepared data directory (with --checkpoint)")
     parser.add_argument("--split", default="test", help="split of --data to caption (with --checkpoint)")
     parser.add_argument("--no-roofline", action="store_true", help="skip measuring the matmul roofline")
+    parser.add_argument("--profile", action="store_true",
+                        help="also count operations per decoding step (host aten operations; on CUDA GPU activities)")
     parser.add_argument("--repeats", type=int, default=3,
                         help="time each measurement this many times and keep the fastest (noisy shared machines)")
     args = parser.parse_args()

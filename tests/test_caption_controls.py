@@ -136,6 +136,25 @@ def test_constraints_off_change_nothing():
 # ---- several captions per image ----------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("vocab", [3, 4])
+def test_a_beam_never_continues_past_its_end_with_a_tiny_vocabulary(vocab):
+    """With a vocabulary barely larger than the beam, the 2K candidates of the first step include
+    impossible ones (-inf, from the beams not yet started) and the <end> extension: the live
+    beams must be chosen among the others, so that no caption is returned twice (once finished,
+    once continued past its <end>)."""
+    from seesay.decoding import beam_search
+
+    dec = tiny_decoder("soft_attention", vocab, 8, dropout=0.0, seed=0).eval()
+    g = torch.Generator().manual_seed(1)
+    enc = EncoderOutput(torch.randn(8, 6, 8, generator=g), torch.randn(8, 8, generator=g), (2, 3))
+    for n in (2, 4):
+        res = beam_search(dec, enc, bos=1, eos=2, beam_size=4, max_len=5, num_captions=n)
+        for i in range(8):
+            mine = [tuple(res.tokens[r, : res.lengths[r]].tolist()) for r in range(i * n, i * n + n)]
+            assert len(set(mine)) == n, mine
+            assert all(2 not in c[:-1] for c in mine), mine  # <end> only ever last
+
+
 @pytest.mark.parametrize("name", DECODERS)
 def test_num_captions_beam_gives_distinct_captions_best_first(name):
     dec = make(name, {EOS: 1.5})

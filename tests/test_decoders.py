@@ -66,6 +66,23 @@ def test_contract_shapes(name):
 
 
 @pytest.mark.parametrize("name", DECODERS)
+def test_reorder_beams_equals_reorder_state_within_images(name):
+    """beam search's per-step reorder (`reorder_beams`, rows kept within their images) steps on to the
+    same log-probabilities as the general `reorder_state`."""
+    dec = make(name).eval()
+    state = dec.init_state(fake_enc(2))
+    with torch.no_grad():
+        state = dec.reorder_state(state, torch.arange(2).repeat_interleave(3))  # 3 beams per image
+        for tokens, index in (([3, 4, 5, 6, 7, 8], [2, 0, 0, 4, 5, 3]), ([5, 5, 6, 7, 3, 4], [1, 1, 1, 5, 4, 4])):
+            _, state, _ = dec.step(torch.tensor(tokens), state)
+            index = torch.tensor(index)
+            general, beams = dec.reorder_state(state, index), dec.reorder_beams(state, index)
+            prev = torch.tensor([9, 10, 11, 12, 3, 4])
+            torch.testing.assert_close(dec.step(prev, beams)[0], dec.step(prev, general)[0])
+            state = beams
+
+
+@pytest.mark.parametrize("name", DECODERS)
 def test_teacher_forcing_matches_step_by_step(name):
     dec = make(name, dropout=0.5).eval()
     enc = fake_enc(4)

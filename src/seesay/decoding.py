@@ -49,6 +49,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -459,7 +460,6 @@ def _autoregressive(decoder: Any, enc: EncoderOutput, pick, *, bos: int, eos: in
         attention = [None if a is None else a.index_select(0, rows) for a in attention]
         B = B * copies
     P = len(tokens)
-    finished = torch.zeros(B, dtype=torch.bool, device=device)
     lengths = torch.full((B,), P, dtype=torch.long, device=device)
     constrained = constraints is not None and constraints.active
     bad_ids = _bad_ids(constraints, device)
@@ -467,29 +467,34 @@ def _autoregressive(decoder: Any, enc: EncoderOutput, pick, *, bos: int, eos: in
     if constrained and constraints.no_repeat_ngram_size:
         history = torch.stack(tokens, dim=1) if tokens else torch.zeros(B, 0, dtype=torch.long, device=device)
     active = _Active(B, device)  # finished captions leave the decoder's batch
+    # the active rows' running scores, lengths and whether they still run; written back to the
+    # full-size `scores` and `lengths` when rows leave and at the end
+    scores_a, lengths_a = scores, lengths
+    alive = torch.ones(B, dtype=torch.bool, device=device)
     for s in range(max_len):
         logprobs, state, att = decoder.step(prev, state)
         if constrained:
             logprobs = apply_constraints(logprobs, constraints, eos=eos, generated=s, prev=prev, history=history,
                                          bad_ids=bad_ids)
         tok = pick(logprobs)
-        alive = ~active.take(finished)
-        scores = active.put(scores, active.take(scores)
-                            + torch.where(alive, logprobs.gather(1, tok[:, None]).squeeze(1).float(), 0.0))
-        lengths = active.put(lengths, active.take(lengths) + alive.long())
-        tok = torch.where(alive, tok, torch.full_like(tok, pad))
+        scores_a = scores_a + torch.where(alive, logprobs.gather(1, tok[:, None]).squeeze(1), 0.0)  # float32 sum
+        lengths_a = lengths_a + alive
+        tok = torch.where(alive, tok, pad)
         tokens.append(active.spread(tok) if pad == 0 else active.put(torch.full((B,), pad, device=device), tok))
-        attention.append(None if att is None else active.spread(att * alive[:, None].to(att.dtype)))
+        attention.append(None if att is None else active.spread(att * alive[:, None]))
         if history is not None:
             history = torch.cat([history, tok[:, None]], dim=1)
-        done = ~alive | (tok == eos)
-        finished = active.put(finished, done)
+        alive = alive & (tok != eos)
         prev = tok
-        n_done = int(done.sum())  # one host sync per step, as the stopping test needs anyway
-        if n_done == done.numel():
+        n_alive = int(alive.sum())  # one host sync per step, as the stopping test needs anyway
+        if n_alive == 0:
             break
-        if active.should_remove(n_done, done.numel()):
-            state, prev, history = active.remove(done, decoder, state, prev, 1, history)
+        if active.should_remove(alive.numel() - n_alive, alive.numel()):
+            scores, lengths = active.put(scores, scores_a), active.put(lengths, lengths_a)
+            state, prev, history = active.remove(~alive, decoder, state, prev, 1, history)
+            scores_a, lengths_a = active.take(scores), active.take(lengths)
+            alive = torch.ones(scores_a.shape[0], dtype=torch.bool, device=device)
+    scores, lengths = active.put(scores, scores_a), active.put(lengths, lengths_a)
     res = _stack(tokens, attention, scores, lengths)
     if copies > 1:  # each image's rows, best score first (stable: ties keep their order)
         order = torch.sort(res.scores.view(-1, copies), dim=1, descending=True, stable=True).indices
@@ -602,63 +607,66 @@ def beam_search(decoder: Any, enc: EncoderOutput, *, bos: int, eos: int, beam_si
         history = (prefix.repeat_interleave(K, dim=0) if prefix is not None
                    else torch.zeros(B * K, 0, dtype=torch.long, device=device))
     pool_scores = torch.full((B, G, Kg), float("-inf"), device=device)
-    # a pool entry's step and candidate in one integer, length * C + candidate (0: empty slot), where
-    # C = 2Kg candidates per group and step (fewer with a tiny vocabulary: set at the first step)
-    C = 2 * Kg
-    pool_code = torch.zeros(B, G, Kg, dtype=torch.long, device=device)
-    # per step t (index t - P): candidate tokens / source beams (B, G, 2Kg), live picks (B, G, Kg),
-    # attention (B, G, Kg, A)
+    # per step t (index t - P): candidate tokens / source beams (B, G, 2Kg), live picks (B, G, Kg), where
+    # each pool slot came from (B, G, Kg: an earlier slot below Kg, else Kg + the rank of a new
+    # hypothesis of this step) and the live beams' attention (B, G, Kg, A)
     hist_tok: list[Tensor] = []
     hist_src: list[Tensor] = []
     hist_pick: list[Tensor] = []
+    hist_keep: list[Tensor] = []
     hist_att: list[Tensor] = []
-    bound_lp = _length_penalty(total, length_penalty)
+    lp_total = _length_penalty(total, length_penalty)
     steps = P
     active = _Active(B, device)  # images whose search is over leave the decoder's batch
-    # loop invariants, made once (a beam step is dozens of small operations; at small model sizes
-    # they, not the decoder, set the speed)
-    rank = out_of_top = None
+    reorder_beams = getattr(decoder, "reorder_beams", decoder.reorder_state)
+    # loop invariants, made once: a beam step is dozens of small operations, and at small model sizes
+    # (and on a GPU at any size) their count, not the decoder's arithmetic, sets the speed
+    same_slots = torch.arange(Kg, device=device).expand(B, G, Kg).contiguous()  # a pool left as it was
     group_base = torch.arange(G, device=device)[None, :, None] * Kg
     base = torch.arange(B, device=device)[:, None, None] * K + group_base  # first row of each (image, group)
+    lowest = torch.finfo(torch.float32).min
     for t in range(P, total):
         logprobs, state, att = decoder.step(prev, state)
         if constrained:
             logprobs = apply_constraints(logprobs, constraints, eos=eos, generated=t - P, prev=prev, history=history,
                                          bad_ids=bad_ids)
+        if logprobs.dtype != torch.float32:
+            logprobs = logprobs.float()
         V = logprobs.shape[-1]
         scores_a = active.take(live_scores)  # (Ba, G, Kg)
         Ba = scores_a.shape[0]
-        cand = (logprobs.float().view(Ba, G, Kg, V) + scores_a[..., None]).view(Ba, G, Kg * V)
+        cand = (logprobs.view(Ba, G, Kg, V) + scores_a[..., None]).view(Ba, G, Kg * V)
         top_scores, tok, src, pick = _rank_groups(cand, V, Kg, eos, diversity_penalty)
-        if rank is None:
-            C = tok.shape[-1]
-            rank = torch.arange(C, device=device)
-            out_of_top = rank >= Kg  # candidates ranked below Kg never finish
         hist_tok.append(active.spread(tok))
         hist_src.append(active.spread(src))
         if att is not None:
-            hist_att.append(active.spread(att.float().view(Ba, G, Kg, -1)))
-        # finished hypotheses: <end> extensions ranked within the top Kg of their group
-        new_fin = top_scores.masked_fill((tok != eos) | out_of_top, float("-inf"))
+            hist_att.append(active.spread((att if att.dtype == torch.float32 else att.float()).view(Ba, G, Kg, -1)))
+        # finished hypotheses: <end> extensions ranked within the top Kg of their group (candidates
+        # ranked below Kg never finish)
+        new_fin = top_scores[..., :Kg].masked_fill(tok[..., :Kg] != eos, float("-inf"))
         if length_penalty:
             new_fin = new_fin / _length_penalty(t + 1, length_penalty)
         pool_a, keep = torch.topk(torch.cat([active.take(pool_scores), new_fin], dim=2), Kg, dim=2)
         pool_scores = active.put(pool_scores, pool_a)
-        pool_code = active.put(pool_code, torch.cat([active.take(pool_code), rank.expand_as(tok) + (t + 1) * C], dim=2)
-                               .gather(2, keep))
+        hist_keep.append(active.put(same_slots, keep))
         # live beams: the Kg best extensions of each group that did not end
         live_a = top_scores.gather(2, pick)
         live_scores = active.put(live_scores, live_a)
         hist_pick.append(active.spread(pick))
         rows = (base + src.gather(2, pick)).view(-1)
-        state = decoder.reorder_state(state, rows)
+        state = reorder_beams(state, rows)
         prev = tok.gather(2, pick).view(-1)
         if history is not None:
             history = torch.cat([history.index_select(0, rows), prev[:, None]], dim=1)
         steps = t + 1
         # done: in every group the pool is full and no live beam can still beat its worst entry
-        worst = pool_a[..., -1]
-        done = ((worst > float("-inf")) & (live_a.amax(dim=2) / bound_lp <= worst)).all(dim=1)
+        # (log-probabilities only fall, so a live beam's score over lp(total) bounds it). A live
+        # score of -inf is raised to the lowest float, so that an empty pool (-inf) is never beaten.
+        bound = live_a.amax(dim=2)
+        if length_penalty:
+            bound = bound / lp_total
+        done = bound.clamp(min=lowest) <= pool_a[..., -1]
+        done = done[:, 0] if G == 1 else done.all(dim=1)
         n_done = int(done.sum())  # one host sync per step, as the stopping test needs anyway
         if n_done == done.numel():
             break
@@ -667,7 +675,7 @@ def beam_search(decoder: Any, enc: EncoderOutput, *, bos: int, eos: int, beam_si
             live_scores = active.put(live_scores, live_a.masked_fill(done[:, None, None], float("-inf")))
             state, prev, history = active.remove(done, decoder, state, prev, K, history)
             base = torch.arange(Ba - n_done, device=device)[:, None, None] * K + group_base
-    return _trace_back(hist_tok, hist_src, hist_pick, hist_att, pool_scores, pool_code // C, pool_code % C,
+    return _trace_back(hist_tok, hist_src, hist_pick, hist_keep, hist_att, pool_scores,
                        live_scores / _length_penalty(steps, length_penalty), steps=steps, total=total, n=N, pad=pad,
                        prefix=prefix, prefix_att=prefix_att)
 
@@ -684,7 +692,8 @@ def _rank_groups(cand: Tensor, V: int, Kg: int, eos: int, diversity_penalty: flo
     if G == 1:
         top_scores, top_idx = torch.topk(cand, n_cand, dim=2)  # sorted
         tok = top_idx % V
-        pick = torch.topk(top_scores.masked_fill(tok == eos, float("-inf")), Kg, dim=2).indices
+        # the Kg best that do not end: a stable sort puts the others first, in ranking order
+        pick = torch.sort(tok == eos, dim=2, stable=True).indices[..., :Kg]
         return top_scores, tok, top_idx // V, pick
     counts = torch.zeros(Ba, V, device=cand.device)  # live picks of earlier groups per token, this step
     out = []
@@ -700,45 +709,78 @@ def _rank_groups(cand: Tensor, V: int, Kg: int, eos: int, diversity_penalty: flo
     return tuple(torch.stack(x, dim=1) for x in zip(*out))  # type: ignore[return-value]
 
 
-def _trace_back(hist_tok: list[Tensor], hist_src: list[Tensor], hist_pick: list[Tensor], hist_att: list[Tensor],
-                pool_scores: Tensor, pool_len: Tensor, pool_cand: Tensor, live_norm: Tensor, *, steps: int,
-                total: int, n: int, pad: int, prefix: Tensor | None, prefix_att: list[Tensor | None]
-                ) -> DecodeResult:
+def _trace_back(hist_tok: list[Tensor], hist_src: list[Tensor], hist_pick: list[Tensor], hist_keep: list[Tensor],
+                hist_att: list[Tensor], pool_scores: Tensor, live_norm: Tensor, *, steps: int, total: int, n: int,
+                pad: int, prefix: Tensor | None, prefix_att: list[Tensor | None]) -> DecodeResult:
     """The n best of the pool and the live beams (normalised at their current length) per image,
-    rebuilt by walking the back-pointers from each hypothesis's last token."""
+    rebuilt by walking the back-pointers from each hypothesis's last token.
+
+    The pointers are a few integers per beam and step: they are walked on the host (numpy), in one
+    copy from the device, rather than by a dozen small device operations per step; the attention
+    rows are then picked on the device in one indexing operation.
+    """
     B, G, Kg = pool_scores.shape
     K = G * Kg
     device = pool_scores.device
     P = 0 if prefix is None else prefix.shape[1]
+    S = len(hist_tok)  # steps - P
     all_scores = torch.cat([pool_scores.view(B, K), live_norm.view(B, K)], dim=1)  # (B, 2K): pool, then live
     # stable: among equal scores the first wins (argmax's choice), pool before live
     best_scores, best = torch.sort(all_scores, dim=1, descending=True, stable=True)
-    best_scores, best = best_scores[:, :n].reshape(-1), best[:, :n].reshape(-1)  # (M = B*n,)
-    img = torch.arange(B, device=device).repeat_interleave(n)
+    best_scores = best_scores[:, :n].reshape(-1)  # (M = B*n,)
+    best = best[:, :n].reshape(-1).cpu().numpy()
+    M = best.shape[0]
+    img = np.repeat(np.arange(B), n)
     in_pool = best < K
-    slot = torch.where(in_pool, best, best - K)
+    slot = np.where(in_pool, best, best - K)
     grp, slot = slot // Kg, slot % Kg
-    live_cand = hist_pick[-1] if hist_pick else torch.zeros(B, G, Kg, dtype=torch.long, device=device)
-    all_len = torch.where(in_pool, pool_len[img, grp, slot], steps)  # (M,)
-    cursor = torch.where(in_pool, pool_cand[img, grp, slot], live_cand[img, grp, slot])  # candidate at step len - 1
-    M = img.shape[0]
+    if S:
+        tok_h, src_h, pick_h, keep_h = (torch.stack(h).cpu().numpy() for h in (hist_tok, hist_src, hist_pick, hist_keep))
+    # a pool entry's length and candidate: follow its slot back to the step that filled it (none: an
+    # empty slot, length 0)
+    pool_len = np.zeros(M, dtype=np.int64)
+    pool_cand = np.zeros(M, dtype=np.int64)
+    j = slot.copy()
+    open_ = in_pool.copy()  # still looking
+    for i in range(S - 1, -1, -1):
+        if not open_.any():
+            break
+        k = keep_h[i, img, grp, j]
+        new = open_ & (k >= Kg)
+        pool_len[new] = P + i + 1
+        pool_cand[new] = k[new] - Kg
+        open_ &= ~new
+        j = np.where(open_, k, j)
+    live_cand = pick_h[S - 1, img, grp, slot] if S else np.zeros(M, dtype=np.int64)
+    all_len = np.where(in_pool, pool_len, steps)  # (M,)
+    cursor = np.where(in_pool, pool_cand, live_cand)  # candidate at step len - 1
     L = int(all_len.max()) if M else 0
-    tokens = torch.full((M, total), pad, dtype=torch.long, device=device)
-    attention = (torch.zeros(M, total, hist_att[0].shape[-1], device=device, dtype=torch.float32)
-                 if hist_att else None)
+    tokens = np.full((M, total), pad, dtype=np.int64)
+    beam_at = np.zeros((M, S), dtype=np.int64)  # the live beam each hypothesis extends at each step
     for s in range(steps - 1, P - 1, -1):
         i = s - P
         reach = s < all_len  # (M,) the hypothesis reaches position s
-        tokens[:, s] = torch.where(reach, hist_tok[i][img, grp, cursor], pad)
-        beam = hist_src[i][img, grp, cursor]  # (M,) live beam of step s - 1 (in its group) it extends
-        if attention is not None:
-            attention[:, s] = torch.where(reach[:, None], hist_att[i][img, grp, beam], 0.0)
+        tokens[:, s] = np.where(reach, tok_h[i, img, grp, cursor], pad)
+        beam = src_h[i, img, grp, cursor]  # (M,) live beam of step s - 1 (in its group) it extends
+        beam_at[:, i] = beam
         if i > 0:
             # hypotheses reaching s follow their pointer; shorter ones keep their last candidate
-            cursor = torch.where(reach, hist_pick[i - 1][img, grp, beam], cursor)
+            cursor = np.where(reach, pick_h[i - 1, img, grp, beam], cursor)
+    lengths = torch.from_numpy(all_len).to(device)
+    out_tokens = torch.from_numpy(tokens[:, :L]).to(device)
     if prefix is not None:
-        has = (all_len > 0)[:, None]
-        tokens[:, :P] = torch.where(has, prefix[img], pad)
-        if attention is not None and prefix_att and prefix_att[0] is not None:
-            attention[:, :P] = torch.where(has[:, :, None], torch.stack(prefix_att, dim=1).float()[img], 0.0)
-    return DecodeResult(tokens[:, :L], all_len, best_scores, None if attention is None else attention[:, :L])
+        has = (lengths > 0)[:, None]
+        img_t = torch.from_numpy(img).to(device)
+        out_tokens[:, :P] = torch.where(has, prefix.index_select(0, img_t), pad)[:, :L]
+    attention = None
+    if hist_att:
+        attention = torch.zeros(M, L, hist_att[0].shape[-1], device=device, dtype=torch.float32)
+        if L > P:
+            at = (np.arange(L - P)[None, :], img[:, None], grp[:, None], beam_at[:, : L - P])
+            rows = torch.stack(hist_att[: L - P])[tuple(torch.from_numpy(a).to(device) for a in at)]  # (M, L - P, A)
+            reach = torch.from_numpy(np.arange(P, L)[None, :] < all_len[:, None]).to(device)
+            attention[:, P:] = torch.where(reach[..., None], rows, 0.0)
+        if prefix is not None and prefix_att and prefix_att[0] is not None and L:
+            has = (lengths > 0)[:, None, None]
+            attention[:, :P] = torch.where(has, torch.stack(prefix_att, dim=1).float().index_select(0, img_t), 0.0)[:, :L]
+    return DecodeResult(out_tokens, lengths, best_scores, attention)

@@ -34,6 +34,7 @@ from seesay.decoders.common import (
     input_gates,
     lstm_cell,
     per_row,
+    reorder_beam_rows,
     reorder_rows,
     row_memory,
     step_outputs,
@@ -183,6 +184,9 @@ class AdaptiveAttentionDecoder(Decoder):
 
     def reorder_state(self, state: dict[str, Tensor], index: Tensor) -> dict[str, Tensor]:
         return reorder_rows(state, index)
+
+    def reorder_beams(self, state: dict[str, Tensor], index: Tensor) -> dict[str, Tensor]:
+        return reorder_beam_rows(state, index)
 
 
 @register_decoder("adaptive_attention")

@@ -15,7 +15,9 @@
   attention [B,A] | None)`; `reorder_state(state, index)` picks rows (beams, batch
   expansion, finished images leaving the batch). A is N (regions), or N+1 for decoders with
   `has_sentinel = True`, whose last column is the weight given to the visual sentinel rather
-  than the image.
+  than the image. `reorder_beams(state, index)` is `reorder_state` for an index that keeps
+  every row within its image and every image's number of rows (beam search, at every step); the
+  default calls `reorder_state`, and decoders may skip the work that such an index cannot need.
 - Decoding functions only reorder rows within images or keep a subset of whole images, in
   image order (`seesay.decoding`). The dict-state decoders use that: per-image memory stays
   one row per image while the step runs K rows (beams) per image (`decoders/common.py`).
@@ -64,3 +66,6 @@ class Decoder(nn.Module):
 
     def reorder_state(self, state: State, index: Tensor) -> State:  # pragma: no cover
         raise NotImplementedError
+
+    def reorder_beams(self, state: State, index: Tensor) -> State:
+        return self.reorder_state(state, index)

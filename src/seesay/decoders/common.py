@@ -71,6 +71,13 @@ def reorder_rows(state: dict[str, Tensor], index: Tensor) -> dict[str, Tensor]:
     return out
 
 
+def reorder_beam_rows(state: dict[str, Tensor], index: Tensor) -> dict[str, Tensor]:
+    """`reorder_rows` for an index that keeps every row within its image and every image's number of
+    rows (beam search's reorder at each step): the per-image memory and "img" stay as they are,
+    without the comparison (a host sync) `reorder_rows` needs to find that out."""
+    return {k: v if k.startswith(STATIC_PREFIX) or k == "img" else v.index_select(0, index) for k, v in state.items()}
+
+
 def per_row(mem: Tensor, rows: int) -> Tensor:
     """Per-image memory `mem` (M rows) for a step over `rows` decoder rows.
 

@@ -20,6 +20,7 @@ from seesay.decoders.common import (
     decode_order,
     input_gates,
     lstm_cell,
+    reorder_beam_rows,
     reorder_rows,
     row_memory,
     step_outputs,
@@ -82,6 +83,9 @@ class ShowTellDecoder(Decoder):
 
     def reorder_state(self, state: dict[str, Tensor], index: Tensor) -> dict[str, Tensor]:
         return reorder_rows(state, index)
+
+    def reorder_beams(self, state: dict[str, Tensor], index: Tensor) -> dict[str, Tensor]:
+        return reorder_beam_rows(state, index)
 
 
 @register_decoder("show_tell")

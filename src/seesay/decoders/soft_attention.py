@@ -31,6 +31,7 @@ from seesay.decoders.common import (
     image_ids,
     input_gates,
     lstm_cell,
+    reorder_beam_rows,
     reorder_rows,
     row_memory,
     split_input_weight,
@@ -169,6 +170,9 @@ class SoftAttentionDecoder(Decoder):
 
     def reorder_state(self, state: dict[str, Tensor], index: Tensor) -> dict[str, Tensor]:
         return reorder_rows(state, index)
+
+    def reorder_beams(self, state: dict[str, Tensor], index: Tensor) -> dict[str, Tensor]:
+        return reorder_beam_rows(state, index)
 
 
 # alpha_c 0 by default: Xu et al.'s 1.0 asks every grid cell for a total attention of 1 over the caption,

@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from seesay.decoders.base import Decoder, DecoderOutput
-from seesay.decoders.common import image_ids, per_row, reorder_rows
+from seesay.decoders.common import image_ids, per_row, reorder_beam_rows, reorder_rows
 from seesay.encoders.base import EncoderOutput
 from seesay.errors import SeesayError
 from seesay.hf import enable_checkpointing, load_config, load_model, plain_config, require_transformers
@@ -189,6 +189,9 @@ class T5Decoder(Decoder):
 
     def reorder_state(self, state: dict[str, Tensor], index: Tensor) -> dict[str, Tensor]:
         return reorder_rows(state, index)
+
+    def reorder_beams(self, state: dict[str, Tensor], index: Tensor) -> dict[str, Tensor]:
+        return reorder_beam_rows(state, index)
 
 
 def _build_t5(transformers: Any, *, vocab_size: int, name: str | None, overrides: dict[str, Any], pretrained: bool

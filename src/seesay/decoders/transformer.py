@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from seesay.decoders.base import Decoder, DecoderOutput
-from seesay.decoders.common import image_ids, reorder_rows
+from seesay.decoders.common import image_ids, reorder_beam_rows, reorder_rows
 from seesay.encoders.base import EncoderOutput
 from seesay.layers import gemm
 from seesay.layers.attention import rows_per_image
@@ -202,6 +202,9 @@ class TransformerDecoder(Decoder):
 
     def reorder_state(self, state: dict[str, Tensor], index: Tensor) -> dict[str, Tensor]:
         return reorder_rows(state, index)
+
+    def reorder_beams(self, state: dict[str, Tensor], index: Tensor) -> dict[str, Tensor]:
+        return reorder_beam_rows(state, index)
 
 
 @register_decoder("transformer")
