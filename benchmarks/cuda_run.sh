@@ -15,9 +15,9 @@
 # every decoder at the tutorial's sizes in float32 and with --amp (float16 + GradScaler), where a
 # step's time goes (host operations, GPU activities and busy time: --profile), 128 captions a
 # step, the tutorial's encoder modes for soft attention, the demo sizes, batched and one-image
-# decoding, torch.compile on the attention scores and on whole decoders, the tutorial comparison (when a checkout is
-# given), and a real run: the demo with --amp, then an SCST step against a cross-entropy step on
-# the demo's model.
+# decoding (with its operations and GPU activities per step), torch.compile on the attention
+# scores and on whole decoders, the tutorial comparison (when a checkout is given), and a real
+# run: the demo with --amp, then an SCST step against a cross-entropy step on the demo's model.
 set -u
 out=${1:?usage: benchmarks/cuda_run.sh OUTDIR [TUTORIAL_CHECKOUT]}
 tutorial=${2:-}
@@ -65,10 +65,10 @@ step train_batch128_fp32 100 "$py" $B/train_throughput.py --device "$dev" --pres
     --varying --modes cached cached_grouped --batch 128 --no-roofline
 step train_batch128_amp 100 "$py" $B/train_throughput.py --device "$dev" --presets tutorial --steps 10 --warmup 3 \
     --varying --modes cached cached_grouped --batch 128 --no-roofline --amp
-step decode 90 "$py" $B/decode_throughput.py --device "$dev" --preset all --sequential-images 20
+step decode 120 "$py" $B/decode_throughput.py --device "$dev" --preset all --sequential-images 20 --profile
 if [ -n "$tutorial" ]; then
     step tutorial_compare 90 "$py" $B/tutorial_compare.py --tutorial "$tutorial" --device "$dev" --with-encoder \
-        --steps 20 --warmup 5
+        --steps 20 --warmup 5 --profile
 fi
 step demo_amp.txt 150 "$py" -m seesay demo --output "$work/demo" --minutes 1 --set train.amp=true --no-progress
 for f in demo_summary.json test_metrics.json baseline_metrics.json run/metrics.jsonl; do

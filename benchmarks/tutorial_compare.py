@@ -30,6 +30,11 @@ of 8-16 words, as in the issue):
 
     python benchmarks/tutorial_compare.py --tutorial PATH/TO/a-PyTorch-Tutorial-to-Image-Captioning [--threads 2] [--warmup 3]
 
+`--profile` adds what one step of one image's beam search asks of the host on each side (aten
+operations, those that are more than views, and on CUDA the GPU's activities and busy time;
+`train_throughput.profile_steps`): a step of five rows is bound by that count, not by its
+arithmetic, on a GPU.
+
 With `--device cuda` both sides run on the GPU (the tutorial through its own module-level
 `device`, float32 as it trains; seesay's training in float32 too, so the figures compare the
 same arithmetic), and every timing waits for the GPU to finish.
@@ -204,6 +209,42 @@ def tutorial_beam(tut: dict, *, images: int, device: torch.device = torch.device
     return 1.0 / (per_step * STEPS), steps / images
 
 
+def profile_beam_steps(tut: dict, device: torch.device) -> dict:
+    """Operations per beam step of one image's search (beam 5, decoder only) on each side: the
+    tutorial's `caption_image_beam_search` (per call of its decode step) and seesay's `beam_search`."""
+    from train_throughput import profile_steps
+
+    from seesay.decoding import beam_search
+    from seesay.encoders.base import EncoderOutput
+    from seesay.registry import build_decoder
+
+    models, cap = tut["models"], tut["caption"]
+    torch.manual_seed(0)
+    decoder = models.DecoderWithAttention(attention_dim=DIMS, embed_dim=DIMS, decoder_dim=DIMS, vocab_size=VOCAB).to(device).eval()
+    word_map = {f"w{i}": i for i in range(VOCAB - 3)} | {"<start>": VOCAB - 3, "<end>": VOCAB - 2, "<pad>": VOCAB - 1}
+    feats = torch.randn(1, GRID, GRID, ENC_DIM, generator=torch.Generator().manual_seed(1)).to(device)
+    calls = []
+    decoder.decode_step.register_forward_hook(lambda *a: calls.append(1))
+
+    def tutorial() -> None:
+        with torch.no_grad(), contextlib.suppress(ValueError):  # no beam ends with random weights
+            cap.caption_image_beam_search(lambda _image: feats, decoder, "image.jpg", word_map, beam_size=5)
+
+    tutorial()
+    calls.clear()
+    theirs = profile_steps(tutorial, device, steps=1)
+    per_call = len(calls) / 2  # profile_steps runs the call once before profiling it
+    dec = build_decoder("soft_attention", vocab_size=VOCAB, enc_dim=ENC_DIM, embed_dim=DIMS, attention_dim=DIMS,
+                        decoder_dim=DIMS).to(device).eval()
+    grid = feats.view(1, GRID * GRID, ENC_DIM)
+    enc = EncoderOutput(grid, grid.mean(1), (GRID, GRID))
+    with torch.inference_mode():
+        ours = profile_steps(lambda: beam_search(dec, enc, bos=1, eos=VOCAB + 1, max_len=STEPS, beam_size=5), device,
+                             steps=1)
+    return {"tutorial": {k: round(v / per_call, 2) for k, v in theirs.items()}, "tutorial_steps": per_call,
+            "seesay": {k: round(v / STEPS, 2) for k, v in ours.items()}, "seesay_steps": STEPS}
+
+
 def seesay_figures(args: argparse.Namespace, device: torch.device) -> dict:
     from train_throughput import bench
 
@@ -250,6 +291,8 @@ def main() -> None:
     ap.add_argument("--with-encoder", action="store_true", help="also time the tutorial with ResNet-101 in the loop")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N: both sides run there")
+    ap.add_argument("--profile", action="store_true",
+                    help="also count the operations of one beam step of one image on each side")
     args = ap.parse_args()
     device = benchmark_device(args.device)
     kept = keep_freed_memory()  # as the command line does (seesay.allocator; SEESAY_KEEP_FREED_MEMORY=0: not)
@@ -274,6 +317,7 @@ def main() -> None:
         ratios["train_vs_frozen_resnet101"] = best_train / t["train_frozen_resnet101"]
         ratios["train_cached_vs_frozen_resnet101"] = s["train_cached"] / t["train_frozen_resnet101"]
     r2 = lambda d: {k: round(v, 2) for k, v in d.items()}  # noqa: E731
+    profiled = {"beam5_one_image_per_step": profile_beam_steps(tut, device)} if args.profile else {}
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.machine()
     print(json.dumps({"machine": platform.machine(), "device": where, "torch": torch.__version__, "threads": torch.get_num_threads(),
                       "allocator_kept_freed_memory": kept,
@@ -281,7 +325,7 @@ def main() -> None:
                       "sizes": {"dims": DIMS, "vocab": VOCAB, "grid": GRID, "enc_dim": ENC_DIM, "batch": BATCH,
                                 "beam": 5, "steps": STEPS},
                       "tutorial_captions_per_s": r2(t), "tutorial_beam_steps_per_image": round(tutorial_steps, 1),
-                      "seesay_captions_per_s": r2(s), "ratios": r2(ratios),
+                      "seesay_captions_per_s": r2(s), "ratios": r2(ratios), **profiled,
                       "targets": {"train_vs_decoder_only": 5, "train_vs_frozen_resnet101": 20,
                                   "batched_beam5_vs_tutorial_beam5": 25, "batched_beam5_vs_seesay_one_image": 10}},
                      indent=1))

@@ -170,8 +170,12 @@ def test_tutorial_compare_runs_against_a_checkout(tmp_path):
     for name, text in FAKE_TUTORIAL.items():
         (tmp_path / name).write_text(text)
     out = _run("tutorial_compare.py", "--tutorial", str(tmp_path), "--steps", "1", "--warmup", "2", "--images", "2",
-               "--sequential-images", "1", "--threads", "1")
+               "--sequential-images", "1", "--threads", "1", "--profile")
     assert out["training_steps"] == {"warmup": 2, "timed": 1}
+    per_step = out["beam5_one_image_per_step"]  # --profile: operations of one beam step on each side
+    assert per_step["tutorial_steps"] == 50 and per_step["seesay_steps"] == 20
+    for side in ("tutorial", "seesay"):
+        assert 0 < per_step[side]["host_ops_not_views"] <= per_step[side]["host_ops"]
     t, s, r = out["tutorial_captions_per_s"], out["seesay_captions_per_s"], out["ratios"]
     assert t["train_decoder_only"] > 0 and t["beam5_one_image"] > 0 and "train_frozen_resnet101" not in t
     assert out["tutorial_beam_steps_per_image"] == 50.0  # every decode_step call counted, the `/` index patched
@@ -190,10 +194,13 @@ def test_tutorial_compare_needs_a_checkout(tmp_path):
 
 def test_decode_throughput_reports_batched_and_one_image_beam():
     out = _run("decode_throughput.py", "--preset", "demo", "--decoders", "soft_attention", "--images", "2",
-               "--sequential-images", "1", "--repeats", "1", "--max-len", "4", "--threads", "1")
+               "--sequential-images", "1", "--repeats", "1", "--max-len", "4", "--threads", "1", "--profile")
     r = out["results"]["demo"]["soft_attention"]
     assert r["beam5_captions_per_s"] > 0 and r["beam5_one_at_a_time_captions_per_s"] > 0
     assert r["beam5_mmacs_per_caption"] > r["greedy_mmacs_per_caption"] > 0
+    ops = {k: v["host_ops_not_views"] for k, v in r["per_decoding_step"].items()}  # --profile, per decoding step
+    assert set(ops) == {"greedy", "beam5", "greedy_one_image", "beam5_one_image"}
+    assert ops["beam5_one_image"] > ops["greedy_one_image"] > 5  # a decoder step alone is more than 5
 
 
 def test_allocator_alternates_glibc_defaults_and_the_kept_setting():
